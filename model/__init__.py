@@ -1,0 +1,1 @@
+"""The DeepSeekMoE architecture, checkpoint loading, tokenizer and generation."""

@@ -1,0 +1,339 @@
+"""DeepSeekMoE in plain PyTorch: one module per block, names equal to the checkpoint's.
+
+Module paths match the official tensor names (``model.layers.N.mlp.experts.E.gate_proj``), so a
+checkpoint loads with no renaming and a quantized layer replaces an ``nn.Linear`` in place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.model.cache import KVCache
+from dsmoe.model.config import DeepseekConfig
+
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, as the reference does, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with optional linear or dynamic-NTK scaling."""
+
+    def __init__(self, config: DeepseekConfig) -> None:
+        super().__init__()
+        self.dim = config.head_dim
+        self.base = float(config.rope_theta)
+        self.max_positions = config.max_position_embeddings
+        scaling = config.rope_scaling or {}
+        self.kind = scaling.get("type", scaling.get("rope_type"))
+        self.factor = float(scaling.get("factor", 1.0))
+
+    def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        base = self.base
+        if self.kind == "dynamic" and seq_len > self.max_positions:
+            ratio = self.factor * seq_len / self.max_positions - (self.factor - 1)
+            base = base * ratio ** (self.dim / (self.dim - 2))
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        return 1.0 / (base**exponent)
+
+    def forward(self, positions: torch.Tensor, total_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape [T, head_dim] for the given absolute positions."""
+        inv_freq = self._inv_freq(total_len, positions.device)
+        t = positions.float()
+        if self.kind == "linear":
+            t = t / self.factor
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        bsz, seq_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)
+        total = k.shape[2]
+        if seq_len == 1:
+            mask = None
+        else:
+            # Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
+            q_pos = torch.arange(start_pos, start_pos + seq_len, device=x.device)
+            k_pos = torch.arange(total, device=x.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        out = out.transpose(1, 2).reshape(bsz, seq_len, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers, each routed expert, and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Softmax router: top-k experts per token, optionally renormalised."""
+
+    def __init__(self, config: DeepseekConfig) -> None:
+        super().__init__()
+        assert config.n_routed_experts is not None and config.num_experts_per_tok is not None
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (expert ids [N, k], weights [N, k]) with ids ascending per token."""
+        # Scores in fp32 whatever the compute dtype: the choice of experts must not flip with it.
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        weights, ids = torch.topk(scores, k=self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        ids, order = ids.sort(dim=-1)
+        return ids, weights.gather(-1, order)
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts."""
+
+    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+        super().__init__()
+        assert config.n_routed_experts is not None
+        self.layer_idx = layer_idx
+        self.n_routed_experts = config.n_routed_experts
+        self.gate = MoEGate(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.routing_observer: RoutingObserver | None = None
+        self.expert_runner: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+
+    def run_expert(self, expert_idx: int, x: torch.Tensor) -> torch.Tensor:
+        """One routed expert on its tokens; an expert store may take this over (``expert_runner``)."""
+        if self.expert_runner is not None:
+            return self.expert_runner(self.layer_idx, expert_idx, x)
+        return self.experts[expert_idx](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)
+        if self.routing_observer is not None:
+            self.routing_observer(self.layer_idx, ids, weights)
+        out = self.route(flat, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Group tokens by expert and run each chosen expert once, in ascending expert order."""
+        top_k = ids.shape[-1]
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.n_routed_experts).tolist()
+        flat_weights = weights.reshape(-1, 1)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert_idx, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            tokens = token_of[start:end]
+            expert_out = self.run_expert(expert_idx, x[tokens])
+            expert_out = expert_out * flat_weights[order[start:end]].to(expert_out.dtype)
+            out.index_add_(0, tokens, expert_out)
+            start = end
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp: nn.Module = (
+            MoE(config, layer_idx)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: DeepseekConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        start_pos = cache.length if cache is not None else 0
+        seq_len = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(start_pos, start_pos + seq_len, device=input_ids.device)
+        cos, sin = self.rotary(positions, start_pos + seq_len, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos, cache)
+        if cache is not None:
+            cache.advance(seq_len)
+        return self.norm(x)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """The whole model: ``model(ids)`` gives logits; ``model.generate`` decodes with a KV cache."""
+
+    def __init__(self, config: DeepseekConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def set_routing_observer(self, observer: RoutingObserver | None) -> None:
+        """Report every MoE layer's routing decisions to ``observer`` (None to stop)."""
+        for moe in self.moe_layers():
+            moe.routing_observer = observer
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+        return KVCache(self.config, batch_size, capacity, self.dtype, self.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
+
+        With a cache, the tokens continue the cached sequence and their keys and values are stored.
+        Logits come back in fp32 whatever the compute dtype, since sampling and scoring want them.
+        """
+        hidden = self.model(input_ids, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden).float()
+
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 20, **settings: object) -> torch.Tensor:
+        """Decode after ``prompt_ids`` [1, T] and return prompt + new tokens as [1, T + new]."""
+        from dsmoe.model.generate import SamplingSettings, generate_ids
+
+        settings.setdefault("stop_ids", self.config.eos_token_ids)
+        sampling = SamplingSettings(max_new_tokens=max_new_tokens, **settings)  # type: ignore[arg-type]
+        new = list(generate_ids(self, prompt_ids[0].tolist(), sampling))
+        tail = torch.tensor([new], dtype=prompt_ids.dtype, device=prompt_ids.device)
+        return torch.cat([prompt_ids, tail], dim=1)
+
+
+def parameter_counts(config: DeepseekConfig) -> dict[str, int]:
+    """Total parameters and those one token uses, from the config alone."""
+    h, v = config.hidden_size, config.vocab_size
+    attn = h * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    norms = 2 * h
+    dense_mlp = 3 * h * config.intermediate_size
+    expert = 3 * h * config.moe_intermediate_size
+    shared = expert * (config.n_shared_experts or 0)
+    total = active = 2 * v * h + h  # embeddings, lm_head, final norm
+    if config.tie_word_embeddings:
+        total -= v * h
+        active -= v * h
+    routed_total = 0
+    for layer in range(config.num_hidden_layers):
+        total += attn + norms
+        active += attn + norms
+        if config.is_moe_layer(layer):
+            n = config.n_routed_experts or 0
+            k = config.num_experts_per_tok or 0
+            total += n * expert + shared + n * h
+            active += k * expert + shared + n * h
+            routed_total += n * expert
+        else:
+            total += dense_mlp
+            active += dense_mlp
+    # The embedding table is a lookup, not a matmul: only one row is read per token.
+    active -= v * h - h
+    return {"total": total, "active": active, "routed_experts": routed_total}
+
+
+def bytes_per_token_estimate(config: DeepseekConfig, bits: int) -> int:
+    """Bytes of weights one decode step reads at the given precision (the roofline numerator)."""
+    return math.ceil(parameter_counts(config)["active"] * bits / 8)

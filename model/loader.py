@@ -1,0 +1,160 @@
+"""Build the model from a checkpoint, tensor by tensor, so peak memory stays near the model's size.
+
+The modules are created on the meta device (no memory), then each weight is read from its
+memory-mapped shard, checked, converted (or quantized) and put in place before the next is read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
+from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+LoadProgress = Callable[[int, int], None]
+"""Called as ``progress(tensors_done, tensors_total)`` while loading."""
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {value!r} (choose bf16, fp16 or fp32)") from None
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    dtype: str | torch.dtype = torch.bfloat16,
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool = False,
+    device: str | torch.device = "cpu",
+    progress: LoadProgress | None = None,
+) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
+    """Load a DeepSeekMoE checkpoint (local folder or Hugging Face repo id) and its tokenizer.
+
+    ``bits`` 4 or 8 quantizes the linear layers while loading; a checkpoint that is already
+    quantized (a ``quantization_config`` in its config) is read as it is.
+    """
+    checkpoint = open_checkpoint(name_or_path)
+    model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type,
+                       double_quant=double_quant, device=device, progress=progress)
+    return model, load_tokenizer(checkpoint.path)
+
+
+def load_model(
+    checkpoint: Checkpoint,
+    dtype: str | torch.dtype = torch.bfloat16,
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool = False,
+    device: str | torch.device = "cpu",
+    progress: LoadProgress | None = None,
+) -> DeepseekForCausalLM:
+    compute_dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    spec = _quant_spec(checkpoint, bits, quant_type, double_quant)
+    stored_spec = None
+    if checkpoint.config.quantization_config is not None:
+        from dsmoe.quant import linear_from_tensors, spec_from_config
+
+        stored_spec = spec_from_config(checkpoint.config.quantization_config)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(checkpoint.config)
+    model.eval().requires_grad_(False)
+
+    linear_names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    stored_groups = _group_by_module(checkpoint.tensor_names()) if stored_spec is not None else {}
+    params = [name for name, _ in model.named_parameters()]
+    for done, name in enumerate(params, start=1):
+        module_name, _, attr = name.rpartition(".")
+        if stored_spec is not None and module_name in linear_names and _is_quantized_in(checkpoint, name):
+            tensors = {n: checkpoint.get(n) for n in stored_groups[module_name]}
+            module = linear_from_tensors(tensors, module_name, stored_spec, compute_dtype)
+            _replace_module(model, module_name, module.to(device))
+        else:
+            tensor = _read_tensor(checkpoint, model, name)
+            if spec is not None and module_name in linear_names and _should_quantize(name, spec):
+                from dsmoe.quant import quantize_linear
+
+                _replace_module(model, module_name, quantize_linear(tensor.to(device), spec, compute_dtype))
+            else:
+                _set_parameter(model, module_name, attr, tensor.to(device=device, dtype=compute_dtype))
+        if progress is not None:
+            progress(done, len(params))
+    checkpoint.close()
+    return model
+
+
+def _quant_spec(checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool):  # type: ignore[no-untyped-def]
+    if bits is None or bits == 16:
+        if quant_type is not None:
+            raise UsageError("--quant-type needs --bits 4 or 8")
+        return None
+    if checkpoint.config.quantization_config is not None:
+        raise UsageError(f"{checkpoint.path}: already quantized; load it without --bits")
+    from dsmoe.quant import QuantSpec
+
+    default_type = "nf4" if bits == 4 else "int8"
+    return QuantSpec(bits=bits, quant_type=quant_type or default_type, double_quant=double_quant)
+
+
+def _should_quantize(name: str, spec) -> bool:  # type: ignore[no-untyped-def]
+    from dsmoe.quant import should_quantize
+
+    return should_quantize(name, spec)
+
+
+def _is_quantized_in(checkpoint: Checkpoint, weight_name: str) -> bool:
+    """A weight stored as bitsandbytes integers rather than floats."""
+    return weight_name in checkpoint and checkpoint.dtype(weight_name) in ("U8", "I8")
+
+
+def _group_by_module(names: list[str]) -> dict[str, list[str]]:
+    """Tensor names by the module they belong to (``X.weight.absmax`` and ``X.SCB`` go to ``X``)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        cut = name.rfind(".weight")
+        module = name[:cut] if cut >= 0 else name.rpartition(".")[0]
+        groups.setdefault(module, []).append(name)
+    return groups
+
+
+def _read_tensor(checkpoint: Checkpoint, model: nn.Module, name: str) -> torch.Tensor:
+    expected = tuple(model.get_parameter(name).shape)
+    source = name
+    if name not in checkpoint and name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
+        source = "model.embed_tokens.weight"
+    if name.endswith(".mlp.gate.weight") and name not in checkpoint:
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} (router gate) is missing from the checkpoint")
+    tensor = checkpoint.get(source)
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(
+            f"{checkpoint.shard_of(source)}: tensor {source!r} has shape {list(tensor.shape)}, "
+            f"config.json implies {list(expected)}"
+        )
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{checkpoint.shard_of(source)}: tensor {source!r} is {tensor.dtype}, expected floats")
+    return tensor
+
+
+def _set_parameter(model: nn.Module, module_name: str, attr: str, tensor: torch.Tensor) -> None:
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _replace_module(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

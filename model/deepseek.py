@@ -305,35 +305,41 @@ class DeepseekForCausalLM(nn.Module):
 
 
 def parameter_counts(config: DeepseekConfig) -> dict[str, int]:
-    """Total parameters and those one token uses, from the config alone."""
+    """Parameter counts from the config alone: total, active per token, and by role.
+
+    ``quantizable`` are the linear layers that 4/8-bit formats compress (attention, dense MLP,
+    shared and routed experts); ``kept`` stays in bf16 (embeddings, lm_head, norms, router).
+    """
     h, v = config.hidden_size, config.vocab_size
     attn = h * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     norms = 2 * h
     dense_mlp = 3 * h * config.intermediate_size
     expert = 3 * h * config.moe_intermediate_size
     shared = expert * (config.n_shared_experts or 0)
-    total = active = 2 * v * h + h  # embeddings, lm_head, final norm
-    if config.tie_word_embeddings:
-        total -= v * h
-        active -= v * h
-    routed_total = 0
+    n_routed, top_k = config.n_routed_experts or 0, config.num_experts_per_tok or 0
+    lm_head = 0 if config.tie_word_embeddings else v * h
+    counts = {"total": v * h + lm_head + h, "active": h + v * h + h, "routed_experts": 0,
+              "quantizable": 0, "kept": v * h + lm_head + h}
+    # Active counts one embedding row (a lookup reads one row) plus the full lm_head matmul.
     for layer in range(config.num_hidden_layers):
-        total += attn + norms
-        active += attn + norms
         if config.is_moe_layer(layer):
-            n = config.n_routed_experts or 0
-            k = config.num_experts_per_tok or 0
-            total += n * expert + shared + n * h
-            active += k * expert + shared + n * h
-            routed_total += n * expert
+            mlp_total, mlp_active, router = n_routed * expert + shared, top_k * expert + shared, n_routed * h
+            counts["routed_experts"] += n_routed * expert
         else:
-            total += dense_mlp
-            active += dense_mlp
-    # The embedding table is a lookup, not a matmul: only one row is read per token.
-    active -= v * h - h
-    return {"total": total, "active": active, "routed_experts": routed_total}
+            mlp_total, mlp_active, router = dense_mlp, dense_mlp, 0
+        counts["total"] += attn + norms + mlp_total + router
+        counts["active"] += attn + norms + mlp_active + router
+        counts["quantizable"] += attn + mlp_total
+        counts["kept"] += norms + router
+    return counts
 
 
-def bytes_per_token_estimate(config: DeepseekConfig, bits: int) -> int:
-    """Bytes of weights one decode step reads at the given precision (the roofline numerator)."""
-    return math.ceil(parameter_counts(config)["active"] * bits / 8)
+# Bytes per quantized weight, scales included: NF4/FP4 with one fp32 absmax per 64 weights,
+# LLM.int8 with one fp32 scale per row (negligible at these widths).
+BYTES_PER_WEIGHT = {16: 2.0, 8: 1.0, 4: 0.5 + 4 / 64}
+
+
+def weight_bytes(config: DeepseekConfig, bits: int) -> int:
+    """Bytes of all weights when the quantizable layers are stored at ``bits``."""
+    counts = parameter_counts(config)
+    return math.ceil(counts["quantizable"] * BYTES_PER_WEIGHT[bits] + counts["kept"] * 2)

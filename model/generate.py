@@ -152,7 +152,7 @@ class TextStream:
 
     def flush(self) -> str:
         """The held-back tail once generation has ended without a stop string."""
-        text = self.text
+        text = self.text.rstrip("\ufffd")  # bytes of a character that never completed
         piece = text[self.emitted:]
         self.emitted = len(text)
         return piece

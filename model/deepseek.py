@@ -318,9 +318,9 @@ def parameter_counts(config: DeepseekConfig) -> dict[str, int]:
     shared = expert * (config.n_shared_experts or 0)
     n_routed, top_k = config.n_routed_experts or 0, config.num_experts_per_tok or 0
     lm_head = 0 if config.tie_word_embeddings else v * h
-    counts = {"total": v * h + lm_head + h, "active": h + v * h + h, "routed_experts": 0,
+    # Like the report (16.4B total, 2.8B activated), active counts the whole embedding table.
+    counts = {"total": v * h + lm_head + h, "active": v * h + lm_head + h, "routed_experts": 0,
               "quantizable": 0, "kept": v * h + lm_head + h}
-    # Active counts one embedding row (a lookup reads one row) plus the full lm_head matmul.
     for layer in range(config.num_hidden_layers):
         if config.is_moe_layer(layer):
             mlp_total, mlp_active, router = n_routed * expert + shared, top_k * expert + shared, n_routed * h

@@ -1,0 +1,33 @@
+"""Shared fixtures: where ../shared lives, and small checkpoints written by the tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY = SHARED / "fixtures" / "tiny-deepseek"
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    if not TINY.exists():
+        pytest.fail(f"the shared fixture is missing: {TINY}")
+    return TINY
+
+
+@pytest.fixture
+def tiny_copy(tmp_path: Path, tiny_path: Path) -> Path:
+    """A writable copy of the tiny checkpoint, for tests that break it."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_path, dst)
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    torch.set_num_threads(2)

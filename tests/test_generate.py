@@ -1,0 +1,89 @@
+"""Sampling settings, stop conditions and the text stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmoe import load
+from dsmoe.errors import UsageError
+from dsmoe.model.generate import Sampler, SamplingSettings, TextStream, generate_ids, stream_text
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_path):
+    return load(tiny_path, dtype=torch.float32)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("The software is provided")
+    sampled = SamplingSettings(max_new_tokens=16, temperature=1.0, seed=7)
+    first = list(generate_ids(model, prompt, sampled))
+    again = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=16, temperature=1.0, seed=7)))
+    greedy = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=16)))
+    assert first == again
+    assert first != greedy
+
+
+def test_top_k_one_is_greedy(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("Permission is hereby granted")
+    greedy = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=12)))
+    top1 = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=12, temperature=0.8, top_k=1, seed=3)))
+    assert top1 == greedy
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([4.0, 3.0, 0.0, -1.0])
+    sampler = Sampler(SamplingSettings(temperature=1.0, top_p=0.5, seed=0))
+    assert {sampler(logits, []) for _ in range(50)} == {0}
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([2.0, 1.9, -1.0])
+    sampler = Sampler(SamplingSettings(repetition_penalty=2.0))
+    assert sampler(logits.clone(), [0]) == 1
+    assert sampler(logits.clone(), []) == 0
+
+
+def test_stop_id_ends_generation(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("Redistribution")
+    greedy = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=10)))
+    stop = greedy[3]
+    stopped = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=10, stop_ids=[stop])))
+    assert stopped == greedy[: greedy.index(stop) + 1]
+
+
+def test_stop_string_is_never_shown(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("Copyright")
+    full = "".join(stream_text(model, tokenizer, prompt, SamplingSettings(max_new_tokens=30)))
+    stop = full[10:13]
+    cut = "".join(stream_text(model, tokenizer, prompt, SamplingSettings(max_new_tokens=30), stop_strings=[stop]))
+    assert cut == full[: full.index(stop)]
+
+
+class _CharTokenizer:
+    """Decodes ids as characters, enough to exercise the stream's hold-back rules."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_a_possible_stop_prefix():
+    stream = TextStream(_CharTokenizer(), stop_strings=["END"])  # type: ignore[arg-type]
+    shown = [stream.push(ord(c)) for c in "abEN"]
+    assert "".join(shown) == "ab"
+    assert stream.push(ord("x")) == "ENx"
+    assert stream.push(ord("E")) == "" and stream.push(ord("N")) == ""
+    assert stream.push(ord("D")) == "" and stream.stopped
+    assert stream.text == "abENx"
+
+
+def test_bad_settings_are_usage_errors():
+    with pytest.raises(UsageError, match="top_p"):
+        SamplingSettings(top_p=0)
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        SamplingSettings(max_new_tokens=-1)

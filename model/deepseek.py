@@ -143,7 +143,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert ids [N, k], weights [N, k]) with ids ascending per token."""
-        # Scores in fp32 whatever the compute dtype: the choice of experts must not flip with it.
+        # Scores in fp32 whatever the compute dtype (the loader keeps this weight in fp32).
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = torch.topk(scores, k=self.top_k, dim=-1)
         if self.top_k > 1 and self.norm_topk_prob:

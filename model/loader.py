@@ -16,6 +16,7 @@ from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
+from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -39,17 +40,22 @@ def load(
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool = False,
+    quantize_lm_head: bool = False,
     device: str | torch.device = "cpu",
     progress: LoadProgress | None = None,
+    skip_routed_experts: bool = False,
 ) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
     """Load a DeepSeekMoE checkpoint (local folder or Hugging Face repo id) and its tokenizer.
 
-    ``bits`` 4 or 8 quantizes the linear layers while loading; a checkpoint that is already
-    quantized (a ``quantization_config`` in its config) is read as it is.
+    ``bits`` 4 or 8 quantizes the linear layers while loading (lm_head too, in 8-bit, with
+    ``quantize_lm_head``); a checkpoint that is already quantized (a ``quantization_config`` in
+    its config) is read as it is. ``skip_routed_experts`` leaves the routed experts unread, on the
+    meta device, for an expert store to own (see dsmoe.offload).
     """
     checkpoint = open_checkpoint(name_or_path)
-    model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type,
-                       double_quant=double_quant, device=device, progress=progress)
+    model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                       quantize_lm_head=quantize_lm_head, device=device, progress=progress,
+                       skip_routed_experts=skip_routed_experts)
     return model, load_tokenizer(checkpoint.path)
 
 
@@ -59,16 +65,16 @@ def load_model(
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool = False,
+    quantize_lm_head: bool = False,
     device: str | torch.device = "cpu",
     progress: LoadProgress | None = None,
+    skip_routed_experts: bool = False,
 ) -> DeepseekForCausalLM:
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
-    spec = _quant_spec(checkpoint, bits, quant_type, double_quant)
+    spec = _quant_spec(checkpoint, bits, quant_type, double_quant, quantize_lm_head)
     stored_spec = None
     if checkpoint.config.quantization_config is not None:
-        from dsmoe.quant import linear_from_tensors, spec_from_config
-
         stored_spec = spec_from_config(checkpoint.config.quantization_config)
     with torch.device("meta"):
         model = DeepseekForCausalLM(checkpoint.config)
@@ -76,7 +82,8 @@ def load_model(
 
     linear_names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     stored_groups = _group_by_module(checkpoint.tensor_names()) if stored_spec is not None else {}
-    params = [name for name, _ in model.named_parameters()]
+    params = [name for name, _ in model.named_parameters()
+              if not (skip_routed_experts and ".mlp.experts." in name)]
     for done, name in enumerate(params, start=1):
         module_name, _, attr = name.rpartition(".")
         if stored_spec is not None and module_name in linear_names and _is_quantized_in(checkpoint, name):
@@ -85,35 +92,33 @@ def load_model(
             _replace_module(model, module_name, module.to(device))
         else:
             tensor = _read_tensor(checkpoint, model, name)
-            if spec is not None and module_name in linear_names and _should_quantize(name, spec):
-                from dsmoe.quant import quantize_linear
-
-                _replace_module(model, module_name, quantize_linear(tensor.to(device), spec, compute_dtype))
+            layer_spec = spec_for(name, spec) if spec is not None and module_name in linear_names else None
+            if layer_spec is not None:
+                _replace_module(model, module_name, quantize_linear(tensor.to(device), layer_spec, compute_dtype))
             else:
-                _set_parameter(model, module_name, attr, tensor.to(device=device, dtype=compute_dtype))
+                # The router stays in fp32 (it is tiny): expert choices must not flip with the dtype.
+                param_dtype = torch.float32 if name.endswith(".mlp.gate.weight") else compute_dtype
+                _set_parameter(model, module_name, attr, tensor.to(device=device, dtype=param_dtype))
         if progress is not None:
             progress(done, len(params))
     checkpoint.close()
     return model
 
 
-def _quant_spec(checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool):  # type: ignore[no-untyped-def]
+def _quant_spec(
+    checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool, quantize_lm_head: bool
+) -> QuantSpec | None:
     if bits is None or bits == 16:
         if quant_type is not None:
             raise UsageError("--quant-type needs --bits 4 or 8")
         return None
+    if bits not in (4, 8):
+        raise UsageError(f"bits must be 4, 8 or 16, got {bits}")
     if checkpoint.config.quantization_config is not None:
         raise UsageError(f"{checkpoint.path}: already quantized; load it without --bits")
-    from dsmoe.quant import QuantSpec
-
     default_type = "nf4" if bits == 4 else "int8"
-    return QuantSpec(bits=bits, quant_type=quant_type or default_type, double_quant=double_quant)
-
-
-def _should_quantize(name: str, spec) -> bool:  # type: ignore[no-untyped-def]
-    from dsmoe.quant import should_quantize
-
-    return should_quantize(name, spec)
+    return QuantSpec(bits=bits, quant_type=quant_type or default_type, double_quant=double_quant,
+                     quantize_lm_head=quantize_lm_head)
 
 
 def _is_quantized_in(checkpoint: Checkpoint, weight_name: str) -> bool:

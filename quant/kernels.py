@@ -1,0 +1,92 @@
+"""Matmul kernels for quantized weights, and the rule that picks one per call.
+
+The rule (see docs/PERFORMANCE-quant.md for the measurements behind it), on CPU:
+
+* 4-bit, bf16 compute, AVX512-BF16: bitsandbytes' fused CPU kernel (``gemv_4bit``) on the
+  weight repacked once at load into its CPU layout; it beats dequantize-then-matmul at every batch.
+  Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
+  ``F.linear``, which is exact.
+* 8-bit: ``torch._weight_int8pack_mm`` (int8 weight, float activations, per-row scales), which is
+  exactly ``dequant(W) @ x``, at every batch size: it beat dequantize + float matmul at batch 1 and
+  64 alike. ``torch._int_mm`` with dynamic int8 activations was faster for some prefill shapes but
+  rounds the activations too (about 3.5x the error) and was not consistently faster, so it is not used.
+
+On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the standard layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CPU_BLOCK_N = 32
+"""Output rows per tile in bitsandbytes' CPU 4-bit layout."""
+
+
+def cpu_4bit_kernel_available() -> bool:
+    """bitsandbytes registers its fused CPU 4-bit kernel only on CPUs with AVX512-BF16."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def can_pack_for_cpu(out_features: int, in_features: int, blocksize: int) -> bool:
+    """The CPU layout tiles 32 output rows and needs whole absmax blocks per row."""
+    return out_features % CPU_BLOCK_N == 0 and in_features % blocksize == 0
+
+
+def pack_for_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Standard bitsandbytes nibbles (row-major, high nibble first) -> bitsandbytes' CPU layout.
+
+    The CPU layout tiles 32 output rows: byte (tile, j, r, c) holds weight (tile*32 + 16 + r, 2j + c)
+    in its high nibble and (tile*32 + r, 2j + c) in its low nibble, giving [out, in/2] bytes.
+    It is a pure permutation of the 4-bit codes; ``unpack_from_cpu`` inverts it exactly.
+    """
+    n, k = out_features, in_features
+    flat = packed.reshape(-1)
+    codes = torch.stack((flat >> 4, flat & 0xF), dim=-1)  # [n * k/2, 2]: columns 2j, 2j+1
+    tiles = codes.view(n // CPU_BLOCK_N, 2, CPU_BLOCK_N // 2, k // 2, 2)
+    out = (tiles[:, 1] << 4) | tiles[:, 0]  # [tiles, 16, k/2, 2]
+    return out.permute(0, 2, 1, 3).contiguous().view(n, k // 2)
+
+
+def unpack_from_cpu(cpu_packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_for_cpu``: the standard layout, shaped [out*in/2, 1] as bitsandbytes stores it."""
+    n, k = out_features, in_features
+    tiles = cpu_packed.view(n // CPU_BLOCK_N, k // 2, CPU_BLOCK_N // 2, 2)
+    halves = torch.stack((tiles & 0xF, tiles >> 4), dim=1)  # [tiles, 2, k/2, 16, 2]
+    codes = halves.permute(0, 1, 3, 2, 4).reshape(n * k // 2, 2)
+    return ((codes[:, 0] << 4) | codes[:, 1]).view(-1, 1)
+
+
+def dequantize_4bit_lookup(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                           shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Codebook lookup times block absmax, in plain torch: bitsandbytes' format, any shape.
+
+    bitsandbytes' CPU ``dequantize_4bit`` (0.50) gives wrong numbers when a row's width is not a
+    multiple of the blocksize (a block then spans two rows), so those shapes come here.
+    """
+    n = shape[0] * shape[1]
+    flat = packed.reshape(-1)
+    idx = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n].long()
+    values = code.float()[idx]
+    pad = (-n) % blocksize
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad)])
+    values = (values.view(-1, blocksize) * absmax.float().view(-1, 1)).reshape(-1)[:n]
+    return values.view(shape).to(dtype)
+
+
+def gemv_4bit_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, int],
+                  absmax_t: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """x [M, in] bf16 @ W.T with W in the CPU layout; ``absmax_t`` is [in/blocksize, out] bf16."""
+    return torch.ops.bitsandbytes.gemv_4bit.default(x, cpu_packed, list(shape), absmax_t, code, blocksize)
+
+
+def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ (weight * scale[:, None]).T with the scale applied in fp32 after the int8 matmul.
+
+    ``_weight_int8pack_mm`` takes scales in x's dtype; a bf16 scale would round SCB/127 by up to
+    2^-9, so it runs with unit scales and the exact fp32 scale multiplies its output.
+    """
+    out = torch._weight_int8pack_mm(x, weight, unit)
+    return (out.float() * scale).to(x.dtype)

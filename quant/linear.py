@@ -1,0 +1,331 @@
+"""Quantized linear layers in bitsandbytes' formats, and their transformers checkpoint layout.
+
+The numbers are bitsandbytes' own: 4-bit weights are quantized by ``quantize_4bit`` (NF4/FP4
+codebooks, blockwise absmax, optional double quantization of the absmax), 8-bit weights are
+LLM.int8's row-wise absmax (``round(127 * w / SCB)``). A faster in-memory layout may be built at
+load (see ``kernels.py``) but the checkpoint tensors always come back in the standard layout.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.quant import kernels
+from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
+
+_QS_PREFIX = "quant_state.bitsandbytes__"
+
+
+class QuantLinear(nn.Module, abc.ABC):
+    """Common ground: shapes, compute dtype, and buffers that follow device moves but not casts."""
+
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # model.to(torch.float16) must not round absmax or scales: only follow the device.
+        device = fn(torch.empty(0)).device
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
+        self._on_device_change()
+        return self
+
+    def _on_device_change(self) -> None:
+        """Rebuild whatever runtime layout depends on the device."""
+
+    @abc.abstractmethod
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor suffixes (``weight``, ``weight.absmax``, ``SCB``, ...) -> CPU tensors."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        # state_dict() gives transformers' layout, so a model with these layers saves like HF's.
+        for suffix, tensor in self.checkpoint_tensors().items():
+            destination[prefix + suffix] = tensor
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+
+
+class Linear4bit(QuantLinear):
+    """y = x @ dequant(W).T for an NF4/FP4 weight; no bias (DeepSeekMoE's linears have none)."""
+
+    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        out_features, in_features = (int(d) for d in state.shape)
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.quant_type: str = state.quant_type
+        self.blocksize: int = int(state.blocksize)
+        self.stored_dtype: torch.dtype = state.dtype
+        self.double_quant = bool(state.nested)
+        self.register_buffer("weight", packed.reshape(-1, 1).contiguous(), persistent=False)
+        self.register_buffer("absmax", state.absmax, persistent=False)
+        self.register_buffer("quant_map", state.code, persistent=False)
+        if self.double_quant:
+            self.nested_offset = float(state.offset)
+            self.nested_blocksize = int(state.state2.blocksize)
+            self.nested_dtype: torch.dtype = state.state2.dtype
+            self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
+            self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
+        self.layout = "standard"
+        self._on_device_change()
+
+    def _quant_state(self):  # type: ignore[no-untyped-def]
+        """The bitsandbytes QuantState of the stored (standard) form."""
+        from bitsandbytes.functional import QuantState
+
+        nested = None
+        offset = None
+        if self.double_quant:
+            nested = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map,
+                                blocksize=self.nested_blocksize, dtype=self.nested_dtype)
+            offset = torch.tensor(self.nested_offset, device=self.absmax.device)
+        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                          code=self.quant_map, blocksize=self.blocksize, quant_type=self.quant_type,
+                          dtype=self.stored_dtype, offset=offset, state2=nested)
+
+    def _absmax_f32(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax.float()
+        from bitsandbytes.functional import dequantize_blockwise
+
+        state = self._quant_state()
+        return (dequantize_blockwise(self.absmax, state.state2) + state.offset).float()
+
+    def _on_device_change(self) -> None:
+        device = self.weight.device
+        use_cpu_kernel = (
+            device.type == "cpu"
+            and self.compute_dtype == torch.bfloat16
+            and kernels.can_pack_for_cpu(self.out_features, self.in_features, self.blocksize)
+            and kernels.cpu_4bit_kernel_available()
+        )
+        want = "cpu" if use_cpu_kernel else "standard"
+        if want != self.layout:
+            if want == "cpu":
+                self.weight = kernels.pack_for_cpu(self.weight, self.out_features, self.in_features)
+            else:
+                self.weight = kernels.unpack_from_cpu(self.weight, self.out_features, self.in_features)
+            self.layout = want
+        # Runtime scales: fp32 for the dequantize path, [in/blocksize, out] bf16 for the CPU kernel.
+        absmax = self._absmax_f32()
+        if self.layout == "cpu":
+            absmax = absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
+        self.register_buffer("runtime_absmax", absmax, persistent=False)
+
+    def kernel(self, rows: int) -> str:
+        """The kernel a call with ``rows`` input rows runs (the rows do not change it for 4-bit)."""
+        if self.layout == "cpu":
+            return "bnb_cpu_4bit"
+        if self.weight.device.type == "cuda":
+            return "bnb_matmul_4bit"
+        return "dequant_matmul"
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as bitsandbytes' ``dequantize_4bit`` gives it, [out, in]."""
+        weight = self.weight
+        if self.layout == "cpu":
+            weight = kernels.unpack_from_cpu(weight, self.out_features, self.in_features)
+        absmax = self.runtime_absmax if self.layout == "standard" else self._absmax_f32()
+        shape = (self.out_features, self.in_features)
+        if weight.device.type == "cpu" and self.in_features % self.blocksize:
+            return kernels.dequantize_4bit_lookup(weight, absmax, self.quant_map, self.blocksize, shape, dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            weight, absmax, self.blocksize, self.quant_type, list(shape), dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        kernel = self.kernel(flat.shape[0])
+        if kernel == "bnb_cpu_4bit":
+            out = kernels.gemv_4bit_cpu(flat, self.weight, (self.out_features, self.in_features),
+                                        self.runtime_absmax, self.quant_map, self.blocksize)
+        elif kernel == "bnb_matmul_4bit":
+            import bitsandbytes as bnb
+
+            out = bnb.matmul_4bit(flat, self.weight, quant_state=self._quant_state())
+        else:
+            out = F.linear(flat, self.dequantized(self.compute_dtype))
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        weight = self.weight
+        if self.layout == "cpu":
+            weight = kernels.unpack_from_cpu(weight, self.out_features, self.in_features)
+        tensors = {"weight": weight}
+        for key, value in self._quant_state().as_dict(packed=True).items():
+            tensors["weight." + key] = value
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+class Linear8bit(QuantLinear):
+    """y = x @ (W_int8 * SCB / 127).T: LLM.int8 weights (row-wise absmax), no outlier split."""
+
+    def __init__(self, weight: torch.Tensor, scb: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("SCB", scb.float().contiguous(), persistent=False)
+        self._on_device_change()
+
+    def _on_device_change(self) -> None:
+        device = self.weight.device
+        self.register_buffer("scale", self.SCB / 127.0, persistent=False)
+        self.register_buffer("unit", torch.ones(self.out_features, dtype=self.compute_dtype, device=device),
+                             persistent=False)
+
+    def kernel(self, rows: int) -> str:
+        if self.weight.device.type == "cuda":
+            return "bnb_matmul_int8"
+        return "int8pack"
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        kernel = self.kernel(flat.shape[0])
+        if kernel == "int8pack":
+            out = kernels.int8_weight_only_mm(flat, self.weight, self.scale, self.unit)
+        else:
+            import bitsandbytes as bnb
+
+            state = bnb.MatmulLtState()
+            state.has_fp16_weights = False
+            state.CB, state.SCB = self.weight, self.SCB
+            out = bnb.matmul(flat, self.weight, state=state)
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "weight": self.weight.detach().cpu().contiguous(),
+            "SCB": self.SCB.detach().cpu().contiguous(),
+            # transformers writes the layout tag; 0 is "row", the only one it still reads.
+            "weight_format": torch.tensor(0, dtype=torch.uint8),
+        }
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8 row-wise absmax: (int8 [out, in], SCB fp32 [out]); an all-zero row stays zero."""
+    w = weight.float()
+    scb = w.abs().amax(dim=1)
+    q = torch.round(w * (127.0 / scb.clamp(min=torch.finfo(torch.float32).tiny)).unsqueeze(1))
+    return q.clamp_(-127, 127).to(torch.int8), scb
+
+
+def quantize_linear(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> QuantLinear:
+    """Quantize one [out, in] weight into a module that computes in ``compute_dtype``."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise UsageError(f"quantize_linear needs a 2-D float weight, got {tuple(weight.shape)} {weight.dtype}")
+    if spec.bits == 8:
+        q, scb = quantize_int8(weight)
+        return Linear8bit(q, scb, compute_dtype)
+    from bitsandbytes.functional import quantize_4bit
+
+    source = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.float()
+    packed, state = quantize_4bit(source.contiguous(), blocksize=spec.blocksize,
+                                  compress_statistics=spec.double_quant, quant_type=spec.quant_type)
+    return Linear4bit(packed, state, compute_dtype)
+
+
+def quantized_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``prefix.weight``, ``prefix.weight.absmax``, ... in transformers' bitsandbytes layout (CPU)."""
+    if not isinstance(module, QuantLinear):
+        raise UsageError(f"{prefix}: not a quantized linear ({type(module).__name__})")
+    return {f"{prefix}.{suffix}": tensor for suffix, tensor in module.checkpoint_tensors().items()}
+
+
+def linear_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec,
+                        compute_dtype: torch.dtype) -> QuantLinear:
+    """The module stored under ``prefix`` (written by dsmoe or transformers), without re-quantizing.
+
+    The tensors themselves say which format they hold (``SCB`` for 8-bit, a packed quant state for
+    4-bit); ``spec`` is the checkpoint's declared format, which they must agree with.
+    """
+    weight = tensors.get(f"{prefix}.weight")
+    if weight is None:
+        raise CheckpointError(f"tensor {prefix}.weight is missing")
+    if f"{prefix}.SCB" in tensors:
+        return _int8_from_tensors(tensors, prefix, weight, compute_dtype)
+    if spec.bits == 8:
+        raise CheckpointError(f"{prefix}: the checkpoint declares 8-bit but {prefix}.SCB is missing")
+    return _4bit_from_tensors(tensors, prefix, weight, compute_dtype)
+
+
+def _int8_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: torch.Tensor,
+                       compute_dtype: torch.dtype) -> Linear8bit:
+    scb = tensors[f"{prefix}.SCB"]
+    layout = tensors.get(f"{prefix}.weight_format")
+    if layout is not None and int(layout.reshape(-1)[0]) != 0:
+        raise CheckpointError(f"{prefix}.weight_format is {int(layout.reshape(-1)[0])}: only row-major (0) is supported")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise CheckpointError(f"{prefix}.weight: expected a 2-D int8 tensor, got {weight.dtype} {list(weight.shape)}")
+    if scb.dim() != 1 or scb.shape[0] != weight.shape[0] or not scb.is_floating_point():
+        raise CheckpointError(f"{prefix}.SCB: expected {weight.shape[0]} floats, got {scb.dtype} {list(scb.shape)}")
+    return Linear8bit(weight.clone(), scb.float().clone(), compute_dtype)
+
+
+def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: torch.Tensor,
+                       compute_dtype: torch.dtype) -> Linear4bit:
+    from bitsandbytes.functional import QuantState, get_4bit_type
+
+    base = f"{prefix}.weight."
+    parts = {name[len(base):]: t for name, t in tensors.items() if name.startswith(base)}
+    packed_states = [k for k in parts if k.startswith(_QS_PREFIX)]
+    if len(packed_states) != 1:
+        raise CheckpointError(f"{prefix}: expected one {base}{_QS_PREFIX}<nf4|fp4> tensor, found {len(packed_states)}")
+    quant_type = packed_states[0][len(_QS_PREFIX):]
+    if quant_type not in FOUR_BIT_TYPES:
+        raise CheckpointError(f"{prefix}: unsupported 4-bit type {quant_type!r}")
+    try:
+        state = QuantState.from_dict({k: v.clone() for k, v in parts.items()}, device=torch.device("cpu"))
+    except (ValueError, KeyError, AssertionError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{prefix}: unreadable 4-bit quant state ({exc})") from None
+    if state.shape is None or len(state.shape) != 2:
+        raise CheckpointError(f"{prefix}: 4-bit weight must be 2-D, quant state says {state.shape}")
+    out_features, in_features = (int(d) for d in state.shape)
+    numel = out_features * in_features
+    if weight.dtype != torch.uint8 or weight.numel() != (numel + 1) // 2:
+        raise CheckpointError(f"{prefix}.weight: expected {(numel + 1) // 2} packed uint8 values, "
+                              f"got {weight.dtype} {list(weight.shape)}")
+    blocks = -(-numel // state.blocksize)
+    if state.absmax.numel() != blocks:
+        raise CheckpointError(f"{prefix}.weight.absmax: expected {blocks} values, got {state.absmax.numel()}")
+    standard = get_4bit_type(state.quant_type, device="cpu")
+    if state.code.numel() != 16 or not torch.allclose(state.code.float(), standard, atol=1e-6):
+        raise CheckpointError(f"{prefix}.weight.quant_map is not the standard {state.quant_type} codebook")
+    if in_features % 2:
+        raise CheckpointError(f"{prefix}: odd input width {in_features} is not supported")
+    return Linear4bit(weight.clone(), state, compute_dtype)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace, in place, each ``nn.Linear`` whose ``name + '.weight'`` the policy quantizes.
+
+    Returns how many layers were replaced. For loading, quantizing each weight as it is read keeps
+    peak memory lower; this is for a model that is already in memory.
+    """
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        layer_spec = spec_for(f"{name}.weight", spec)
+        if layer_spec is None:
+            continue
+        if module.bias is not None:
+            raise UsageError(f"{name}: linears with a bias are not supported")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantize_linear(module.weight.detach(), layer_spec, compute_dtype))
+        replaced += 1
+    return replaced

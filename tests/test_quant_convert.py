@@ -1,0 +1,169 @@
+"""quantize_checkpoint: a complete folder in transformers' layout, or nothing at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.quant import QuantSpec, linear_from_tensors, should_quantize, spec_from_config
+from dsmoe.quant.convert import quantize_checkpoint
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-deepseek"
+NF4 = QuantSpec(bits=4, quant_type="nf4")
+
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="tiny-deepseek fixture not present")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hundreds of tiny matrices: with other jobs on the CPU, 2 OpenMP threads make each op ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    copy = tmp_path / "src"
+    shutil.copytree(FIXTURE, copy)
+    for path in copy.iterdir():
+        path.chmod(0o644)
+    return copy
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "src")
+
+
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("spec", [NF4, QuantSpec(bits=4, quant_type="fp4", double_quant=True),
+                                  QuantSpec(bits=8, quant_type="int8")], ids=lambda s: s.name)
+def test_conversion_writes_transformers_layout(src: Path, tmp_path: Path, spec: QuantSpec) -> None:
+    seen: list[tuple[int, int]] = []
+    dst = tmp_path / "out"
+    report = quantize_checkpoint(src, dst, spec, progress=lambda done, total: seen.append((done, total)),
+                                 shard_bytes=150_000)
+    assert _leftovers(tmp_path) == ["out"]
+    assert report.shards == len(list(dst.glob("model-*-of-*.safetensors"))) > 1
+    assert seen[-1][0] == seen[-1][1] == report.bytes_in and report.bytes_out < report.bytes_in
+    assert report.peak_rss_bytes > 0 and report.seconds > 0
+    config = json.loads((dst / "config.json").read_text())
+    assert spec_from_config(config["quantization_config"]) == spec
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in dst.iterdir()}
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    tensors = _all_tensors(dst)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    source = _all_tensors(FIXTURE)
+    for name, original in source.items():
+        if should_quantize(name, spec):
+            prefix = name[: -len(".weight")]
+            group = {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            module = linear_from_tensors(group, prefix, spec, torch.float32)
+            err = (module.dequantized() - original.float()).norm() / original.float().norm()
+            assert err < (0.02 if spec.bits == 8 else 0.2), name
+        else:
+            assert torch.equal(tensors[name], original), name  # floats are copied as stored
+    assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    assert "lm_head.SCB" not in tensors and "lm_head.weight.absmax" not in tensors
+
+
+def test_lm_head_option_stores_int8(src: Path, tmp_path: Path) -> None:
+    spec = QuantSpec(bits=4, quant_type="nf4", quantize_lm_head=True)
+    quantize_checkpoint(src, tmp_path / "out", spec)
+    tensors = _all_tensors(tmp_path / "out")
+    assert tensors["lm_head.weight"].dtype == torch.int8 and "lm_head.SCB" in tensors
+
+
+def test_interrupt_leaves_nothing(src: Path, tmp_path: Path) -> None:
+    calls = []
+
+    def interrupt(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, tmp_path / "out", NF4, progress=interrupt, shard_bytes=100_000)
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_keeps_the_old_destination(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    quantize_checkpoint(src, dst, NF4)
+    before = sorted(p.name for p in dst.iterdir())
+
+    def fail(done: int, total: int) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        quantize_checkpoint(src, dst, QuantSpec(bits=8, quant_type="int8"), force=True, progress=fail)
+    assert _leftovers(tmp_path) == ["out"] and sorted(p.name for p in dst.iterdir()) == before
+    assert spec_from_config(json.loads((dst / "config.json").read_text())["quantization_config"]) == NF4
+
+
+def test_existing_destination_needs_force(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    with pytest.raises(UsageError):
+        quantize_checkpoint(src, dst, NF4)
+    assert (dst / "keep.txt").exists()
+    quantize_checkpoint(src, dst, NF4, force=True)
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "parent"])
+def test_destination_inside_source_is_refused(src: Path, where: str) -> None:
+    dst = {"inside": src / "q4", "same": src, "parent": src.parent}[where]
+    with pytest.raises(UsageError):
+        quantize_checkpoint(src, dst, NF4, force=True)
+    assert not (src / "q4").exists() and (src / "config.json").exists()
+
+
+def test_not_deepseek_is_refused(src: Path, tmp_path: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "llama"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError):
+        quantize_checkpoint(src, tmp_path / "out", NF4)
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_expert_tensors_are_refused(src: Path, tmp_path: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config["n_routed_experts"] = 32  # the files hold 16 experts per layer
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing"):
+        quantize_checkpoint(src, tmp_path / "out", NF4)
+    assert _leftovers(tmp_path) == []
+
+
+def test_truncated_shard_is_refused(src: Path, tmp_path: Path) -> None:
+    shard = src / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError):
+        quantize_checkpoint(src, tmp_path / "out", NF4)
+    assert _leftovers(tmp_path) == []
+
+
+def test_already_quantized_source_is_refused(src: Path, tmp_path: Path) -> None:
+    quantize_checkpoint(src, tmp_path / "q", NF4)
+    with pytest.raises(CheckpointError):
+        quantize_checkpoint(tmp_path / "q", tmp_path / "again", NF4)
+    assert _leftovers(tmp_path) == ["q"]

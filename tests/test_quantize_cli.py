@@ -1,0 +1,47 @@
+"""``dsmoe quantize`` end to end: the folder it writes loads to the same model as quantize-on-load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsmoe import load
+from tests.cli_runner import run_cli
+
+
+def test_quantize_command_writes_a_loadable_checkpoint(
+    capsys: pytest.CaptureFixture[str], tiny_path: Path, tmp_path: Path
+) -> None:
+    dst = tmp_path / "q4"
+    result = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "4", "--quant-type", "fp4")
+    assert result.code == 0, result.err
+    assert "tensors quantized" in result.out and "MB/s" in result.out
+    assert (dst / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4"]
+
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    stored, _ = load(dst, dtype=torch.float32)
+    on_load, _ = load(tiny_path, dtype=torch.float32, bits=4, quant_type="fp4")
+    with torch.no_grad():
+        torch.testing.assert_close(stored(ids), on_load(ids), rtol=0, atol=1e-5)
+
+
+def test_quantize_command_refuses_existing_output_and_bad_values(
+    capsys: pytest.CaptureFixture[str], tiny_path: Path, tmp_path: Path
+) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    existing = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "8")
+    assert existing.code == 1
+    assert "already exists" in existing.err and "--force" in existing.err
+    assert "Traceback" not in existing.err
+
+    bad_bits = run_cli(capsys, "quantize", str(tiny_path), str(tmp_path / "x"), "--bits", "3")
+    assert bad_bits.code == 1 and "bits must be 4 or 8" in bad_bits.err
+    assert not (tmp_path / "x").exists()
+
+    forced = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "8", "--force")
+    assert forced.code == 0, forced.err
+    assert (dst / "model.safetensors.index.json").is_file() or list(dst.glob("*.safetensors"))

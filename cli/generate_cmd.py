@@ -9,8 +9,12 @@ import typer
 from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded
 from dsmoe.cli.loading import load_with_progress
+from dsmoe.cli.simulate_cmd import (
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, offload_options, plan_table, stats_table,
+)
 from dsmoe.errors import UsageError
 from dsmoe.model.generate import SamplingSettings, stream_text
+from dsmoe.offload import TraceHeader, TraceRecorder, store_of
 
 
 @app.command("generate")
@@ -29,9 +33,22 @@ def generate(
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
+    expert_cache: int = ExpertCacheOption,
+    gpu_mem: float = GpuMemOption,
+    max_ram: float = MaxRamOption,
+    policy: str = PolicyOption,
+    prefetch: bool = PrefetchOption,
+    stats: bool = typer.Option(False, "--stats", help="Show the expert cache's hits, misses and bytes moved."),
+    trace: str = typer.Option(None, "--trace", help="Record every MoE layer's routed experts to this file."),
 ) -> None:
     """Generate a continuation of PROMPT, streaming it as it is decoded."""
-    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type)
+    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)  # checks the flags either way
+    offloading = stats or any(v is not None for v in (expert_cache, gpu_mem, max_ram))
+    offload = options if offloading else None
+    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
+    store = store_of(loaded)
+    if store is not None:
+        err_console.print(plan_table(store.plan))
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot take a text prompt")
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
@@ -42,13 +59,27 @@ def generate(
     started = time.perf_counter()
     first: float | None = None
     pieces = 0
-    for piece in stream_text(loaded, tokenizer, ids, settings, stop_strings=stop):
-        first = first or time.perf_counter()
-        pieces += 1
-        console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+    recorder = None
+    if trace is not None:
+        header = TraceHeader.for_model(loaded, store.plan.expert_bytes if store else None, model or "demo")
+        recorder = TraceRecorder(trace, header)
+        loaded.set_routing_observer(recorder)
+    try:
+        for piece in stream_text(loaded, tokenizer, ids, settings, stop_strings=stop):
+            first = first or time.perf_counter()
+            pieces += 1
+            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+    except BaseException:
+        if recorder is not None:
+            recorder.abort()
+        raise
     console.print()
+    if recorder is not None:
+        recorder.close()
     elapsed = time.perf_counter() - started
     ttft = (first - started) if first else elapsed
     err_console.print(
         f"[dim]{len(ids)} prompt tokens, time to first text {ttft:.2f} s, {elapsed:.2f} s total[/]"
     )
+    if stats and store is not None:
+        err_console.print(stats_table(store.stats))

@@ -6,9 +6,11 @@ import typer
 from rich.table import Table
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import console, default_model, guarded
+from dsmoe.cli.common import BitsOption, DtypeOption, console, default_model, guarded
+from dsmoe.cli.simulate_cmd import ExpertCacheOption, GpuMemOption, MaxRamOption, offload_options, plan_table
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
+from dsmoe.offload import plan_for
 
 
 def _gb(n: float) -> str:
@@ -21,7 +23,15 @@ def _params(n: int) -> str:
 
 @app.command("info")
 @guarded
-def info(model: str = typer.Argument(None, help="Checkpoint folder or Hugging Face repo id (default: the demo model).")) -> None:
+def info(
+    model: str = typer.Argument(None, help="Checkpoint folder or Hugging Face repo id (default: the demo model)."),
+    plan: bool = typer.Option(False, "--plan", help="Also show where the experts would live under these budgets."),
+    expert_cache: int = ExpertCacheOption,
+    gpu_mem: float = GpuMemOption,
+    max_ram: float = MaxRamOption,
+    dtype: str = DtypeOption,
+    bits: int = BitsOption,
+) -> None:
     """Architecture, experts, parameters (total and per token) and weight bytes at each precision."""
     checkpoint = open_checkpoint(model or default_model())
     config = checkpoint.config
@@ -48,3 +58,6 @@ def info(model: str = typer.Argument(None, help="Checkpoint folder or Hugging Fa
     table.add_row("checkpoint", f"{stored}, {_gb(checkpoint.total_bytes())} on disk")
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(table)
+    if plan:
+        options = offload_options(expert_cache, gpu_mem, max_ram)
+        console.print(plan_table(plan_for(checkpoint, options, dtype, bits)))

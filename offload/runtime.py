@@ -1,0 +1,171 @@
+"""Put a model together with its expert store: from a checkpoint (``load_offloaded``) or in memory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from dsmoe.errors import UsageError
+from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
+from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
+from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
+from dsmoe.offload.disk import DiskExperts
+from dsmoe.offload.plan import Budgets, Plan, Resources, make_plan
+from dsmoe.offload.policies import POLICIES
+from dsmoe.offload.store import (
+    CostModel,
+    CudaCopy,
+    DiskSource,
+    ExpertStore,
+    HostCopy,
+    InPlace,
+    RamCachedSource,
+    ResidentSource,
+    Source,
+    Transfer,
+)
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How to place and run the routed experts.
+
+    ``host_compute`` (GPU only) runs a missing expert on the CPU when the cost model says that beats
+    copying it; the CPU's kernels round differently from the GPU's, so it is off by default and
+    outputs stay identical to a fully resident run.
+    """
+
+    budgets: Budgets = field(default_factory=Budgets)
+    policy: str = "lru"
+    prefetch: bool = True
+    host_compute: CostModel | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown cache policy {self.policy!r} (choose {' or '.join(POLICIES)})")
+
+    def compute_device(self) -> torch.device:
+        """The requested device, else the GPU when there is one, else the CPU."""
+        if self.device is not None:
+            device = torch.device(self.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"device {self.device!r} requested but CUDA is not available")
+            return device
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def plan_for(
+    checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype = torch.bfloat16, bits: int | None = None,
+    resources: Resources | None = None,
+) -> Plan:
+    """The placement a run with these options would use on this machine now (or with ``resources``)."""
+    device = options.compute_device()
+    resources = resources or Resources.measure(device)
+    return make_plan(checkpoint.config, device, options.budgets, resources, parse_dtype(dtype),
+                     None if bits == 16 else bits)
+
+
+def load_offloaded(
+    name_or_path: str | os.PathLike[str],
+    options: OffloadOptions,
+    dtype: str | torch.dtype = torch.bfloat16,
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool = False,
+    progress: LoadProgress | None = None,
+    resources: Resources | None = None,
+) -> tuple[DeepseekForCausalLM, Tokenizer | None, ExpertStore]:
+    """Load a checkpoint with its routed experts placed by ``options``; the rest goes to the device.
+
+    When the plan keeps experts on disk they are never loaded here: the store reads them on demand.
+    ``resources`` replaces the measured free memory (to plan as if on another machine).
+    """
+    checkpoint = open_checkpoint(name_or_path)
+    plan = plan_for(checkpoint, options, dtype, bits, resources)
+    device = torch.device(plan.compute)
+    if plan.on_disk:
+        disk = DiskExperts(checkpoint, parse_dtype(dtype), quantize=_expert_spec(checkpoint, bits, quant_type, double_quant),
+                           stored=_stored_spec(checkpoint))
+        model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                           device=device, progress=progress, skip_routed_experts=True)
+        if options.budgets.max_ram is not None and resources is None:
+            plan = _replan_after_load(checkpoint, options, dtype, bits, plan)
+        for moe in model.moe_layers():
+            moe.experts = nn.ModuleList()
+        source: Source = DiskSource(disk, pinned=plan.pinned)
+        if plan.host_slots is not None:
+            source = RamCachedSource(source, plan.host_slots, options.policy)
+        store = _store(model, plan, source, options)
+    else:
+        model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                           device="cpu", progress=progress)
+        store = attach(model, plan, options)
+    return model, load_tokenizer(checkpoint.path), store
+
+
+def _replan_after_load(checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype,
+                       bits: int | None, plan: Plan) -> Plan:
+    """Size the RAM slots again from the RSS measured once the resident weights are in.
+
+    Loading leaves more than the weights' bytes behind (allocator and library state), so the
+    process's own overhead is read back, not assumed, and a --max-ram budget holds.
+    """
+    measured = Resources.measure(torch.device(plan.compute))
+    in_ram = plan.rest_bytes if plan.compute == "cpu" else 0
+    baseline = replace(measured, process_rss=max(0, measured.process_rss - in_ram))
+    return plan_for(checkpoint, options, dtype, bits, baseline)
+
+
+def attach(model: DeepseekForCausalLM, plan: Plan, options: OffloadOptions) -> ExpertStore:
+    """Hand a loaded model's routed experts (in RAM) to a new store, and move the rest to the device."""
+    if plan.on_disk:
+        raise UsageError("this plan keeps experts on disk: load the model with load_offloaded instead")
+    modules = {}
+    for moe in model.moe_layers():
+        modules.update({(moe.layer_idx, e): expert for e, expert in enumerate(moe.experts)})
+        moe.experts = nn.ModuleList()
+    model.to(torch.device(plan.compute))
+    return _store(model, plan, ResidentSource(modules, pinned=plan.pinned), options)
+
+
+def _store(model: DeepseekForCausalLM, plan: Plan, source: Source, options: OffloadOptions) -> ExpertStore:
+    transfer: Transfer
+    if plan.compute != "cpu":
+        transfer = CudaCopy(torch.device(plan.compute))
+    elif plan.tiers[0].name == "cpu":
+        transfer = HostCopy()
+    else:
+        transfer = InPlace(background=options.prefetch and plan.on_disk)
+    cost = options.host_compute if plan.compute != "cpu" else None
+    store = ExpertStore(model, plan, source, transfer, options.policy, options.prefetch, cost)
+    model.expert_store = store
+    return store
+
+
+def store_of(model: nn.Module) -> ExpertStore | None:
+    """The store running ``model``'s experts, if it has one (for stats displays)."""
+    return getattr(model, "expert_store", None)
+
+
+def _expert_spec(checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool):  # type: ignore[no-untyped-def]
+    """The format experts are quantized into as they are read: the loader's, for ``--bits``."""
+    if bits is None or bits == 16 or checkpoint.config.quantization_config is not None:
+        return None
+    from dsmoe.quant import QuantSpec
+
+    return QuantSpec(bits=bits, quant_type=quant_type or ("nf4" if bits == 4 else "int8"), double_quant=double_quant)
+
+
+def _stored_spec(checkpoint: Checkpoint):  # type: ignore[no-untyped-def]
+    if checkpoint.config.quantization_config is None:
+        return None
+    from dsmoe.quant import spec_from_config
+
+    return spec_from_config(checkpoint.config.quantization_config)

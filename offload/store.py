@@ -1,0 +1,438 @@
+"""The expert store: owns where every routed expert lives and runs each one from there.
+
+It plugs into the model through ``MoE.expert_runner`` (run an expert), a forward hook on each
+router gate (the routing of a forward pass, before its experts run) and, for prefetch, a forward
+pre-hook on each MoE layer (its input, to which the next layer's gate is applied). The model's
+kernels and its order of summation are untouched, so outputs equal a fully resident run.
+
+Tiers are pluggable: a ``Source`` gives an expert as a module in host memory (resident in RAM,
+or read from disk), a ``Transfer`` puts it into a slot on the compute device (a CUDA copy on a
+side stream, a real copy within RAM standing in for a device, or nothing at all when the source's
+memory is the slot). The decisions (hits, evictions, prefetch, where to run a miss) live here and
+in ``policies.LayerCache``, whatever the tiers are.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsmoe.model.deepseek import DeepseekForCausalLM, MoE
+from dsmoe.offload.disk import DiskExperts
+from dsmoe.offload.plan import Plan
+from dsmoe.offload.policies import LayerCache
+from dsmoe.offload.stats import StoreStats
+
+Key = tuple[int, int]
+
+
+def module_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def clone_to(module: nn.Module, device: torch.device, non_blocking: bool = False) -> nn.Module:
+    """A copy of ``module`` with its own tensors on ``device``; the original is left as it was.
+
+    ``Module.to`` would change the shared Parameter objects in place, so the copy gets new ones.
+    Modules with their own ``_apply`` (quantized linears) then rebuild their device layout.
+    """
+    clone = copy.copy(module)
+    clone._parameters = {
+        name: None if p is None else nn.Parameter(p.detach().to(device, non_blocking=non_blocking, copy=True),
+                                                  requires_grad=False)
+        for name, p in module._parameters.items()
+    }
+    clone._buffers = {
+        name: None if b is None else b.to(device, non_blocking=non_blocking, copy=True)
+        for name, b in module._buffers.items()
+    }
+    clone._modules = {
+        name: None if m is None else clone_to(m, device, non_blocking) for name, m in module._modules.items()
+    }
+    if type(clone)._apply is not nn.Module._apply:
+        clone._apply(lambda t: t.to(device))
+    return clone
+
+
+def pin(module: nn.Module) -> nn.Module:
+    """Put the module's CPU tensors in page-locked memory, so copies to the GPU can be asynchronous."""
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                sub._parameters[name] = nn.Parameter(p.detach().pin_memory(), requires_grad=False)
+        for name, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[name] = b.pin_memory()
+    return module
+
+
+# --- where experts come from -------------------------------------------------------------------
+
+
+class Source(abc.ABC):
+    """Experts in host memory; a source that reads them from somewhere counts the bytes in ``stats``."""
+
+    stats: StoreStats | None = None
+
+    def count_into(self, stats: StoreStats) -> None:
+        self.stats = stats
+
+    @abc.abstractmethod
+    def module(self, layer: int, expert: int) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def nbytes(self, layer: int, expert: int) -> int: ...
+
+    def close(self) -> None:
+        """Release files and memory."""
+
+
+class ResidentSource(Source):
+    """Every expert held in RAM (pinned when a CUDA device will copy from it)."""
+
+    def __init__(self, modules: dict[Key, nn.Module], pinned: bool = False) -> None:
+        self.modules = {k: pin(m) for k, m in modules.items()} if pinned else modules
+        self._bytes = {k: module_bytes(m) for k, m in self.modules.items()}
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        return self.modules[(layer, expert)]
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        return self._bytes[(layer, expert)]
+
+
+class DiskSource(Source):
+    """Every expert on disk, read in full on each fetch (the caller decides what to keep)."""
+
+    def __init__(self, disk: DiskExperts, pinned: bool = False) -> None:
+        self.disk = disk
+        self.pinned = pinned
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        if self.stats is not None:
+            self.stats.moved("disk->ram", self.disk.nbytes(layer, expert))
+        built = self.disk.build(layer, expert)
+        return pin(built) if self.pinned else built
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        return self.disk.nbytes(layer, expert)
+
+    def close(self) -> None:
+        self.disk.close()
+
+
+class RamCachedSource(Source):
+    """A bounded RAM cache of experts in front of the disk (between a GPU's slots and the disk)."""
+
+    def __init__(self, disk: Source, slots: int, policy: str) -> None:
+        self.disk = disk
+        self.slots = slots
+        self.policy = policy
+        self.caches: dict[int, LayerCache] = {}
+        self.modules: dict[Key, nn.Module] = {}
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        cache = self.caches.setdefault(layer, LayerCache(self.slots, self.policy))
+        hit, evicted = cache.access(expert)
+        for gone in evicted:
+            self.modules.pop((layer, gone), None)
+        if not hit:
+            self.modules[(layer, expert)] = self.disk.module(layer, expert)
+        return self.modules[(layer, expert)]
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        return self.disk.nbytes(layer, expert)
+
+    def count_into(self, stats: StoreStats) -> None:
+        self.disk.count_into(stats)
+
+    def close(self) -> None:
+        self.modules.clear()
+        self.disk.close()
+
+
+# --- how an expert gets into a slot on the compute device ----------------------------------------
+
+
+class Slot(abc.ABC):
+    """An expert on its way to (or already in) a compute-device slot."""
+
+    @abc.abstractmethod
+    def ready(self) -> nn.Module:
+        """The module, once it may be used by the compute stream."""
+
+
+class ReadySlot(Slot):
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def ready(self) -> nn.Module:
+        return self.module
+
+
+class FutureSlot(Slot):
+    """Being built on a worker thread (a disk read, which releases the GIL)."""
+
+    def __init__(self, future: "Future[nn.Module]") -> None:
+        self.future = future
+
+    def ready(self) -> nn.Module:
+        return self.future.result()
+
+
+class CudaSlot(Slot):
+    """Being copied on a side stream; the compute stream waits for the copy's event."""
+
+    def __init__(self, module: nn.Module, event: "torch.cuda.Event", device: torch.device) -> None:
+        self.module = module
+        self.event = event
+        self.device = device
+        self.waited = False
+
+    def ready(self) -> nn.Module:
+        if not self.waited:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(self.event)
+            # Memory allocated on the copy stream is used on the compute stream from here on.
+            for t in [*self.module.parameters(), *self.module.buffers()]:
+                t.record_stream(stream)
+            self.waited = True
+        return self.module
+
+
+class Transfer(abc.ABC):
+    """Starts putting a host-memory expert into a device slot. ``link`` names the hop (None: no copy)."""
+
+    link: str | None = None
+
+    @abc.abstractmethod
+    def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
+        """``ahead`` is True for a prefetch, which may run in the background."""
+
+    def close(self) -> None:
+        """Stop background work."""
+
+
+class InPlace(Transfer):
+    """The source's memory is the slot (CPU compute); a prefetch builds it on a worker thread."""
+
+    def __init__(self, background: bool) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsmoe-prefetch") if background else None
+
+    def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
+        if ahead and self.pool is not None:
+            return FutureSlot(self.pool.submit(source.module, layer, expert))
+        return ReadySlot(source.module(layer, expert))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class HostCopy(Transfer):
+    """A real copy within RAM: a stand-in for a device, so the CPU runs the GPU's decisions."""
+
+    def __init__(self, name: str = "cpu") -> None:
+        self.link = f"ram->{name}"
+
+    def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
+        return ReadySlot(clone_to(source.module(layer, expert), torch.device("cpu")))
+
+
+class CudaCopy(Transfer):
+    """Copy from pinned RAM to the GPU on a side stream, overlapping the current layer's compute."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.link = f"ram->{device}"
+        self.stream = torch.cuda.Stream(device)
+
+    def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
+        host = source.module(layer, expert)
+        # The copy must not start before the compute stream is done with the memory it reuses.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            module = clone_to(host, self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return CudaSlot(module, event, self.device)
+
+
+# --- run a miss where it is, or move it? ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Whether running a missing expert on the CPU beats copying it to the GPU, at this batch size.
+
+    A copy costs the expert's bytes over the link; a CPU run costs reading the weights once from
+    RAM plus the matmuls for the tokens. Defaults: PCIe 4.0 x16 with pinned memory, a desktop's
+    memory bandwidth and bf16 throughput; measure yours and pass them in.
+    """
+
+    link_bytes_per_s: float = 20e9
+    host_bytes_per_s: float = 30e9
+    host_flops: float = 1e12
+
+    def run_on_host(self, tokens: int, expert_bytes: int, expert_params: int) -> bool:
+        copy_s = expert_bytes / self.link_bytes_per_s
+        host_s = expert_bytes / self.host_bytes_per_s + 2 * expert_params * tokens / self.host_flops
+        return host_s < copy_s
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class ExpertStore:
+    """Runs every routed expert of ``model`` from the slots of its compute device.
+
+    ``store.stats`` counts hits, misses, prefetch accuracy and bytes per link; ``detach`` restores
+    the model's hooks (the experts stay with the store).
+    """
+
+    def __init__(
+        self,
+        model: DeepseekForCausalLM,
+        plan: Plan,
+        source: Source,
+        transfer: Transfer,
+        policy: str = "lru",
+        prefetch: bool = True,
+        cost: CostModel | None = None,
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.source = source
+        self.transfer = transfer
+        self.policy = policy
+        self.prefetch_enabled = prefetch
+        self.cost = cost
+        self.device = model.device
+        self.stats = StoreStats()
+        source.count_into(self.stats)
+        self.caches = {layer: LayerCache(plan.device_slots, policy) for layer in plan.moe_layers}
+        self.slots: dict[Key, Slot] = {}
+        self._predicted: dict[int, set[int]] = {}
+        config = model.config
+        self._expert_params = 3 * config.hidden_size * config.moe_intermediate_size
+        moes = model.moe_layers()
+        self._first_layer = moes[0].layer_idx
+        self._handles = []
+        for moe in moes:
+            moe.expert_runner = self.run
+            self._handles.append(moe.gate.register_forward_hook(self._routing_hook(moe.layer_idx)))
+        if prefetch and plan.device_slots < plan.n_experts:
+            for moe, following in zip(moes, moes[1:]):
+                self._handles.append(moe.register_forward_pre_hook(self._prefetch_hook(following)))
+        if plan.device_slots >= plan.n_experts:
+            for layer, cache in self.caches.items():
+                for expert in range(plan.n_experts):
+                    cache.prefetch(expert)
+                    self.slots[(layer, expert)] = transfer.start(source, layer, expert, ahead=False)
+
+    def _routing_hook(self, layer: int):  # type: ignore[no-untyped-def]
+        def hook(gate: nn.Module, inputs: tuple[torch.Tensor], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+            self.routed(layer, output[0])
+
+        return hook
+
+    def routed(self, layer: int, ids: torch.Tensor) -> None:
+        """The routing of one forward pass of ``layer``, before its experts run."""
+        needed = set(ids.unique().tolist())
+        if layer == self._first_layer:
+            self.stats.tokens += ids.shape[0]
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            stats = self.stats.layer(layer)
+            stats.predicted += len(predicted)
+            stats.predicted_used += len(predicted & needed)
+        self.caches[layer].begin(needed)
+
+    def _prefetch_hook(self, following: MoE):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            # The next layer's router on this layer's input: the residual stream changes little
+            # from one layer to the next, so its top-k is a good guess of the next routing.
+            ids, _ = following.gate.forward(x.reshape(-1, x.shape[-1]))
+            self.prefetch(following.layer_idx, ids)
+
+        return hook
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        """Start bringing in the experts ``ids`` names for ``layer``, most-named first, up to its slots."""
+        cache = self.caches[layer]
+        counts = torch.bincount(ids.reshape(-1), minlength=self.plan.n_experts).tolist()
+        ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
+        chosen = ranked[: cache.capacity]
+        self._predicted[layer] = set(chosen)
+        cache.begin(set(chosen))
+        stats = self.stats.layer(layer)
+        for expert in chosen:
+            if expert in cache:
+                continue
+            evicted = cache.prefetch(expert)
+            if evicted is None:
+                break
+            self._drop(layer, evicted)
+            self._fill(layer, expert, ahead=True)
+            stats.prefetched += 1
+
+    def _drop(self, layer: int, experts: list[int]) -> None:
+        for expert in experts:
+            self.slots.pop((layer, expert), None)
+
+    def _fill(self, layer: int, expert: int, ahead: bool) -> None:
+        if self.transfer.link is not None:
+            self.stats.moved(self.transfer.link, self.source.nbytes(layer, expert))
+        self.slots[(layer, expert)] = self.transfer.start(self.source, layer, expert, ahead)
+
+    def host_is_cheaper(self, layer: int, expert: int, tokens: int) -> bool:
+        if self.cost is None:
+            return False
+        return self.cost.run_on_host(tokens, self.source.nbytes(layer, expert), self._expert_params)
+
+    def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """``MoE.expert_runner``: expert ``expert`` of ``layer`` on its tokens ``x``."""
+        cache = self.caches[layer]
+        stats = self.stats.layer(layer)
+        if expert not in cache and self.host_is_cheaper(layer, expert, x.shape[0]):
+            cache.access(expert, admit=False)
+            stats.misses += 1
+            stats.host_runs += 1
+            host = self.source.module(layer, expert)
+            return host(x.to(_device_of(host))).to(x.device)
+        hit, evicted = cache.access(expert)
+        self._drop(layer, evicted)
+        if hit:
+            stats.hits += 1
+        else:
+            stats.misses += 1
+            self._fill(layer, expert, ahead=False)
+        return self.slots[(layer, expert)].ready()(x)
+
+    def resident(self, layer: int) -> list[int]:
+        """The experts of ``layer`` in device slots now, ascending."""
+        return sorted(self.caches[layer].resident)
+
+    def detach(self) -> None:
+        """Unhook from the model and release the tiers; the model cannot run its experts afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for moe in self.model.moe_layers():
+            moe.expert_runner = None
+        self.slots.clear()
+        self.transfer.close()
+        self.source.close()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in [*module.parameters(), *module.buffers()]:
+        return t.device
+    return torch.device("cpu")

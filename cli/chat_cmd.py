@@ -1,0 +1,232 @@
+"""``dsmoe chat``: a multi-turn conversation at the terminal, or plain replies for piped input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from dsmoe.cli.app import app
+from dsmoe.cli.common import (
+    BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded, is_interactive,
+)
+from dsmoe.cli.loading import load_with_progress
+from dsmoe.errors import DsmoeError, UsageError
+from dsmoe.model.chat import SETTABLE, ChatSession, Reply, ReplyStats, SessionStats
+from dsmoe.model.generate import SamplingSettings
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+
+HELP = """\
+[bold]Commands[/]
+  /help                 this list
+  /reset                forget the conversation (the system prompt stays)
+  /stats                context use, tokens, settings, memory
+  /save FILE            write the conversation as a JSON transcript
+  /load FILE            continue a saved conversation
+  /set NAME VALUE       change a setting: {settings}
+  /exit                 leave (Ctrl-D does the same)
+
+[bold]Input[/]
+  End a line with \\ to continue the message on the next line.
+  Up/Down recall earlier messages; the usual line-editing keys work.
+  Ctrl-C while a reply is streaming stops it; the partial reply is kept in the conversation.
+  Ctrl-C at the prompt clears the line."""
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units, to one decimal (MiB for a process, KiB for a small cache)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _hit_rate(rate: float | None) -> str:
+    return "cache n/a" if rate is None else f"cache {rate:.0%} hits"
+
+
+def stats_line(stats: ReplyStats) -> str:
+    """The one dim line after a reply: size, latency, speed, expert-cache hits, memory."""
+    ttft = "n/a" if stats.time_to_first_token is None else f"{stats.time_to_first_token:.2f} s"
+    parts = [
+        f"{stats.new_tokens} tokens",
+        f"first token {ttft}",
+        f"{stats.tokens_per_second:.1f} tokens/s",
+        _hit_rate(stats.cache_hit_rate),
+        f"RSS {_size(stats.rss_bytes)}",
+    ]
+    return " · ".join(parts)
+
+
+def _stats_table(stats: SessionStats) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    s = stats.settings
+    rows = [
+        ("turns", str(stats.turns)),
+        ("context", f"{stats.context_tokens} / {stats.context_limit} tokens"),
+        ("KV cache", f"{stats.cached_tokens} tokens, {_size(stats.kv_cache_bytes)}"),
+        ("generated", f"{stats.generated_tokens} tokens in {stats.replies} replies"),
+        ("sampling", f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, "
+                     f"repetition_penalty {s.repetition_penalty}, max_new_tokens {s.max_new_tokens}"),
+        ("experts", _hit_rate(stats.cache_hit_rate)),
+        ("memory", f"RSS {_size(stats.rss_bytes)}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _stream(reply: Reply, decorated: bool) -> None:
+    """Print the reply as it comes; Ctrl-C ends it early and the session goes on."""
+    try:
+        for piece in reply:
+            console.out(piece, end="", highlight=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reply.close()
+    console.out("")
+    if decorated and reply.stats is not None:
+        if reply.stats.interrupted:
+            console.print("[yellow]interrupted[/] [dim](the partial reply is kept)[/]")
+        console.print(f"[dim]{stats_line(reply.stats)}[/]")
+
+
+def _dropped_notice(reply: Reply) -> str | None:
+    if not reply.dropped_turns:
+        return None
+    turns = "turn" if reply.dropped_turns == 1 else "turns"
+    return f"context nearly full: dropped the {reply.dropped_turns} oldest {turns}"
+
+
+def _command(session: ChatSession, line: str) -> bool:
+    """Run one slash command; False means leave."""
+    name, _, rest = line[1:].strip().partition(" ")
+    arg = rest.strip()
+    if name in ("exit", "quit"):
+        return False
+    if name == "help":
+        console.print(HELP.format(settings=", ".join(SETTABLE)), soft_wrap=True)
+    elif name == "reset":
+        session.reset()
+        console.print("[dim]conversation cleared[/]")
+    elif name == "stats":
+        console.print(_stats_table(session.stats()))
+    elif name in ("save", "load"):
+        if not arg:
+            raise UsageError(f"/{name} needs a file name")
+        if name == "save":
+            path = session.save(arg)
+            console.print(f"[dim]saved {len(session.messages)} messages to {escape(str(path))}[/]")
+        else:
+            count = session.load(arg)
+            console.print(f"[dim]loaded {count} messages from {escape(str(Path(arg).expanduser()))}[/]")
+    elif name == "set":
+        key, _, value = arg.partition(" ")
+        if not key or not value.strip():
+            raise UsageError(f"usage: /set NAME VALUE (NAME: {', '.join(SETTABLE)})")
+        session.set(key, value.strip())
+        console.print(f"[dim]{escape(key)} = {getattr(session.settings, key)}[/]")
+    else:
+        raise UsageError(f"unknown command /{name} (/help lists them)")
+    return True
+
+
+def _read_message(prompt: "PromptSession[str]") -> str:
+    """One message from the terminal; a line ending in a backslash continues on the next."""
+    lines: list[str] = []
+    line = prompt.prompt("> ")
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = prompt.prompt("… ")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _interactive(session: ChatSession, name: str) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import InMemoryHistory
+
+    prompt: PromptSession[str] = PromptSession(history=InMemoryHistory())
+    console.print(f"[dim]chatting with {escape(name)} — /help for commands, Ctrl-D or /exit to leave[/]")
+    while True:
+        try:
+            text = _read_message(prompt)
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return
+        if not text.strip():
+            continue
+        try:
+            if text.startswith("/"):
+                if not _command(session, text):
+                    return
+                continue
+            reply = session.ask(text)
+        except DsmoeError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            continue
+        notice = _dropped_notice(reply)
+        if notice:
+            console.print(f"[yellow]{notice}[/]")
+        _stream(reply, decorated=True)
+
+
+def _plain(session: ChatSession, messages: Iterable[str]) -> None:
+    """Piped input: each message gets its reply as bare text, notices go to stderr."""
+    for text in messages:
+        if not text.strip():
+            continue
+        reply = session.ask(text)
+        notice = _dropped_notice(reply)
+        if notice:
+            err_console.print(notice)
+        _stream(reply, decorated=False)
+
+
+@app.command("chat")
+@guarded
+def chat(
+    model: str = ModelOption,
+    system: str = typer.Option(None, "--system", "-s", help="A system prompt that opens the conversation."),
+    single: bool = typer.Option(False, "--single", help="Piped input: the whole input is one message (default: one per line)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest (0: all)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
+    seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+    dtype: str = DtypeOption,
+    bits: int = BitsOption,
+    quant_type: str = QuantTypeOption,
+) -> None:
+    """Chat with a model: streamed replies, the KV cache kept across turns, /help for commands.
+
+    With input from a pipe, each line is a message (or all of it with --single) and the replies
+    are printed as plain text.
+    """
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
+    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type)
+    if tokenizer is None:
+        raise UsageError("this checkpoint has no tokenizer.json, so it cannot chat")
+    session = ChatSession(loaded, tokenizer, settings, system=system)
+    if is_interactive():
+        _interactive(session, model or "the demo model")
+    elif single:
+        _plain(session, [sys.stdin.read()])
+    else:
+        _plain(session, (line.rstrip("\n") for line in sys.stdin))

@@ -1,0 +1,115 @@
+"""``dsmoe eval``: benchmark scores beside the DeepSeekMoE report's."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dsmoe.cli.app import app
+from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, default_model, err_console, guarded
+from dsmoe.cli.loading import load_with_progress
+from dsmoe.errors import UsageError
+
+
+@app.command("eval")
+@guarded
+def eval_command(
+    task: str = typer.Option(None, "--task", "-t", help="Benchmarks, comma-separated: report names (MMLU, GSM8K) or lm-eval task names."),
+    suite: str = typer.Option(None, "--suite", help="report (base model, table 4) or report-chat (chat model, table 5)."),
+    model: str = ModelOption,
+    shots: int = typer.Option(None, "--shots", help="Few-shot examples (default: the report's for suite rows, else the task's)."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate only the first N documents of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the results JSON here."),
+    log_samples: Path = typer.Option(None, "--log-samples", help="Write every sample's prompt, answer and score here (JSON lines)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Local benchmark data laid out like shared/evaldata (default: download)."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Run generated code (HumanEval, MBPP)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where answers are kept so an interrupted run resumes (default ~/.cache/dsmoe/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor keep answers."),
+    no_shared_context: bool = typer.Option(False, "--no-shared-context", help="Recompute a question's context for every choice."),
+    dtype: str = DtypeOption,
+    bits: int = BitsOption,
+    quant_type: str = QuantTypeOption,
+) -> None:
+    """Score a model on benchmarks with lm-eval and show the report's numbers beside ours."""
+    from dsmoe.evals import DsmoeLM
+    from dsmoe.evals.runner import DEFAULT_CACHE_DIR, EvalSettings, build, plan, run, task_manager, write_json_atomic, write_samples_atomic
+
+    names = [n.strip() for n in (task or "").split(",") if n.strip()]
+    if not names and not suite:
+        raise UsageError("give --task NAME[,NAME...] or --suite report|report-chat")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: no such folder")
+    settings = EvalSettings(
+        model=model or default_model(), tasks=names, suite=suite, shots=shots, limit=limit, batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None, allow_code_execution=allow_code_execution,
+        cache_dir=None if no_cache else str(cache_dir or DEFAULT_CACHE_DIR), dtype=dtype, bits=bits, quant_type=quant_type,
+    )
+    # lm-eval logs every step at INFO and warns about choices we make on purpose; our output says what matters.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    manager = task_manager(names, suite)
+    rows = plan(settings, manager)
+    with err_console.status("reading benchmark data"):
+        build(rows, settings, manager)
+    loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type)
+    with _progress() as progress:
+        bars: dict[str, int] = {}
+
+        def report(kind: str, done: int, total: int) -> None:
+            if kind not in bars:
+                bars[kind] = progress.add_task(kind, total=total)
+            progress.update(bars[kind], completed=done, total=total)
+
+        lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size,
+                     share_context=not no_shared_context, progress=report)
+        outcome = run(lm, settings, rows, manager)
+    console.print(_table(outcome.rows, suite))
+    for note in sorted({n for r in outcome.rows for n in r.notes}):
+        console.print(f"[dim]note:[/] {note}")
+    for line in outcome.partial:
+        console.print(f"[yellow]partial:[/] {line}")
+    if limit is not None:
+        console.print(f"[yellow]partial:[/] limited to the first {limit} documents of each task")
+    if suite:
+        console.print("[dim]The report used its own evaluation code; lm-eval's prompts and scoring differ, "
+                      "so expect gaps of a few points.[/]")
+    if output is not None:
+        write_json_atomic(output, outcome.record)
+        console.print(f"results written to {output}")
+    if log_samples is not None and outcome.samples is not None:
+        write_samples_atomic(log_samples, outcome.samples)
+        console.print(f"samples written to {log_samples}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=True,
+    )
+
+
+def _table(rows, suite: str | None) -> Table:  # type: ignore[no-untyped-def]
+    from dsmoe.evals.suites import SUITES
+
+    names = SUITES[suite] if suite else SUITES["report"]
+    table = Table(title="dsmoe eval")
+    for column in ("benchmark", "metric", "shots", "ours", names.reference_model, names.comparison_model):
+        table.add_column(column, justify="left" if column in ("benchmark", "metric") else "right")
+    for row in rows:
+        ours = ("[dim]skipped[/]" if row.skipped else "[dim]n/a[/]") if row.score is None else _fmt(row.score, row.percent)
+        table.add_row(
+            row.label, row.report_metric or row.metric_key or "", "" if row.shots is None else str(row.shots), ours,
+            "" if row.reference is None else _fmt(row.reference, row.percent),
+            "" if row.comparison is None else _fmt(row.comparison, row.percent),
+        )
+    return table
+
+
+def _fmt(value: float, percent: bool) -> str:
+    return f"{value:.1f}" if percent else f"{value:.3f}"

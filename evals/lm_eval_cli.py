@@ -1,0 +1,29 @@
+"""lm-eval's own command line with our model registered: ``python -m dsmoe.evals.lm_eval_cli``.
+
+lm-eval 0.4.13 finds models only in its built-in table or among classes already imported (it
+reads no entry points for models), so ``lm_eval --model dsmoe`` alone cannot see us. This runs
+the same CLI after the import, with our task folder (CLUEWSC, CHID, Pile) on the task path:
+
+    python -m dsmoe.evals.lm_eval_cli run --model dsmoe --model_args pretrained=PATH,dtype=fp32 --tasks cluewsc
+"""
+
+from __future__ import annotations
+
+import sys
+
+import dsmoe.evals  # noqa: F401  (registers the "dsmoe" model)
+from dsmoe.evals.runner import TASKS_DIR
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in args and (not args or args[0] in ("run", "ls", "validate") or args[0].startswith("-")):
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm-eval", *args]
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

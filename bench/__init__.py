@@ -1,0 +1,1 @@
+"""Speed measurement: synthetic checkpoints at the real geometry and the benchmark runner."""

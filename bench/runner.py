@@ -1,0 +1,117 @@
+"""Measure a loaded model: prefill and decode speed, memory, and how close decode is to the roofline.
+
+Decode of one token must read every active weight once, so bytes-per-token divided by the
+machine's memory bandwidth bounds tokens/s; the roofline fraction says how much of that bound a
+run reaches.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dsmoe.model.deepseek import BYTES_PER_WEIGHT, DeepseekForCausalLM, parameter_counts
+
+
+@dataclass
+class BenchResult:
+    model: str
+    bits: int
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    load_seconds: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    time_to_first_token_s: float
+    peak_rss_bytes: int
+    bytes_per_token: int
+    bandwidth_bytes_per_s: float
+    roofline_fraction: float
+    expert_cache_hit_rate: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_bytes_per_token(model: DeepseekForCausalLM, bits: int, lm_head_bits: int = 16) -> int:
+    """Weight bytes one decode step reads: active layers at ``bits``, one embedding row, lm_head, router."""
+    config = model.config
+    counts = parameter_counts(config)
+    h, v = config.hidden_size, config.vocab_size
+    lm_head = 0 if config.tie_word_embeddings else v * h
+    kept_active = counts["kept"] - v * h - lm_head  # norms and routers, in bf16
+    quantized_active = counts["active"] - counts["kept"]
+    return int(
+        quantized_active * BYTES_PER_WEIGHT[bits]
+        + kept_active * 2
+        + h * 2  # the one embedding row a token looks up
+        + (v * h) * BYTES_PER_WEIGHT[lm_head_bits]
+    )
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of several full passes summing a large tensor."""
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return nbytes / best
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.inference_mode()
+def time_generation(model: DeepseekForCausalLM, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first new token, i.e. the prefill; seconds to decode the rest), greedy, no stops."""
+    cache = model.new_cache(1, prompt.shape[1] + new_tokens)
+    started = time.perf_counter()
+    logits = model(prompt, cache=cache, last_only=True)
+    token = logits[0, -1].argmax().view(1, 1)
+    int(token)  # the first token exists once it is read back
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = model(token, cache=cache, last_only=True)[0, -1].argmax().view(1, 1)
+    int(token)
+    done = time.perf_counter()
+    return first - started, done - first
+
+
+def run_benchmark(
+    model: DeepseekForCausalLM,
+    name: str,
+    bits: int,
+    load_seconds: float,
+    prompt_tokens: int = 64,
+    new_tokens: int = 32,
+    seed: int = 0,
+    bandwidth: float | None = None,
+    lm_head_bits: int = 16,
+    expert_cache_hit_rate: float | None = None,
+) -> BenchResult:
+    """One warm-up pass (kernels that repack on first use), then the measured pass."""
+    if prompt_tokens < 1 or new_tokens < 2:
+        raise ValueError("need at least 1 prompt token and 2 new tokens")
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=generator)
+    time_generation(model, prompt[:, : min(8, prompt_tokens)], 2)
+    ttft_s, decode_s = time_generation(model, prompt, new_tokens)
+    bandwidth = bandwidth if bandwidth is not None else measure_bandwidth()
+    per_token = decode_bytes_per_token(model, bits, lm_head_bits)
+    decode_rate = (new_tokens - 1) / decode_s
+    return BenchResult(
+        model=name, bits=bits, threads=torch.get_num_threads(), prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, load_seconds=load_seconds, prefill_tokens_per_s=prompt_tokens / ttft_s,
+        decode_tokens_per_s=decode_rate, time_to_first_token_s=ttft_s, peak_rss_bytes=peak_rss_bytes(),
+        bytes_per_token=per_token, bandwidth_bytes_per_s=bandwidth,
+        roofline_fraction=per_token * decode_rate / bandwidth, expert_cache_hit_rate=expert_cache_hit_rate,
+    )

@@ -1,0 +1,129 @@
+"""dsmoe against llama.cpp on identical weights at DeepSeekMoE 16B's geometry, same machine, same run.
+
+Reproduce (llama.cpp is a benchmark-only dependency; see benchmarks/build_llama_cpp.sh):
+
+    bash benchmarks/build_llama_cpp.sh /tmp/llamacpp            # builds llama.cpp + a converter venv
+    python benchmarks/compare_llama_cpp.py --llama-cpp /tmp/llamacpp --layers 8 --bits 4 8 --runs 3
+
+Steps: write the synthetic checkpoint once in the official HF layout (`dsmoe bench --synthetic
+16b:layers=N --save`), convert it with llama.cpp's own converter, quantize to Q4_0 / Q8_0, then
+alternate `llama-bench` and `dsmoe bench` runs (2 threads each, 64-token prefill, 32-token decode)
+and report medians and the ratio dsmoe / llama.cpp. Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+LLAMA_TYPES = {4: "Q4_0", 8: "Q8_0"}
+
+# llama.cpp's converter refuses tokenizers it does not know; ours is a plain byte-level BPE, which
+# it tokenizes like deepseek-llm's (see ../shared/notes/llama-cpp.md).
+CONVERT_WRAPPER = """
+import runpy, sys
+src = sys.argv.pop(1)
+sys.path.insert(0, src)
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "deepseek-llm"
+sys.argv[0] = src + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+
+
+def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
+    """The HF checkpoint and one GGUF per bit width, made once and reused."""
+    hf = work / f"hf-16b-L{args.layers}"
+    if not hf.exists():
+        run(["dsmoe", "bench", "--synthetic", f"16b:layers={args.layers}", "--save", str(hf)])
+    src = args.llama_cpp / "src"
+    bins = args.llama_cpp / "build" / "bin"
+    ggufs: dict[int, Path] = {}
+    q8 = work / f"16b-L{args.layers}-Q8_0.gguf"
+    if not q8.exists():
+        run([str(args.llama_cpp / "venv" / "bin" / "python"), "-c", CONVERT_WRAPPER, str(src), str(hf),
+             "--outtype", "q8_0", "--outfile", str(q8)])
+    for bits in args.bits:
+        target = work / f"16b-L{args.layers}-{LLAMA_TYPES[bits]}.gguf"
+        if bits == 4 and not target.exists():
+            # Q4_0 from the Q8_0 file: speed depends on the format, not on rounding twice.
+            run([str(bins / "llama-quantize"), "--allow-requantize", str(q8), str(target), "Q4_0", "2"])
+        ggufs[bits] = target
+    return ggufs
+
+
+def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, float]:
+    out = run(["/usr/bin/time", "-f", "maxrss_kb=%M", str(bins / "llama-bench"), "-m", str(gguf), "-t", "2",
+               "-p", str(args.prompt_tokens), "-n", str(args.new_tokens), "-r", "1", "-o", "json"])
+    rows = json.loads(out.stdout)
+    rss_kb = int(out.stderr.rsplit("maxrss_kb=", 1)[1].split()[0])
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return {"prefill": prefill, "decode": decode, "peak_rss_gib": rss_kb / 2**20}
+
+
+def dsmoe_bench(hf: Path, bits: int, args: argparse.Namespace) -> dict[str, float]:
+    cmd = ["dsmoe", "bench", "--model", str(hf), "--bits", str(bits), "--threads", "2", "--json",
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    if args.quantize_lm_head:
+        cmd.append("--quantize-lm-head")
+    result = json.loads(run(cmd).stdout)
+    return {"prefill": result["prefill_tokens_per_s"], "decode": result["decode_tokens_per_s"],
+            "peak_rss_gib": result["peak_rss_bytes"] / 2**30, "roofline": result["roofline_fraction"],
+            "bandwidth_gbs": result["bandwidth_bytes_per_s"] / 1e9, "bytes_per_token_gb": result["bytes_per_token"] / 1e9}
+
+
+def median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp", type=Path, required=True, help="folder made by build_llama_cpp.sh")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 8], choices=[4, 8])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false",
+                        help="keep dsmoe's lm_head in bf16 (llama.cpp's Q4_0/Q8_0 quantize it)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dsmoe-llama-compare"))
+    parser.add_argument("--output", type=Path, default=None, help="JSON results file")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ggufs = prepare(args, args.work)
+    hf = args.work / f"hf-16b-L{args.layers}"
+    bins = args.llama_cpp / "build" / "bin"
+    results = {}
+    for bits in args.bits:
+        ours, theirs = [], []
+        for _ in range(args.runs):  # alternate, so drift in the machine hits both alike
+            ours.append(dsmoe_bench(hf, bits, args))
+            theirs.append(llama_bench(bins, ggufs[bits], args))
+        results[bits] = {"dsmoe": ours, "llama.cpp": theirs}
+    print(f"\n16B geometry, {args.layers} layers, 2 threads, median of {args.runs} alternated runs\n")
+    print("| weights | dsmoe prefill | llama.cpp prefill | ratio | dsmoe decode | llama.cpp decode | ratio "
+          "| dsmoe roofline | dsmoe peak RSS | llama.cpp peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for bits, both in results.items():
+        ours, theirs = both["dsmoe"], both["llama.cpp"]
+        print(f"| {bits}-bit vs {LLAMA_TYPES[bits]} | {median(ours, 'prefill'):.1f} | {median(theirs, 'prefill'):.1f} "
+              f"| {median(ours, 'prefill') / median(theirs, 'prefill'):.2f} | {median(ours, 'decode'):.2f} "
+              f"| {median(theirs, 'decode'):.2f} | {median(ours, 'decode') / median(theirs, 'decode'):.2f} "
+              f"| {median(ours, 'roofline'):.0%} | {median(ours, 'peak_rss_gib'):.2f} GiB "
+              f"| {median(theirs, 'peak_rss_gib'):.2f} GiB |")
+    if args.output:
+        args.output.write_text(json.dumps({"layers": args.layers, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

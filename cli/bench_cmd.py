@@ -1,0 +1,93 @@
+"""``dsmoe bench``: prefill and decode speed, memory and roofline fraction of one configuration."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from dsmoe.bench.runner import BenchResult, run_benchmark
+from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
+from dsmoe.cli.app import app
+from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
+from dsmoe.errors import UsageError
+from dsmoe.model.checkpoint import open_checkpoint
+from dsmoe.model.loader import load_model
+
+
+def _render(result: BenchResult) -> None:
+    table = Table(title=f"dsmoe bench: {result.model}", show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    hit = "n/a (all experts resident)" if result.expert_cache_hit_rate is None else f"{result.expert_cache_hit_rate:.1%}"
+    rows = [
+        ("weights", "bf16" if result.bits == 16 else f"{result.bits}-bit"),
+        ("threads", str(result.threads)),
+        ("load", f"{result.load_seconds:.1f} s"),
+        (f"prefill ({result.prompt_tokens} tokens)", f"{result.prefill_tokens_per_s:.1f} tok/s"),
+        (f"decode ({result.new_tokens} tokens)", f"{result.decode_tokens_per_s:.2f} tok/s"),
+        ("time to first token", f"{result.time_to_first_token_s * 1000:.0f} ms"),
+        ("peak RSS", f"{result.peak_rss_bytes / 2**30:.2f} GiB"),
+        ("weight bytes per token", f"{result.bytes_per_token / 1e9:.3f} GB"),
+        ("memory bandwidth (measured)", f"{result.bandwidth_bytes_per_s / 1e9:.1f} GB/s"),
+        ("roofline fraction", f"{result.roofline_fraction:.1%}"),
+        ("expert-cache hit rate", hit),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def _save_synthetic(checkpoint: SyntheticCheckpoint, dst: Path) -> None:
+    with Progress(TextColumn(f"writing {dst}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task("save", total=checkpoint.total_bytes())
+        save_checkpoint(checkpoint, dst, progress=lambda done, total: progress.update(task, completed=done))
+
+
+@app.command("bench")
+@guarded
+def bench(
+    model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or repo id (default: the demo model)."),
+    synthetic: str = typer.Option(None, "--synthetic", help="Random weights at a real geometry: 16b or 16b:layers=N."),
+    bits: int = typer.Option(16, "--bits", help="4, 8 or 16 (bf16)."),
+    quant_type: str = QuantTypeOption,
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit too."),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's choice)."),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = DtypeOption,
+    save: Path = typer.Option(None, "--save", help="With --synthetic: write the weights as a bf16 HF checkpoint and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Measure prefill and decode tokens/s, time to first token, peak RSS and roofline fraction."""
+    if bits not in (4, 8, 16):
+        raise UsageError(f"--bits must be 4, 8 or 16, got {bits}")
+    if model and synthetic:
+        raise UsageError("give --model or --synthetic, not both")
+    if threads:
+        torch.set_num_threads(threads)
+    source = SyntheticCheckpoint(synthetic, seed=seed) if synthetic else open_checkpoint(model or default_model())
+    if save is not None:
+        if not synthetic:
+            raise UsageError("--save writes a synthetic checkpoint: add --synthetic")
+        _save_synthetic(source, save)
+        err_console.print(f"wrote {save}")
+        return
+    started = time.perf_counter()
+    loaded = load_model(source, dtype=dtype, bits=None if bits == 16 else bits, quant_type=quant_type,
+                        quantize_lm_head=quantize_lm_head)
+    load_seconds = time.perf_counter() - started
+    name = f"synthetic {synthetic}" if synthetic else str(source.path)
+    result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
+                           lm_head_bits=8 if quantize_lm_head and bits != 16 else 16)
+    if as_json:
+        console.print_json(json.dumps(result.to_dict()))
+    else:
+        _render(result)

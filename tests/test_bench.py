@@ -1,0 +1,81 @@
+"""Synthetic checkpoints and the benchmark runner (correctness only: speed lives in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cli_runner import run_cli
+from dsmoe import load
+from dsmoe.bench.runner import decode_bytes_per_token, run_benchmark
+from dsmoe.bench.synthetic import SyntheticCheckpoint, parse_spec, save_checkpoint
+from dsmoe.errors import UsageError
+from dsmoe.model.loader import load_model
+
+SMALL = ("16b:layers=3,vocab_size=300,hidden_size=64,intermediate_size=96,moe_intermediate_size=16,"
+         "n_routed_experts=8,num_experts_per_tok=2,num_attention_heads=4,num_key_value_heads=4")
+
+
+def test_spec_keeps_the_real_geometry():
+    raw = parse_spec("16b:layers=8")
+    assert raw["num_hidden_layers"] == 8 and raw["n_routed_experts"] == 64 and raw["hidden_size"] == 2048
+    with pytest.raises(UsageError, match="bad synthetic option"):
+        parse_spec("16b:layers=x")
+    with pytest.raises(UsageError, match="unknown synthetic geometry"):
+        parse_spec("70b")
+
+
+def test_saved_checkpoint_holds_the_same_weights_as_the_synthetic_model(tmp_path):
+    synthetic = SyntheticCheckpoint(SMALL, seed=3)
+    save_checkpoint(synthetic, tmp_path / "ckpt")
+    from_disk, tokenizer = load(tmp_path / "ckpt", dtype=torch.float32)
+    in_memory = load_model(SyntheticCheckpoint(SMALL, seed=3), dtype=torch.float32)
+    for (name, a), (_, b) in zip(from_disk.named_parameters(), in_memory.named_parameters()):
+        assert torch.equal(a, b), name
+    assert tokenizer is not None and tokenizer.decode(tokenizer.encode("héllo")) == "héllo"
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path):
+    def interrupt(done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(SyntheticCheckpoint(SMALL), tmp_path / "ckpt", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_reports_consistent_numbers():
+    model = load_model(SyntheticCheckpoint(SMALL), dtype=torch.float32)
+    result = run_benchmark(model, "small", 16, load_seconds=0.0, prompt_tokens=8, new_tokens=4, bandwidth=1e10)
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    assert result.bytes_per_token == decode_bytes_per_token(model, 16)
+    assert result.roofline_fraction == pytest.approx(result.bytes_per_token * result.decode_tokens_per_s / 1e10)
+
+
+def test_bytes_per_token_counts_active_experts_only():
+    model = load_model(SyntheticCheckpoint(SMALL), dtype=torch.float32)
+    h, moe_i = 64, 16
+    dense_16 = decode_bytes_per_token(model, 16)
+    # Two more active experts per MoE layer would add 2 * 3 * h * moe_i weights in each of 2 layers.
+    model.config.num_experts_per_tok = 4
+    assert decode_bytes_per_token(model, 16) - dense_16 == 2 * (2 * 3 * h * moe_i) * 2
+    assert decode_bytes_per_token(model, 4) < decode_bytes_per_token(model, 8) < decode_bytes_per_token(model, 16)
+
+
+def test_bench_command_json(capsys):
+    result = run_cli(capsys, "bench", "--synthetic", SMALL, "--prompt-tokens", "4", "--new-tokens", "3",
+                     "--dtype", "fp32", "--json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["prompt_tokens"] == 4 and data["decode_tokens_per_s"] > 0 and data["bytes_per_token"] > 0
+
+
+def test_bench_rejects_bad_combinations(capsys, tiny_path):
+    result = run_cli(capsys, "bench", "--synthetic", SMALL, "--model", str(tiny_path))
+    assert result.code != 0 and "not both" in result.err
+    result = run_cli(capsys, "bench", "--bits", "3", "--synthetic", SMALL)
+    assert result.code != 0 and "--bits" in result.err

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, DeepseekForCausalLM, parameter_counts
+from dsmoe.offload import ExpertStore
 
 
 @dataclass
@@ -96,14 +97,19 @@ def run_benchmark(
     seed: int = 0,
     bandwidth: float | None = None,
     lm_head_bits: int = 16,
-    expert_cache_hit_rate: float | None = None,
+    store: ExpertStore | None = None,
 ) -> BenchResult:
-    """One warm-up pass (kernels that repack on first use), then the measured pass."""
+    """One warm-up pass (kernels that repack on first use), then the measured pass.
+
+    With an expert ``store``, its hit rate counts the measured pass only.
+    """
     if prompt_tokens < 1 or new_tokens < 2:
         raise ValueError("need at least 1 prompt token and 2 new tokens")
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=generator)
     time_generation(model, prompt[:, : min(8, prompt_tokens)], 2)
+    if store is not None:
+        store.stats.reset()
     ttft_s, decode_s = time_generation(model, prompt, new_tokens)
     bandwidth = bandwidth if bandwidth is not None else measure_bandwidth()
     per_token = decode_bytes_per_token(model, bits, lm_head_bits)
@@ -113,5 +119,5 @@ def run_benchmark(
         new_tokens=new_tokens, load_seconds=load_seconds, prefill_tokens_per_s=prompt_tokens / ttft_s,
         decode_tokens_per_s=decode_rate, time_to_first_token_s=ttft_s, peak_rss_bytes=peak_rss_bytes(),
         bytes_per_token=per_token, bandwidth_bytes_per_s=bandwidth,
-        roofline_fraction=per_token * decode_rate / bandwidth, expert_cache_hit_rate=expert_cache_hit_rate,
+        roofline_fraction=per_token * decode_rate / bandwidth, expert_cache_hit_rate=store.stats.hit_rate() if store is not None else None,
     )

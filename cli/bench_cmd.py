@@ -15,9 +15,13 @@ from dsmoe.bench.runner import BenchResult, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
+from dsmoe.cli.simulate_cmd import (
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, offload_options, plan_table,
+)
 from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.loader import load_model
+from dsmoe.offload import attach, load_offloaded, plan_for
 
 
 def _render(result: BenchResult) -> None:
@@ -65,6 +69,11 @@ def bench(
     dtype: str = DtypeOption,
     save: Path = typer.Option(None, "--save", help="With --synthetic: write the weights as a bf16 HF checkpoint and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    expert_cache: int = ExpertCacheOption,
+    gpu_mem: float = GpuMemOption,
+    max_ram: float = MaxRamOption,
+    policy: str = PolicyOption,
+    prefetch: bool = PrefetchOption,
 ) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and roofline fraction."""
     if bits not in (4, 8, 16):
@@ -80,13 +89,27 @@ def bench(
         _save_synthetic(source, save)
         err_console.print(f"wrote {save}")
         return
+    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
+    offloading = any(v is not None for v in (expert_cache, gpu_mem, max_ram))
     started = time.perf_counter()
-    loaded = load_model(source, dtype=dtype, bits=None if bits == 16 else bits, quant_type=quant_type,
-                        quantize_lm_head=quantize_lm_head)
+    store = None
+    if offloading and max_ram is not None:
+        if synthetic:
+            raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
+                             "then bench it with --model")
+        loaded, _, store = load_offloaded(source.path, options, dtype=dtype, bits=None if bits == 16 else bits,
+                                          quant_type=quant_type)
+    else:
+        loaded = load_model(source, dtype=dtype, bits=None if bits == 16 else bits, quant_type=quant_type,
+                            quantize_lm_head=quantize_lm_head)
+        if offloading:
+            store = attach(loaded, plan_for(source, options, dtype, bits), options)
+    if store is not None:
+        err_console.print(plan_table(store.plan))
     load_seconds = time.perf_counter() - started
     name = f"synthetic {synthetic}" if synthetic else str(source.path)
     result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
-                           lm_head_bits=8 if quantize_lm_head and bits != 16 else 16)
+                           lm_head_bits=8 if quantize_lm_head and bits != 16 else 16, store=store)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
     else:

@@ -15,9 +15,13 @@ from dsmoe.cli.common import (
     BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded, is_interactive,
 )
 from dsmoe.cli.loading import load_with_progress
+from dsmoe.cli.simulate_cmd import (
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, offload_options, plan_table,
+)
 from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.chat import SETTABLE, ChatSession, Reply, ReplyStats, SessionStats
 from dsmoe.model.generate import SamplingSettings
+from dsmoe.offload import store_of
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -210,6 +214,11 @@ def chat(
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
+    expert_cache: int = ExpertCacheOption,
+    gpu_mem: float = GpuMemOption,
+    max_ram: float = MaxRamOption,
+    policy: str = PolicyOption,
+    prefetch: bool = PrefetchOption,
 ) -> None:
     """Chat with a model: streamed replies, the KV cache kept across turns, /help for commands.
 
@@ -220,10 +229,16 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, seed=seed,
     )
-    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type)
+    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
+    offloading = any(v is not None for v in (expert_cache, gpu_mem, max_ram))
+    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, options if offloading else None)
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot chat")
-    session = ChatSession(loaded, tokenizer, settings, system=system)
+    store = store_of(loaded)
+    if store is not None and is_interactive():
+        err_console.print(plan_table(store.plan))
+    session = ChatSession(loaded, tokenizer, settings, system=system,
+                          cache_stats=(lambda: store.stats.hit_rate()) if store is not None else None)
     if is_interactive():
         _interactive(session, model or "the demo model")
     elif single:

@@ -72,6 +72,17 @@ def test_bench_command_json(capsys):
     assert result.code == 0, result.err
     data = json.loads(result.out)
     assert data["prompt_tokens"] == 4 and data["decode_tokens_per_s"] > 0 and data["bytes_per_token"] > 0
+    assert data["expert_cache_hit_rate"] is None  # every expert resident: no cache to hit
+
+
+def test_bench_with_an_expert_cache_reports_its_hit_rate(capsys, tiny_path):
+    result = run_cli(capsys, "bench", "--model", str(tiny_path), "--expert-cache", "1", "--prompt-tokens", "4",
+                     "--new-tokens", "6", "--dtype", "fp32", "--json")
+    assert result.code == 0, result.err
+    rate = json.loads(result.out)["expert_cache_hit_rate"]
+    # One slot per layer against top-k routing: most accesses miss, and the rate is a real fraction.
+    assert rate is not None and 0.0 <= rate < 0.5
+    assert "expert placement" in result.err
 
 
 def test_bench_rejects_bad_combinations(capsys, tiny_path):
@@ -79,3 +90,5 @@ def test_bench_rejects_bad_combinations(capsys, tiny_path):
     assert result.code != 0 and "not both" in result.err
     result = run_cli(capsys, "bench", "--bits", "3", "--synthetic", SMALL)
     assert result.code != 0 and "--bits" in result.err
+    result = run_cli(capsys, "bench", "--synthetic", SMALL, "--max-ram", "1")
+    assert result.code != 0 and "--save" in result.err

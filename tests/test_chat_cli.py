@@ -132,6 +132,11 @@ def test_piped_input_gets_one_plain_reply_per_line(model_args: list[str]):
     assert "\x1b" not in done.stdout
     assert "tokens/s" not in done.stdout + done.stderr
 
+    # An expert cache smaller than one layer's routing changes where experts live, not the replies.
+    offloaded = _pipe([*model_args, "-n", "6", "--expert-cache", "1"], "Hello there\n\nHow are you?\n")
+    assert offloaded.returncode == 0, offloaded.stderr
+    assert offloaded.stdout == done.stdout
+
     single = _pipe([*model_args, "-n", "6", "--single"], "Hello\nthere\n")
     assert single.returncode == 0, single.stderr
     assert single.stdout.count("\n") == 1

@@ -6,7 +6,8 @@ Reproduce (llama.cpp is a benchmark-only dependency; see benchmarks/build_llama_
     python benchmarks/compare_llama_cpp.py --llama-cpp /tmp/llamacpp --layers 8 --bits 4 8 --runs 3
 
 Steps: write the synthetic checkpoint once in the official HF layout (`dsmoe bench --synthetic
-16b:layers=N --save`), convert it with llama.cpp's own converter, quantize to Q4_0 / Q8_0, then
+16b:layers=N --save`), convert it with llama.cpp's own converter, quantize to Q4_0 / Q8_0 (and
+with `dsmoe quantize` to our 4/8-bit, lm_head in 8-bit as llama.cpp also quantizes it), then
 alternate `llama-bench` and `dsmoe bench` runs (2 threads each, 64-token prefill, 32-token decode)
 and report medians and the ratio dsmoe / llama.cpp. Prints a markdown table and writes JSON.
 """
@@ -58,7 +59,17 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
             # Q4_0 from the Q8_0 file: speed depends on the format, not on rounding twice.
             run([str(bins / "llama-quantize"), "--allow-requantize", str(q8), str(target), "Q4_0", "2"])
         ggufs[bits] = target
+        ours = dsmoe_checkpoint(work, args, bits)
+        if not ours.exists():
+            # Our own quantized copy of the same weights, so each run loads without re-quantizing.
+            cmd = ["dsmoe", "quantize", str(hf), str(ours), "--bits", str(bits)]
+            run(cmd + (["--quantize-lm-head"] if args.quantize_lm_head else []))
     return ggufs
+
+
+def dsmoe_checkpoint(work: Path, args: argparse.Namespace, bits: int) -> Path:
+    head = "-lmhead8" if args.quantize_lm_head else ""
+    return work / f"dsmoe-16b-L{args.layers}-{bits}bit{head}"
 
 
 def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -71,11 +82,9 @@ def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, f
     return {"prefill": prefill, "decode": decode, "peak_rss_gib": rss_kb / 2**20}
 
 
-def dsmoe_bench(hf: Path, bits: int, args: argparse.Namespace) -> dict[str, float]:
-    cmd = ["dsmoe", "bench", "--model", str(hf), "--bits", str(bits), "--threads", "2", "--json",
+def dsmoe_bench(checkpoint: Path, args: argparse.Namespace) -> dict[str, float]:
+    cmd = ["dsmoe", "bench", "--model", str(checkpoint), "--threads", "2", "--json",
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    if args.quantize_lm_head:
-        cmd.append("--quantize-lm-head")
     result = json.loads(run(cmd).stdout)
     return {"prefill": result["prefill_tokens_per_s"], "decode": result["decode_tokens_per_s"],
             "peak_rss_gib": result["peak_rss_bytes"] / 2**30, "roofline": result["roofline_fraction"],
@@ -98,16 +107,18 @@ def main() -> None:
                         help="keep dsmoe's lm_head in bf16 (llama.cpp's Q4_0/Q8_0 quantize it)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dsmoe-llama-compare"))
     parser.add_argument("--output", type=Path, default=None, help="JSON results file")
+    parser.add_argument("--prepare-only", action="store_true", help="write the checkpoints and stop")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ggufs = prepare(args, args.work)
-    hf = args.work / f"hf-16b-L{args.layers}"
+    if args.prepare_only:
+        return
     bins = args.llama_cpp / "build" / "bin"
     results = {}
     for bits in args.bits:
         ours, theirs = [], []
         for _ in range(args.runs):  # alternate, so drift in the machine hits both alike
-            ours.append(dsmoe_bench(hf, bits, args))
+            ours.append(dsmoe_bench(dsmoe_checkpoint(args.work, args, bits), args))
             theirs.append(llama_bench(bins, ggufs[bits], args))
         results[bits] = {"dsmoe": ours, "llama.cpp": theirs}
     print(f"\n16B geometry, {args.layers} layers, 2 threads, median of {args.runs} alternated runs\n")

@@ -22,6 +22,7 @@ from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.loader import load_model
 from dsmoe.offload import attach, load_offloaded, plan_for
+from dsmoe.quant import spec_from_config
 
 
 def _render(result: BenchResult) -> None:
@@ -59,7 +60,7 @@ def _save_synthetic(checkpoint: SyntheticCheckpoint, dst: Path) -> None:
 def bench(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or repo id (default: the demo model)."),
     synthetic: str = typer.Option(None, "--synthetic", help="Random weights at a real geometry: 16b or 16b:layers=N."),
-    bits: int = typer.Option(16, "--bits", help="4, 8 or 16 (bf16)."),
+    bits: int = typer.Option(None, "--bits", help="4, 8 or 16 (bf16; default, or the stored format of a quantized checkpoint)."),
     quant_type: str = QuantTypeOption,
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit too."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
@@ -76,7 +77,7 @@ def bench(
     prefetch: bool = PrefetchOption,
 ) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and roofline fraction."""
-    if bits not in (4, 8, 16):
+    if bits is not None and bits not in (4, 8, 16):
         raise UsageError(f"--bits must be 4, 8 or 16, got {bits}")
     if model and synthetic:
         raise UsageError("give --model or --synthetic, not both")
@@ -89,6 +90,17 @@ def bench(
         _save_synthetic(source, save)
         err_console.print(f"wrote {save}")
         return
+    stored = source.config.quantization_config
+    if stored is not None:
+        if bits not in (None, 16):
+            raise UsageError(f"{model}: already quantized; bench it without --bits")
+        spec = spec_from_config(stored)
+        load_bits, bits = None, spec.bits
+        lm_head_bits = 8 if spec.quantize_lm_head else 16
+    else:
+        bits = bits or 16
+        load_bits = None if bits == 16 else bits
+        lm_head_bits = 8 if quantize_lm_head and bits != 16 else 16
     options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
     offloading = any(v is not None for v in (expert_cache, gpu_mem, max_ram))
     started = time.perf_counter()
@@ -97,10 +109,10 @@ def bench(
         if synthetic:
             raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
                              "then bench it with --model")
-        loaded, _, store = load_offloaded(source.path, options, dtype=dtype, bits=None if bits == 16 else bits,
+        loaded, _, store = load_offloaded(source.path, options, dtype=dtype, bits=load_bits,
                                           quant_type=quant_type)
     else:
-        loaded = load_model(source, dtype=dtype, bits=None if bits == 16 else bits, quant_type=quant_type,
+        loaded = load_model(source, dtype=dtype, bits=load_bits, quant_type=quant_type,
                             quantize_lm_head=quantize_lm_head)
         if offloading:
             store = attach(loaded, plan_for(source, options, dtype, bits), options)
@@ -109,7 +121,7 @@ def bench(
     load_seconds = time.perf_counter() - started
     name = f"synthetic {synthetic}" if synthetic else str(source.path)
     result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
-                           lm_head_bits=8 if quantize_lm_head and bits != 16 else 16, store=store)
+                           lm_head_bits=lm_head_bits, store=store)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
     else:

@@ -16,6 +16,9 @@ On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the stand
 
 from __future__ import annotations
 
+import ctypes as ct
+from typing import Callable
+
 import torch
 
 CPU_BLOCK_N = 32
@@ -76,10 +79,36 @@ def dequantize_4bit_lookup(packed: torch.Tensor, absmax: torch.Tensor, code: tor
     return values.view(shape).to(dtype)
 
 
+def cpu_4bit_entry(quant_type: str) -> Callable[..., None] | None:
+    """bitsandbytes' C function behind its CPU ``gemv_4bit`` op, or None if this build lacks it.
+
+    The op's Python wrapper reads the codebook back from the tensor on every call to tell NF4 from
+    FP4 (a device sync) and re-checks dtypes; for a decode step of ~20 matmuls per layer that
+    costs more than some of the matmuls. The format is fixed at load, so dsmoe calls the C
+    function itself (ctypes releases the GIL around it).
+    """
+    from bitsandbytes.cextension import lib
+
+    return getattr(lib, f"gemv_4bit_inference_cpu_{quant_type}_bf16", None)
+
+
 def gemv_4bit_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, int],
-                  absmax_t: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """x [M, in] bf16 @ W.T with W in the CPU layout; ``absmax_t`` is [in/blocksize, out] bf16."""
-    return torch.ops.bitsandbytes.gemv_4bit.default(x, cpu_packed, list(shape), absmax_t, code, blocksize)
+                  absmax_t: torch.Tensor, code: torch.Tensor, blocksize: int,
+                  entry: Callable[..., None] | None = None) -> torch.Tensor:
+    """x [M, in] bf16 @ W.T with W in the CPU layout; ``absmax_t`` is [in/blocksize, out] bf16.
+
+    With ``entry`` (from ``cpu_4bit_entry``) the C kernel is called directly; the numbers are the
+    op's own, bit for bit.
+    """
+    if entry is None:
+        return torch.ops.bitsandbytes.gemv_4bit.default(x, cpu_packed, list(shape), absmax_t, code, blocksize)
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.shape[0], shape
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16, device=x.device)
+    entry(ct.c_int64(rows), ct.c_int64(out_features), ct.c_int64(in_features), ct.c_void_p(x.data_ptr()),
+          ct.c_void_p(cpu_packed.data_ptr()), ct.c_void_p(absmax_t.data_ptr()), ct.c_void_p(out.data_ptr()),
+          ct.c_int64(blocksize), ct.c_int64(in_features), ct.c_int64(out_features))
+    return out
 
 
 def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

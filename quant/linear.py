@@ -119,6 +119,7 @@ class Linear4bit(QuantLinear):
         if self.layout == "cpu":
             absmax = absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
         self.register_buffer("runtime_absmax", absmax, persistent=False)
+        self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" else None
 
     def kernel(self, rows: int) -> str:
         """The kernel a call with ``rows`` input rows runs (the rows do not change it for 4-bit)."""
@@ -147,7 +148,7 @@ class Linear4bit(QuantLinear):
         kernel = self.kernel(flat.shape[0])
         if kernel == "bnb_cpu_4bit":
             out = kernels.gemv_4bit_cpu(flat, self.weight, (self.out_features, self.in_features),
-                                        self.runtime_absmax, self.quant_map, self.blocksize)
+                                        self.runtime_absmax, self.quant_map, self.blocksize, self._cpu_entry)
         elif kernel == "bnb_matmul_4bit":
             import bitsandbytes as bnb
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,11 @@ def test_quantize_command_writes_a_loadable_checkpoint(
     on_load, _ = load(tiny_path, dtype=torch.float32, bits=4, quant_type="fp4")
     with torch.no_grad():
         torch.testing.assert_close(stored(ids), on_load(ids), rtol=0, atol=1e-5)
+
+    # bench reads the stored format: 4-bit bytes per token, not bf16's.
+    bench = run_cli(capsys, "bench", "--model", str(dst), "--prompt-tokens", "4", "--new-tokens", "3", "--json")
+    assert bench.code == 0, bench.err
+    assert json.loads(bench.out)["bits"] == 4
 
 
 def test_quantize_command_refuses_existing_output_and_bad_values(

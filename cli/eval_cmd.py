@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import typer
@@ -28,7 +26,7 @@ def eval_command(
     output: Path = typer.Option(None, "--output", "-o", help="Write the results JSON here."),
     log_samples: Path = typer.Option(None, "--log-samples", help="Write every sample's prompt, answer and score here (JSON lines)."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Local benchmark data laid out like shared/evaldata (default: download)."),
-    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Run generated code (HumanEval, MBPP)."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Run the model's programs with the tests (HumanEval, MBPP): a subprocess each, time-limited, not a sandbox."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where answers are kept so an interrupted run resumes (default ~/.cache/dsmoe/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor keep answers."),
     no_shared_context: bool = typer.Option(False, "--no-shared-context", help="Recompute a question's context for every choice."),
@@ -38,6 +36,7 @@ def eval_command(
 ) -> None:
     """Score a model on benchmarks with lm-eval and show the report's numbers beside ours."""
     from dsmoe.evals import DsmoeLM
+    from dsmoe.evals.quiet import quiet_libraries
     from dsmoe.evals.runner import DEFAULT_CACHE_DIR, EvalSettings, build, plan, run, task_manager, write_json_atomic, write_samples_atomic
 
     names = [n.strip() for n in (task or "").split(",") if n.strip()]
@@ -50,15 +49,15 @@ def eval_command(
         data_dir=str(data_dir) if data_dir else None, allow_code_execution=allow_code_execution,
         cache_dir=None if no_cache else str(cache_dir or DEFAULT_CACHE_DIR), dtype=dtype, bits=bits, quant_type=quant_type,
     )
-    # lm-eval logs every step at INFO and warns about choices we make on purpose; our output says what matters.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    manager = task_manager(names, suite)
-    rows = plan(settings, manager)
-    with err_console.status("reading benchmark data"):
-        build(rows, settings, manager)
+    # lm-eval logs every step at INFO, warns about choices we make on purpose and draws a tqdm bar per
+    # task, datasets one per map: our own progress and output say what matters (errors still show).
+    with quiet_libraries():
+        manager = task_manager(names, suite)
+        rows = plan(settings, manager)
+        with err_console.status("reading benchmark data"):
+            build(rows, settings, manager)
     loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type)
-    with _progress() as progress:
+    with quiet_libraries(), _progress() as progress:
         bars: dict[str, int] = {}
 
         def report(kind: str, done: int, total: int) -> None:

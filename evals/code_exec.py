@@ -9,7 +9,8 @@ A program passes when ``python program.py`` exits 0 within the time limit, the p
 model's code followed by the benchmark's tests (``assert`` lines, or HumanEval's ``check``
 function and its call), as in ``code_eval``. Each program runs in a fresh interpreter, in its own
 empty temporary folder and process group, with no stdin, a minimal environment, and (on POSIX)
-limits on CPU seconds, memory and file size; when time runs out the whole group is killed. That
+limits on CPU seconds, memory (2 GiB) and file size; after ``DSMOE_CODE_TIMEOUT`` seconds (default
+5: code_eval's 3 for the program, plus starting an interpreter) the whole group is killed. That
 contains mistakes, not malice: it is not a sandbox, which is why running it needs
 ``--allow-code-execution`` (``dsmoe eval``) or ``HF_ALLOW_CODE_EVAL=1``.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +30,7 @@ from dsmoe.errors import EvalError
 
 ALLOW_ENV = "HF_ALLOW_CODE_EVAL"
 TIMEOUT_ENV = "DSMOE_CODE_TIMEOUT"
-DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 5.0
 MEMORY_LIMIT = 2 << 30
 FILE_SIZE_LIMIT = 64 << 20
 MAX_WORKERS = 4
@@ -89,29 +89,31 @@ def _limits(timeout: float):  # type: ignore[no-untyped-def]
 def run_program(program: str, timeout: float | None = None) -> Execution:
     """Run ``program`` in a fresh Python subprocess; it passes when it exits 0 before ``timeout``."""
     timeout = _timeout() if timeout is None else timeout
-    with tempfile.TemporaryDirectory(prefix="dsmoe-code-") as folder:
+    with tempfile.TemporaryDirectory(prefix="dsmoe-code-", ignore_cleanup_errors=True) as folder:
         path = os.path.join(folder, "program.py")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(program)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": folder, "TMPDIR": folder,
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", path], cwd=folder, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=os.name == "posix",
-            preexec_fn=_limits(timeout),
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            return Execution("timed out", f"no result after {timeout:g}s")
-        finally:
-            _kill(proc)
-    if proc.returncode == 0:
-        return Execution("passed")
-    lines = [line for line in err.decode("utf-8", "replace").splitlines() if line.strip()]
-    detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        # stderr goes to a file, not a pipe: the file-size limit bounds what a runaway program writes.
+        with open(os.path.join(folder, "stderr"), "w+b") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", path], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=os.name == "posix",
+                preexec_fn=_limits(timeout),
+            )
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return Execution("timed out", f"no result after {timeout:g}s")
+            finally:
+                _kill(proc)  # and whatever it left running in its process group
+            if proc.returncode == 0:
+                return Execution("passed")
+            err.seek(max(0, err.seek(0, os.SEEK_END) - 4096))
+            lines = [line for line in err.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    detail = lines[-1][:200] if lines else f"exit status {proc.returncode}"
     if proc.returncode < 0:
         detail = f"killed by signal {-proc.returncode}" + (f" ({detail})" if lines else "")
     return Execution("failed", detail)
@@ -119,17 +121,16 @@ def run_program(program: str, timeout: float | None = None) -> Execution:
 
 def _kill(proc: subprocess.Popen) -> None:
     """Kill the program and anything it started (its own process group), then reap it."""
-    if proc.poll() is None or os.name == "posix":
-        try:
-            if os.name == "posix":
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-        except (ProcessLookupError, PermissionError):
-            pass
     try:
-        proc.communicate(timeout=5)
-    except (subprocess.TimeoutExpired, ValueError):
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
         pass
 
 
@@ -193,15 +194,6 @@ def humaneval_predictions(resps: list[list[str]], docs: list[dict]) -> list[list
 
 
 # ---------------------------------------------------------------------- MBPP
-
-
-def mbpp_extract_code(text: str) -> str:
-    """The first fenced code block of a chat model's answer (lm-eval's MBPP-instruct filter)."""
-    pattern = r"```(?:\w+)?\n?(.*?)\n?```"
-    matches = re.findall(pattern, "```" + text, re.DOTALL)
-    if not matches:
-        matches = re.findall(pattern, re.sub(r"```python", "```", text), re.DOTALL)
-    return matches[0] if matches else ""
 
 
 def mbpp_fewshot_samples() -> list[dict]:

@@ -5,10 +5,14 @@ reads no entry points for models), so ``lm_eval --model dsmoe`` alone cannot see
 the same CLI after the import, with our task folder (CLUEWSC, CHID, Pile) on the task path:
 
     python -m dsmoe.evals.lm_eval_cli run --model dsmoe --model_args pretrained=PATH,dtype=fp32 --tasks cluewsc
+
+Our HumanEval and MBPP (scored offline by ``dsmoe.evals.code_exec``) replace lm-eval's; with
+``--confirm_run_unsafe_code`` their generated programs are run.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import dsmoe.evals  # noqa: F401  (registers the "dsmoe" model)
@@ -19,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--include_path" not in args and (not args or args[0] in ("run", "ls", "validate") or args[0].startswith("-")):
         args += ["--include_path", str(TASKS_DIR)]
+    if "--confirm_run_unsafe_code" in args:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the one consent lm-eval asks for covers our scorer too
     sys.argv = ["lm-eval", *args]
     from lm_eval.__main__ import cli_evaluate
 

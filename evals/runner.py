@@ -213,7 +213,12 @@ def build(rows: list[PlannedTask], settings: EvalSettings, manager: TaskManager)
             raise
         except Exception as exc:  # datasets and lm-eval raise many kinds; one line says which task
             message = f"{row.task}: cannot load its data or definition ({type(exc).__name__}: {exc})"
-            if not settings.data_dir:
+            if isinstance(exc, (ImportError, AssertionError)) and "math_verify" in str(exc):
+                message = f"{row.task}: its scoring needs {', '.join(_missing_math_packages())}; pip install 'lm-eval[math]'"
+            elif "code_eval" in str(exc):
+                message = (f"{row.task}: lm-eval scores it with Hugging Face evaluate's code_eval, which is downloaded "
+                           f"from the hub; offline, run humaneval or mbpp (scored by dsmoe itself)")
+            elif not settings.data_dir:
                 message += "; offline, pass --data-dir DIR with local copies"
             if not settings.suite:
                 raise EvalError(message) from exc
@@ -222,6 +227,22 @@ def build(rows: list[PlannedTask], settings: EvalSettings, manager: TaskManager)
             for leaf in _leaves(row.built):
                 row.notes.extend(n for n in notes.get(leaf.config.task, []) if n not in row.notes)
     return notes
+
+
+def _missing_math_packages() -> list[str]:
+    """What lm-eval's MATH scoring (minerva_math) lacks: sympy, math_verify, antlr4 runtime 4.11."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
+    missing = [f"{name} (not installed)" for name in ("sympy", "math_verify") if find_spec(name) is None]
+    try:
+        antlr = version("antlr4-python3-runtime")
+    except PackageNotFoundError:
+        missing.append("antlr4-python3-runtime 4.11 (not installed)")
+    else:
+        if not antlr.startswith("4.11"):
+            missing.append(f"antlr4-python3-runtime 4.11 (found {antlr})")
+    return missing or ["sympy, math_verify and antlr4-python3-runtime 4.11"]
 
 
 def _leaves(built: Task | Group | list[Task]) -> list[Task]:

@@ -45,8 +45,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name.lower(): b for b in [
     Benchmark("DROP", "drop", "em,none", folders=("drop",)),
     Benchmark("GSM8K", "gsm8k", "exact_match,strict-match", folders=("gsm8k",)),
     Benchmark("MATH", "minerva_math", "exact_match,none", folders=("minerva_math", "benchmarks")),
-    Benchmark("HumanEval", "humaneval", "pass@1,create_test", runs_code=True, folders=("humaneval",)),
-    Benchmark("MBPP", "mbpp", "pass_at_1,none", runs_code=True, folders=("mbpp",)),
+    Benchmark("HumanEval", "humaneval", "pass@1,create_test", runs_code=True),  # ours: tasks/humaneval.yaml
+    Benchmark("MBPP", "mbpp", "pass_at_1,none", runs_code=True),  # ours: tasks/mbpp.yaml
     Benchmark("TriviaQA", "triviaqa", "exact_match,remove_whitespace", folders=("triviaqa",)),
     Benchmark("NaturalQuestions", "nq_open", "exact_match,remove_whitespace", folders=("nq_open",)),
     Benchmark("MMLU", "mmlu", "acc,none", folders=("mmlu/default",)),

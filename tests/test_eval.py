@@ -133,13 +133,8 @@ def test_every_suite_task_builds_requests_from_local_data(suite):
     no_local = {"RACE-middle", "RACE-high"} | ({"Pile"} if suite == "report" else {"BBH"})
     for label in no_local:
         assert "no local copy" in skipped.pop(label)
-    # lm-eval's HumanEval and MBPP score with the hub's code_eval metric, which is not here offline.
-    for label in ("HumanEval", "MBPP"):
-        assert "code_eval" in skipped.pop(label)
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:  # lm-eval's MATH needs its [math] extra (sympy, math_verify, antlr4)
-        assert "lm-eval[math]" in skipped.pop("MATH")
+    # HumanEval and MBPP are ours (scored offline by dsmoe.evals.code_exec), and MATH's scoring
+    # packages (sympy, math_verify, antlr4 4.11) are dependencies: all of them build.
     assert not skipped
     for row in rows:
         if row.skipped:
@@ -175,3 +170,130 @@ def test_cli_mmlu_offline_end_to_end(tmp_path):
     assert row["shots"] == 5 and 0 <= row["score"] <= 100
     assert record["complete"] is False and record["lm_eval_version"]
     assert record["lm_eval"]["n-samples"]["mmlu_anatomy"]["effective"] == 3
+
+
+# ---------------------------------------------------------------------- code, MATH, quiet output
+
+
+def _built_leaf(name: str, **settings_kwargs):
+    """The lm-eval task `dsmoe eval --task name --data-dir DATA` runs, built from the local data."""
+    settings = EvalSettings(model=str(TINY), tasks=[name], data_dir=str(DATA), limit=1, **settings_kwargs)
+    manager = task_manager([name])
+    (row,) = plan(settings, manager)
+    build([row], settings, manager)
+    from dsmoe.evals.runner import _leaves
+
+    return row, _leaves(row.built)
+
+
+def _score(task, doc_index: int, response: str) -> dict:
+    """Score one model response the way lm-eval's evaluator does: filters, then process_results."""
+    task.build_all_requests(limit=doc_index + 1, rank=0, world_size=1)
+    instances = [i for i in task.instances if i.doc_id == doc_index]
+    for instance in task.instances:
+        instance.resps = [response if instance.doc_id == doc_index else ""]
+    task.apply_filters()
+    (filter_key,) = instances[0].filtered_resps
+    return task.process_results(instances[0].doc, [i.filtered_resps[filter_key] for i in instances])
+
+
+@pytest.fixture
+def code_allowed(monkeypatch):
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    monkeypatch.setenv("DSMOE_CODE_TIMEOUT", "3")
+
+
+def test_humaneval_pass_at_1_runs_the_program(code_allowed):
+    row, (task,) = _built_leaf("humaneval", allow_code_execution=True)
+    assert row.metric_key == "pass@1,create_test" and task.config.dataset_path == "openai/openai_humaneval"
+    task.build_all_requests(limit=1, rank=0, world_size=1)
+    doc = task.instances[0].doc
+    assert doc["task_id"] == "HumanEval/0"
+    body = "    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n" \
+           "            if abs(a - b) < threshold:\n                return True\n    return False\n"
+    assert _score(task, 0, body) == {"pass@1": 1.0}
+    assert _score(task, 0, body.replace("<", ">")) == {"pass@1": 0.0}  # wrong comparison: check() fails
+    assert _score(task, 0, "    while True:\n        pass\n") == {"pass@1": 0.0}  # killed at the time limit
+    assert _score(task, 0, "    return (\n") == {"pass@1": 0.0}  # syntax error
+
+
+def test_mbpp_pass_at_1_runs_the_program(code_allowed):
+    row, (task,) = _built_leaf("mbpp", allow_code_execution=True)
+    assert row.metric_key == "pass_at_1,none"
+    right = "def remove_Occ(s, ch):\n    s = s.replace(ch, '', 1)\n    i = s.rfind(ch)\n    return s if i < 0 else s[:i] + s[i + 1:]\n"
+    assert _score(task, 0, right) == {"pass_at_1": 1.0}
+    assert _score(task, 0, "def remove_Occ(s, ch):\n    return s.replace(ch, '', 1)\n") == {"pass_at_1": 0.0}
+
+
+def test_code_scorer_estimator_and_consent(monkeypatch):
+    from dsmoe.evals import code_exec
+
+    assert code_exec.estimate_pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert code_exec.estimate_pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert code_exec.estimate_pass_at_k(3, 2, 2) == 1.0
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    got = code_exec.pass_at_k(["assert f() == 1"] * 2, [["def f(): return 1", "def f(): return 2"]] * 2, k=[1, 2])
+    assert got == {"pass@1": pytest.approx(0.5), "pass@2": 1.0}
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
+    with pytest.raises(EvalError, match="--allow-code-execution"):
+        code_exec.pass_at_1("assert True", "pass")
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+def test_code_tasks_refused_without_allow_code_execution(name):
+    from dsmoe.cli.main import app
+
+    result = CliRunner().invoke(app, ["eval", "--task", name, "--limit", "1", "--data-dir", str(DATA),
+                                      "--model", str(TINY), "--no-cache"])
+    assert result.exit_code != 0
+    assert f"{name} runs the model's generated code; pass --allow-code-execution" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_math_scoring_packages_work_offline():
+    row, leaves = _built_leaf("math")
+    assert row.metric_key == "exact_match,none" and len(leaves) == 7
+    task = next(t for t in leaves if t.config.task == "minerva_math_algebra")
+    right = "The denominator is zero at two points.\\nFinal Answer: The final answer is $2$. I hope it is correct."
+    assert _score(task, 0, right.replace("\\n", "\n")) == {"exact_match": 1, "math_verify": 1}
+    assert _score(task, 0, "Final Answer: The final answer is $3$. I hope it is correct.") == {"exact_match": 0, "math_verify": 0}
+
+
+def test_cli_code_task_end_to_end_without_library_noise(tmp_path):
+    """Generation, the program run and the score, offline; no tqdm bars or lm-eval logs in the output."""
+    from dsmoe.cli.main import app
+
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(app, [
+        "eval", "--task", "humaneval", "--limit", "1", "--data-dir", str(DATA), "--model", str(TINY),
+        "--dtype", "fp32", "--allow-code-execution", "--no-cache", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "HumanEval" in result.output and "26.8" in result.output
+    for noise in ("it/s]", "Map:", "%|", "WARNING", "INFO"):
+        assert noise not in result.output, result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["metric_key"] == "pass@1,create_test" and row["score"] == 0.0
+
+
+def test_quiet_libraries_hides_bars_and_warnings_then_restores(capsys, caplog):
+    import sys
+
+    import tqdm
+
+    from dsmoe.evals.quiet import quiet_libraries
+
+    lm_logger = logging.getLogger("lm_eval.api.task")
+    before = logging.getLogger("lm_eval").level
+    caplog.set_level(logging.DEBUG)  # pytest's handler takes every level: only the loggers' own levels filter
+    logging.getLogger("lm_eval").setLevel(logging.NOTSET)
+    with quiet_libraries():
+        list(tqdm.tqdm(range(3), desc="hidden-bar", file=sys.stderr))
+        lm_logger.warning("hidden-warning")
+        lm_logger.error("visible-error")
+    assert "hidden-bar" not in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")] == ["visible-error"]
+    assert logging.getLogger("lm_eval").level == logging.NOTSET
+    logging.getLogger("lm_eval").setLevel(before)
+    list(tqdm.tqdm(range(3), desc="shown-bar", file=sys.stderr))
+    assert "shown-bar" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Matmul kernels for quantized weights, and the rule that picks one per call.
 
-The rule (see docs/PERFORMANCE-quant.md for the measurements behind it), on CPU:
+The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
 
 * 4-bit, bf16 compute, AVX512-BF16: bitsandbytes' fused CPU kernel (``gemv_4bit``) on the
   weight repacked once at load into its CPU layout; it beats dequantize-then-matmul at every batch.

@@ -107,13 +107,20 @@ class SyntheticCheckpoint:
         """Nothing is held open."""
 
 
+# A few merges: tools that read the tokenizer (llama.cpp's converter) refuse a BPE with none.
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("Ġ", "a")]
+
+
 def write_byte_tokenizer(folder: Path) -> None:
-    """A byte-level tokenizer (256 bytes, bos, eos) in the official files' layout."""
+    """A byte-level BPE (256 bytes, bos 256, eos 257, a few merges) in the official files' layout."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet, key=lambda s: ord(s)))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab.update({BOS: 256, EOS: 257})
+    for left, right in MERGES:
+        vocab[left + right] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([BOS, EOS])

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from dsmoe.bench.runner import BenchResult, run_benchmark
+from dsmoe.bench.runner import BenchResult, measure_bandwidth, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
@@ -103,6 +103,7 @@ def bench(
         lm_head_bits = 8 if quantize_lm_head and bits != 16 else 16
     options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
     offloading = any(v is not None for v in (expert_cache, gpu_mem, max_ram))
+    bandwidth = measure_bandwidth()  # before loading: its 1 GB buffer must not add to the run's peak RSS
     started = time.perf_counter()
     store = None
     if offloading and max_ram is not None:
@@ -121,7 +122,7 @@ def bench(
     load_seconds = time.perf_counter() - started
     name = f"synthetic {synthetic}" if synthetic else str(source.path)
     result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
-                           lm_head_bits=lm_head_bits, store=store)
+                           bandwidth=bandwidth, lm_head_bits=lm_head_bits, store=store)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
     else:

@@ -15,6 +15,7 @@ from torch import nn
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.memory import ReleaseEvery, release_freed_memory
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
 
@@ -84,8 +85,10 @@ def load_model(
     stored_groups = _group_by_module(checkpoint.tensor_names()) if stored_spec is not None else {}
     params = [name for name, _ in model.named_parameters()
               if not (skip_routed_experts and ".mlp.experts." in name)]
+    release = ReleaseEvery()
     for done, name in enumerate(params, start=1):
         module_name, _, attr = name.rpartition(".")
+        release.processed(checkpoint.nbytes(name) if name in checkpoint else 0)
         if stored_spec is not None and module_name in linear_names and _is_quantized_in(checkpoint, name):
             tensors = {n: checkpoint.get(n) for n in stored_groups[module_name]}
             module = linear_from_tensors(tensors, module_name, stored_spec, compute_dtype)
@@ -102,6 +105,7 @@ def load_model(
         if progress is not None:
             progress(done, len(params))
     checkpoint.close()
+    release_freed_memory()
     return model
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from dsmoe.errors import CheckpointError, ConfigError, UsageError
 from dsmoe.model.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from dsmoe.model.memory import ReleaseEvery
 from dsmoe.quant.linear import quantize_linear, quantized_tensors
 from dsmoe.quant.spec import QuantSpec, quantization_config, spec_for
 
@@ -178,6 +179,7 @@ def quantize_checkpoint(
     try:
         work.mkdir(parents=True)
         writer = _ShardWriter(work, shard_bytes, sample_rss)
+        release = ReleaseEvery()
         for name, tensor in checkpoint.iter_tensors(names):
             layer_spec = spec_for(name, spec)
             if layer_spec is not None:
@@ -193,6 +195,7 @@ def quantize_checkpoint(
             else:
                 writer.add({name: tensor.clone()})
             done += checkpoint.nbytes(name)
+            release.processed(checkpoint.nbytes(name))
             sample_rss()
             if progress is not None:
                 progress(done, total)

@@ -216,12 +216,21 @@ class Linear8bit(QuantLinear):
         }
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLM.int8 row-wise absmax: (int8 [out, in], SCB fp32 [out]); an all-zero row stays zero."""
-    w = weight.float()
-    scb = w.abs().amax(dim=1)
-    q = torch.round(w * (127.0 / scb.clamp(min=torch.finfo(torch.float32).tiny)).unsqueeze(1))
-    return q.clamp_(-127, 127).to(torch.int8), scb
+def quantize_int8(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8 row-wise absmax: (int8 [out, in], SCB fp32 [out]); an all-zero row stays zero.
+
+    Rows go in steps so the fp32 temporaries stay small: for lm_head (102400 x 2048) in one piece
+    they were ~2.5 GB on top of the model at the end of a load.
+    """
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scb = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows_per_step):
+        w = weight[start : start + rows_per_step].float()
+        step_scb = w.abs().amax(dim=1)
+        scaled = torch.round(w * (127.0 / step_scb.clamp(min=torch.finfo(torch.float32).tiny)).unsqueeze(1))
+        q[start : start + rows_per_step] = scaled.clamp_(-127, 127)
+        scb[start : start + rows_per_step] = step_scb
+    return q, scb
 
 
 def quantize_linear(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> QuantLinear:

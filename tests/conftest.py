@@ -29,5 +29,8 @@ def tiny_copy(tmp_path: Path, tiny_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _two_threads() -> None:
-    torch.set_num_threads(2)
+def _threads(request: pytest.FixtureRequest) -> None:
+    """Two threads, or what ``@pytest.mark.threads(n)`` asks: many tiny matrices run faster on
+    one thread, and far faster when other jobs share the two cores."""
+    marker = request.node.get_closest_marker("threads")
+    torch.set_num_threads(marker.args[0] if marker else 2)

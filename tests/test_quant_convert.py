@@ -17,16 +17,8 @@ from dsmoe.quant.convert import quantize_checkpoint
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-deepseek"
 NF4 = QuantSpec(bits=4, quant_type="nf4")
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="tiny-deepseek fixture not present")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny matrices: with other jobs on the CPU, 2 OpenMP threads make each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not FIXTURE.is_dir(), reason="tiny-deepseek fixture not present"),
+              pytest.mark.threads(1)]
 
 
 @pytest.fixture

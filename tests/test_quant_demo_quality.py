@@ -22,17 +22,13 @@ import torch
 
 import dsmoe
 from dsmoe.demo import DEMO_MODEL_PATH
-from dsmoe.quant import Linear4bit
+from tests.quant_helpers import swap_nibbles
 from dsmoe.quant.quality import compare_logits, logits_of, markdown_table, measure, text_windows
+
+pytestmark = pytest.mark.threads(1)
 
 FOUR_BIT = ("nf4", "nf4-dq", "fp4")
 REL_ERROR_BOUND = {"int8": 0.016, "nf4": 0.12, "nf4-dq": 0.12, "fp4": 0.16}
-
-
-@pytest.fixture(autouse=True)
-def _two_threads() -> None:
-    """Overrides conftest's two threads: one, beside whatever else runs on the machine."""
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +105,6 @@ def test_broken_nibble_order_fails_the_bounds(heldout) -> None:  # type: ignore[
     reference, _ = dsmoe.load(DEMO_MODEL_PATH, dtype=torch.float32)
     ref_logits = logits_of(reference, inputs)
     model, _ = dsmoe.load(DEMO_MODEL_PATH, dtype=torch.float32, bits=4, quant_type="nf4")
-    swapped = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            assert module.layout == "standard"  # fp32 compute keeps bitsandbytes' own layout
-            module.weight = (module.weight << 4) | (module.weight >> 4)
-            swapped += 1
-    assert swapped > 0
+    assert swap_nibbles(model) > 0
     stats = compare_logits(ref_logits, logits_of(model, inputs), targets)
     assert stats["kl_mean"] > 0.04 and stats["ppl_ratio_text"] > 1.04 and stats["top1_agreement"] < 0.85

@@ -28,6 +28,7 @@ from dsmoe.quant import kernels
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
+pytestmark = pytest.mark.threads(1)
 
 SPECS = {
     "nf4": QuantSpec(bits=4, quant_type="nf4"),
@@ -36,15 +37,6 @@ SPECS = {
     "fp4-dq": QuantSpec(bits=4, quant_type="fp4", double_quant=True),
     "int8": QuantSpec(bits=8, quant_type="int8"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: with other jobs on the CPU, 2 OpenMP threads make each op far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 OUT, IN = 96, 256  # 96 rows: three tiles of bitsandbytes' CPU layout; 256 columns: four 64-blocks

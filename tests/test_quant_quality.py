@@ -14,21 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsmoe.quant import Linear4bit
+from tests.quant_helpers import swap_nibbles
 from dsmoe.quant.quality import compare_logits
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-deepseek"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="tiny-deepseek fixture not present")
+pytestmark = [pytest.mark.skipif(not FIXTURE.is_dir(), reason="tiny-deepseek fixture not present"),
+              pytest.mark.threads(1)]
 
 BOUNDS = {("int8", False): 0.03, ("nf4", False): 0.30}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +54,7 @@ def test_logit_error_within_bound(reference, quant_type: str, double_quant: bool
 def test_broken_nibble_order_exceeds_the_bound(reference) -> None:
     ids, ref_logits = reference
     model = _load("nf4", False)
-    swapped = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            assert module.layout == "standard"  # fp32 compute keeps bitsandbytes' own layout
-            module.weight = (module.weight << 4) | (module.weight >> 4)
-            swapped += 1
-    assert swapped > 0
+    assert swap_nibbles(model) > 0
     with torch.no_grad():
         stats = compare_logits(ref_logits, model(ids))
     assert stats["rel_logit_error"] > BOUNDS[("nf4", False)]

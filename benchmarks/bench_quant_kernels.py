@@ -48,19 +48,10 @@ def _time_us(fn: Callable[[], torch.Tensor], budget_s: float) -> float:
 
 def _int_mm_dynamic(module: Linear8bit) -> Callable[[torch.Tensor], torch.Tensor]:
     """Candidate: per-row int8 activations, int8 x int8 -> int32 (LLM.int8 without outliers)."""
+    from dsmoe.quant import kernels
+
     weight_t = module.weight.t()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        row_max = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-        xq = torch.round(xf * (127.0 / row_max)).to(torch.int8)
-        rows = xq.shape[0]
-        if rows <= 16:  # _int_mm wants more than 16 rows
-            xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
-        acc = torch._int_mm(xq, weight_t)[:rows]
-        return (acc.float() * (row_max / 127.0) * module.scale).to(x.dtype)
-
-    return run
+    return lambda x: kernels.int8_dynamic_mm(x, weight_t, module.scale)
 
 
 def _bits_per_weight(module: torch.nn.Module) -> float:

@@ -6,10 +6,14 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   weight repacked once at load into its CPU layout; it beats dequantize-then-matmul at every batch.
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
-* 8-bit: ``torch._weight_int8pack_mm`` (int8 weight, float activations, per-row scales), which is
-  exactly ``dequant(W) @ x``, at every batch size: it beat dequantize + float matmul at batch 1 and
-  64 alike. ``torch._int_mm`` with dynamic int8 activations was faster for some prefill shapes but
-  rounds the activations too (about 3.5x the error) and was not consistently faster, so it is not used.
+* 8-bit, fewer than ``INT_MM_MIN_ROWS`` rows (decode): ``torch._weight_int8pack_mm`` (int8
+  weight, float activations), exactly ``dequant(W) @ x``: 2x bf16 at one row.
+* 8-bit, bf16 compute, ``INT_MM_MIN_ROWS`` rows or more (prefill, batched scoring):
+  ``torch._int_mm`` on row-wise int8 activations, which is LLM.int8's vector-wise quantization
+  without its outlier split (bitsandbytes' own int8 matmul also rounds the activations). It was
+  1.2-1.5x bf16 at 64 rows on every 16B shape where int8pack was 0.26-0.38x; the crossover is at
+  8-16 rows. It rounds the activations, so its output error is ~3.5x int8pack's (0.8% vs 0.23%).
+  fp32 compute (quality runs) keeps int8pack at every size.
 
 On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the standard layout.
 """
@@ -109,6 +113,25 @@ def gemv_4bit_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, i
           ct.c_void_p(cpu_packed.data_ptr()), ct.c_void_p(absmax_t.data_ptr()), ct.c_void_p(out.data_ptr()),
           ct.c_int64(blocksize), ct.c_int64(in_features), ct.c_int64(out_features))
     return out
+
+
+INT_MM_MIN_ROWS = 12
+"""Rows from which dynamic int8 activations with ``torch._int_mm`` beat int8pack (measured crossover 8-16)."""
+
+
+def int8_dynamic_mm(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ (weight * scale[:, None]).T with x rounded to int8 per row (LLM.int8, no outliers).
+
+    ``weight_t`` is the int8 weight transposed, [in, out]; int8 x int8 products add up in int32.
+    """
+    xf = x.float()
+    row_max = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    xq = torch.round(xf * (127.0 / row_max)).to(torch.int8)
+    rows = xq.shape[0]
+    if rows <= 16:  # _int_mm wants more than 16 rows
+        xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
+    acc = torch._int_mm(xq, weight_t)[:rows]
+    return (acc.float() * (row_max / 127.0) * scale).to(x.dtype)
 
 
 def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,8 @@ class Linear8bit(QuantLinear):
     def kernel(self, rows: int) -> str:
         if self.weight.device.type == "cuda":
             return "bnb_matmul_int8"
+        if rows >= kernels.INT_MM_MIN_ROWS and self.compute_dtype == torch.bfloat16:
+            return "int_mm_dynamic"
         return "int8pack"
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -198,6 +200,8 @@ class Linear8bit(QuantLinear):
         kernel = self.kernel(flat.shape[0])
         if kernel == "int8pack":
             out = kernels.int8_weight_only_mm(flat, self.weight, self.scale, self.unit)
+        elif kernel == "int_mm_dynamic":
+            out = kernels.int8_dynamic_mm(flat, self.weight.t(), self.scale)
         else:
             import bitsandbytes as bnb
 

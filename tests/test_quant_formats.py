@@ -357,3 +357,19 @@ def test_quantize_model_replaces_policy_linears() -> None:
     tiny = Tiny()
     assert quantize_model(tiny, QuantSpec(bits=4, quant_type="nf4", quantize_lm_head=True)) == 2
     assert isinstance(tiny.lm_head, Linear8bit)
+
+
+def test_int8_kernel_choice_by_rows_and_its_error() -> None:
+    """Decode stays weight-only (exact); prefill-sized batches round activations (LLM.int8-style)."""
+    weight = _weight(5, torch.float32)
+    fast = quantize_linear(weight, SPECS["int8"], torch.bfloat16)
+    exact = quantize_linear(weight, SPECS["int8"], torch.float32)
+    assert fast.kernel(1) == "int8pack" and fast.kernel(kernels.INT_MM_MIN_ROWS) == "int_mm_dynamic"
+    assert exact.kernel(64) == "int8pack"  # quality runs keep the weight-only numbers
+    gen = torch.Generator().manual_seed(6)
+    for rows in (1, kernels.INT_MM_MIN_ROWS, 64):
+        x = torch.randn(rows, IN, generator=gen)
+        reference = x @ fast.dequantized().t()
+        error = ((fast(x.bfloat16()).float() - reference).norm() / reference.norm()).item()
+        # bf16 rounding alone is ~0.3%; int8 activations add up to ~1%; a wrong scale is far off.
+        assert error < (0.006 if rows == 1 else 0.015), (rows, error)

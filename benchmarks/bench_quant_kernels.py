@@ -80,7 +80,7 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
             "bf16 F.linear": (lambda x: F.linear(x, w_bf16), None, 16.0),
             "nf4 bnb CPU kernel (repacked)": (
                 lambda x: kernels.gemv_4bit_cpu(x, nf4.weight, (out_f, in_f), nf4.runtime_absmax, nf4.quant_map,
-                                                nf4.blocksize), nf4_ref, _bits_per_weight(nf4)),
+                                                nf4.blocksize, nf4._cpu_entry), nf4_ref, _bits_per_weight(nf4)),
             "nf4 dequantize + bf16 matmul": (
                 lambda x: F.linear(x, nf4_std.dequantized(torch.bfloat16)), nf4_ref, _bits_per_weight(nf4)),
             "int8 _weight_int8pack_mm": (

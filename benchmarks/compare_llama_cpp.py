@@ -63,7 +63,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
         if not ours.exists():
             # Our own quantized copy of the same weights, so each run loads without re-quantizing.
             cmd = ["dsmoe", "quantize", str(hf), str(ours), "--bits", str(bits)]
-            run(cmd + (["--quantize-lm-head"] if args.quantize_lm_head else []))
+            done = run(cmd + (["--quantize-lm-head"] if args.quantize_lm_head else []))
+            print(done.stdout.strip(), file=sys.stderr)  # its size, rate and peak RSS
     return ggufs
 
 

@@ -240,7 +240,8 @@ def test_kernel_choice() -> None:
     odd = quantize_linear(torch.randn(40, IN), SPECS["nf4"], torch.bfloat16)
     assert odd.layout == "standard" and odd.kernel(1) == "dequant_matmul"
     int8 = quantize_linear(_weight(), SPECS["int8"], torch.bfloat16)
-    assert int8.kernel(1) == int8.kernel(64) == int8.kernel(4096) == "int8pack"
+    assert int8.kernel(1) == int8.kernel(kernels.INT_MM_MIN_ROWS - 1) == "int8pack"
+    assert int8.kernel(64) == int8.kernel(4096) == "int_mm_dynamic"
 
 
 # ---- files -----------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def gemv_4bit_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, i
         return torch.ops.bitsandbytes.gemv_4bit.default(x, cpu_packed, list(shape), absmax_t, code, blocksize)
     x = x.contiguous()
     rows, (out_features, in_features) = x.shape[0], shape
-    out = torch.empty(rows, out_features, dtype=torch.bfloat16, device=x.device)
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    # ctypes passes bare Python ints as 32-bit C ints: sizes and addresses are wrapped as 64-bit.
     entry(ct.c_int64(rows), ct.c_int64(out_features), ct.c_int64(in_features), ct.c_void_p(x.data_ptr()),
           ct.c_void_p(cpu_packed.data_ptr()), ct.c_void_p(absmax_t.data_ptr()), ct.c_void_p(out.data_ptr()),
           ct.c_int64(blocksize), ct.c_int64(in_features), ct.c_int64(out_features))

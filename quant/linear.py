@@ -60,6 +60,7 @@ class Linear4bit(QuantLinear):
         super().__init__()
         out_features, in_features = (int(d) for d in state.shape)
         self.in_features, self.out_features = in_features, out_features
+        self.shape = (out_features, in_features)
         self.compute_dtype = compute_dtype
         self.quant_type: str = state.quant_type
         self.blocksize: int = int(state.blocksize)
@@ -143,6 +144,11 @@ class Linear4bit(QuantLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu_entry is not None and x.dtype == torch.bfloat16:
+            # The decode hot path (~25 calls per layer per token): no dispatch or casts around the C call.
+            out = kernels.gemv_4bit_cpu(x.reshape(-1, self.in_features), self.weight, self.shape,
+                                        self.runtime_absmax, self.quant_map, self.blocksize, self._cpu_entry)
+            return out.view(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
         kernel = self.kernel(flat.shape[0])

@@ -16,7 +16,7 @@ from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
 from dsmoe.cli.simulate_cmd import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, offload_options, plan_table,
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, requested_offload,
 )
 from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import open_checkpoint
@@ -101,12 +101,11 @@ def bench(
         bits = bits or 16
         load_bits = None if bits == 16 else bits
         lm_head_bits = 8 if quantize_lm_head and bits != 16 else 16
-    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
-    offloading = any(v is not None for v in (expert_cache, gpu_mem, max_ram))
+    options = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
     bandwidth = measure_bandwidth()  # before loading: its 1 GB buffer must not add to the run's peak RSS
     started = time.perf_counter()
     store = None
-    if offloading and max_ram is not None:
+    if options is not None and max_ram is not None:
         if synthetic:
             raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
                              "then bench it with --model")
@@ -115,7 +114,7 @@ def bench(
     else:
         loaded = load_model(source, dtype=dtype, bits=load_bits, quant_type=quant_type,
                             quantize_lm_head=quantize_lm_head)
-        if offloading:
+        if options is not None:
             store = attach(loaded, plan_for(source, options, dtype, bits), options)
     if store is not None:
         err_console.print(plan_table(store.plan))

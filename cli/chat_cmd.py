@@ -16,7 +16,7 @@ from dsmoe.cli.common import (
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.simulate_cmd import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, offload_options, plan_table,
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, requested_offload,
 )
 from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.chat import SETTABLE, ChatSession, Reply, ReplyStats, SessionStats
@@ -229,9 +229,8 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, seed=seed,
     )
-    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
-    offloading = any(v is not None for v in (expert_cache, gpu_mem, max_ram))
-    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, options if offloading else None)
+    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
+    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot chat")
     store = store_of(loaded)

@@ -10,7 +10,7 @@ from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.simulate_cmd import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, offload_options, plan_table, stats_table,
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, requested_offload, stats_table,
 )
 from dsmoe.errors import UsageError
 from dsmoe.model.generate import SamplingSettings, stream_text
@@ -42,9 +42,7 @@ def generate(
     trace: str = typer.Option(None, "--trace", help="Record every MoE layer's routed experts to this file."),
 ) -> None:
     """Generate a continuation of PROMPT, streaming it as it is decoded."""
-    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)  # checks the flags either way
-    offloading = stats or any(v is not None for v in (expert_cache, gpu_mem, max_ram))
-    offload = options if offloading else None
+    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch, always=stats)
     loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
     store = store_of(loaded)
     if store is not None:

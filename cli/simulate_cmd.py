@@ -33,6 +33,17 @@ def offload_options(expert_cache: int | None, gpu_mem: float | None, max_ram: fl
     return OffloadOptions(budgets, policy=policy.lower(), prefetch=prefetch)
 
 
+def requested_offload(expert_cache: int | None, gpu_mem: float | None, max_ram: float | None,
+                      policy: str = "lru", prefetch: bool = True, always: bool = False) -> OffloadOptions | None:
+    """Options for an expert store when a budget flag (or ``always``) asks for one, else None.
+
+    The flags are checked either way, so a bad value is an error even when nothing is offloaded.
+    """
+    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
+    wanted = always or any(v is not None for v in (expert_cache, gpu_mem, max_ram))
+    return options if wanted else None
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.2f} MB"
 

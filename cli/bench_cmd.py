@@ -16,12 +16,12 @@ from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
 from dsmoe.cli.simulate_cmd import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, requested_offload,
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
 )
 from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.loader import load_model
-from dsmoe.offload import attach, load_offloaded, plan_for
+from dsmoe.offload import attach, load_offloaded, plan_for, requested_offload
 from dsmoe.quant import spec_from_config
 
 

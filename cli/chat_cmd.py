@@ -16,12 +16,12 @@ from dsmoe.cli.common import (
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.simulate_cmd import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, requested_offload,
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
 )
 from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.chat import SETTABLE, ChatSession, Reply, ReplyStats, SessionStats
 from dsmoe.model.generate import SamplingSettings
-from dsmoe.offload import store_of
+from dsmoe.offload import requested_offload, store_of
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession

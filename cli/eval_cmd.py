@@ -11,7 +11,9 @@ from rich.table import Table
 from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, default_model, err_console, guarded
 from dsmoe.cli.loading import load_with_progress
+from dsmoe.cli.simulate_cmd import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
 from dsmoe.errors import UsageError
+from dsmoe.offload import requested_offload
 
 
 @app.command("eval")
@@ -33,12 +35,18 @@ def eval_command(
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
+    expert_cache: int = ExpertCacheOption,
+    gpu_mem: float = GpuMemOption,
+    max_ram: float = MaxRamOption,
+    policy: str = PolicyOption,
+    prefetch: bool = PrefetchOption,
 ) -> None:
     """Score a model on benchmarks with lm-eval and show the report's numbers beside ours."""
     from dsmoe.evals import DsmoeLM
     from dsmoe.evals.quiet import quiet_libraries
     from dsmoe.evals.runner import DEFAULT_CACHE_DIR, EvalSettings, build, plan, run, task_manager, write_json_atomic, write_samples_atomic
 
+    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
     names = [n.strip() for n in (task or "").split(",") if n.strip()]
     if not names and not suite:
         raise UsageError("give --task NAME[,NAME...] or --suite report|report-chat")
@@ -56,7 +64,7 @@ def eval_command(
         rows = plan(settings, manager)
         with err_console.status("reading benchmark data"):
             build(rows, settings, manager)
-    loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type)
+    loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type, offload)
     with quiet_libraries(), _progress() as progress:
         bars: dict[str, int] = {}
 

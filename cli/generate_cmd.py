@@ -10,11 +10,11 @@ from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.simulate_cmd import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, requested_offload, stats_table,
+    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, stats_table,
 )
 from dsmoe.errors import UsageError
 from dsmoe.model.generate import SamplingSettings, stream_text
-from dsmoe.offload import TraceHeader, TraceRecorder, store_of
+from dsmoe.offload import TraceHeader, TraceRecorder, requested_offload, store_of
 
 
 @app.command("generate")

@@ -7,10 +7,10 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, console, default_model, guarded
-from dsmoe.cli.simulate_cmd import ExpertCacheOption, GpuMemOption, MaxRamOption, offload_options, plan_table
+from dsmoe.cli.simulate_cmd import ExpertCacheOption, GpuMemOption, MaxRamOption, plan_table
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
-from dsmoe.offload import plan_for
+from dsmoe.offload import plan_for, requested_offload
 
 
 def _gb(n: float) -> str:
@@ -59,5 +59,5 @@ def info(
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(table)
     if plan:
-        options = offload_options(expert_cache, gpu_mem, max_ram)
+        options = requested_offload(expert_cache, gpu_mem, max_ram, always=True)
         console.print(plan_table(plan_for(checkpoint, options, dtype, bits)))

@@ -11,7 +11,7 @@ from rich.table import Table
 from dsmoe.cli.app import app
 from dsmoe.cli.common import console, guarded
 from dsmoe.errors import UsageError
-from dsmoe.offload import Budgets, OffloadOptions, Plan, StoreStats, read_trace, sweep
+from dsmoe.offload import Plan, StoreStats, read_trace, sweep
 
 GB = 1e9
 
@@ -20,28 +20,6 @@ GpuMemOption = typer.Option(None, "--gpu-mem", help="GB of GPU memory for the mo
 MaxRamOption = typer.Option(None, "--max-ram", help="GB of RAM the process may use; below the model's size experts stay on disk.")
 PolicyOption = typer.Option("lru", "--policy", help="Expert cache eviction: lru or lfu.")
 PrefetchOption = typer.Option(True, "--prefetch/--no-prefetch", help="Guess the next layer's experts and load them early.")
-
-
-def offload_options(expert_cache: int | None, gpu_mem: float | None, max_ram: float | None,
-                    policy: str = "lru", prefetch: bool = True) -> OffloadOptions:
-    """Flags to options; GB values must be positive."""
-    for flag, value in (("--gpu-mem", gpu_mem), ("--max-ram", max_ram)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{flag} must be a positive number of GB, got {value}")
-    budgets = Budgets(gpu_mem=gpu_mem * GB if gpu_mem is not None else None,
-                      max_ram=max_ram * GB if max_ram is not None else None, expert_cache=expert_cache)
-    return OffloadOptions(budgets, policy=policy.lower(), prefetch=prefetch)
-
-
-def requested_offload(expert_cache: int | None, gpu_mem: float | None, max_ram: float | None,
-                      policy: str = "lru", prefetch: bool = True, always: bool = False) -> OffloadOptions | None:
-    """Options for an expert store when a budget flag (or ``always``) asks for one, else None.
-
-    The flags are checked either way, so a bad value is an error even when nothing is offloaded.
-    """
-    options = offload_options(expert_cache, gpu_mem, max_ram, policy, prefetch)
-    wanted = always or any(v is not None for v in (expert_cache, gpu_mem, max_ram))
-    return options if wanted else None
 
 
 def _mb(n: float) -> str:

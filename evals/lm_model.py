@@ -252,20 +252,47 @@ class DsmoeLM(LM):
         }
 
 
+OFFLOAD_ARGS = ("expert_cache", "gpu_mem", "max_ram", "policy", "prefetch")
+"""model_args that place the routed experts in an expert store (GB for gpu_mem and max_ram)."""
+
+
 def _load(pretrained: str, dtype: str, bits: int | None, quant_type: str | None,
           extra: dict[str, Any]) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
-    """Load through ``dsmoe.load``, passing on only the extra arguments the loader knows."""
+    """Load through ``dsmoe.load`` (or into an expert store when a budget is given)."""
     from dsmoe.model.loader import load
+    from dsmoe.offload import load_offloaded, requested_offload
 
     known = set(inspect.signature(load).parameters) - {"name_or_path", "dtype", "bits", "quant_type", "progress"}
-    unknown = sorted(set(extra) - known)
+    unknown = sorted(set(extra) - known - set(OFFLOAD_ARGS))
     if unknown:
         raise EvalError(
             f"unknown dsmoe model argument(s): {', '.join(unknown)} "
-            f"(known: pretrained, dtype, bits, quant_type, batch_size, max_length, share_context"
-            f"{', ' + ', '.join(sorted(known)) if known else ''})"
+            f"(known: pretrained, dtype, bits, quant_type, batch_size, max_length, share_context, "
+            f"{', '.join(OFFLOAD_ARGS)}{', ' + ', '.join(sorted(known)) if known else ''})"
         )
-    return load(pretrained, dtype=dtype, bits=_parse_bits(bits), quant_type=quant_type, **extra)
+    budgets = {name: extra.pop(name) for name in OFFLOAD_ARGS if name in extra}
+    offload = requested_offload(
+        expert_cache=_number(budgets, "expert_cache", int), gpu_mem_gb=_number(budgets, "gpu_mem", float),
+        max_ram_gb=_number(budgets, "max_ram", float), policy=str(budgets.get("policy", "lru")),
+        prefetch=str(budgets.get("prefetch", True)).lower() not in ("false", "0", "no"),
+    )
+    if offload is None:
+        return load(pretrained, dtype=dtype, bits=_parse_bits(bits), quant_type=quant_type, **extra)
+    model, tokenizer, _ = load_offloaded(pretrained, offload, dtype=dtype, bits=_parse_bits(bits),
+                                         quant_type=quant_type, double_quant=bool(extra.pop("double_quant", False)))
+    if extra:
+        raise EvalError(f"not supported with an expert store: {', '.join(sorted(extra))}")
+    return model, tokenizer
+
+
+def _number(values: dict[str, Any], name: str, kind: type) -> Any:
+    """A numeric model_arg (lm-eval may pass it as text), or None when absent."""
+    if name not in values or values[name] in (None, "", "none", "None"):
+        return None
+    try:
+        return kind(values[name])
+    except (TypeError, ValueError):
+        raise EvalError(f"{name} must be a number, got {values[name]!r}") from None
 
 
 def _parse_bits(bits: int | str | None) -> int | None:

@@ -14,7 +14,7 @@ from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload.disk import DiskExperts
-from dsmoe.offload.plan import Budgets, Plan, Resources, make_plan
+from dsmoe.offload.plan import GB, Budgets, Plan, Resources, make_plan
 from dsmoe.offload.policies import POLICIES
 from dsmoe.offload.store import (
     CostModel,
@@ -59,6 +59,24 @@ class OffloadOptions:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+def requested_offload(expert_cache: int | None = None, gpu_mem_gb: float | None = None,
+                      max_ram_gb: float | None = None, policy: str = "lru", prefetch: bool = True,
+                      always: bool = False) -> OffloadOptions | None:
+    """Options for an expert store when a budget (or ``always``) asks for one, else None.
+
+    The values are checked either way (GB positive, a known policy; slots when planning), so a bad one is an error even
+    when nothing is offloaded.
+    """
+    for budget, value in (("GPU memory", gpu_mem_gb), ("RAM", max_ram_gb)):
+        if value is not None and value <= 0:
+            raise UsageError(f"the {budget} budget must be a positive number of GB, got {value}")
+    budgets = Budgets(gpu_mem=gpu_mem_gb * GB if gpu_mem_gb is not None else None,
+                      max_ram=max_ram_gb * GB if max_ram_gb is not None else None, expert_cache=expert_cache)
+    options = OffloadOptions(budgets, policy=policy.lower(), prefetch=prefetch)
+    wanted = always or any(v is not None for v in (expert_cache, gpu_mem_gb, max_ram_gb))
+    return options if wanted else None
 
 
 def plan_for(

@@ -104,6 +104,23 @@ def test_generate_until_is_greedy_and_stops(tiny):
     assert cut == free[: free.find(stop)]
 
 
+def test_offload_budgets_as_model_args_give_the_resident_scores(tiny):
+    """lm-eval's own model_args string with an expert store of one slot per layer: same numbers."""
+    from dsmoe.offload import store_of
+
+    model, tok = tiny
+    args = [("The capital of France is", c) for c in (" Paris", " London")] + [("Question:", " 4")]
+    resident = DsmoeLM(model=model, tokenizer=tok, batch_size=2).loglikelihood(_requests("loglikelihood", args))
+    lm = DsmoeLM.create_from_arg_string(f"pretrained={TINY},dtype=fp32,expert_cache=1,policy=lfu,batch_size=2")
+    store = store_of(lm.model)
+    assert store is not None and store.plan.device_slots == 1
+    offloaded = lm.loglikelihood(_requests("loglikelihood", args))
+    assert [score for score, _ in offloaded] == [score for score, _ in resident]
+    assert store.stats.misses() > 0
+    with pytest.raises(EvalError, match="max_ram must be a number"):
+        DsmoeLM(pretrained=str(TINY), max_ram="lots")
+
+
 def test_unknown_model_argument_is_one_clear_error():
     with pytest.raises(EvalError, match="unknown dsmoe model argument"):
         DsmoeLM(pretrained=str(TINY), no_such_budget="1GB")

@@ -69,9 +69,9 @@ def requested_offload(expert_cache: int | None = None, gpu_mem_gb: float | None 
     The values are checked either way (GB positive, a known policy; slots when planning), so a bad one is an error even
     when nothing is offloaded.
     """
-    for budget, value in (("GPU memory", gpu_mem_gb), ("RAM", max_ram_gb)):
+    for flag, value in (("--gpu-mem", gpu_mem_gb), ("--max-ram", max_ram_gb)):
         if value is not None and value <= 0:
-            raise UsageError(f"the {budget} budget must be a positive number of GB, got {value}")
+            raise UsageError(f"{flag} must be a positive number of GB, got {value}")
     budgets = Budgets(gpu_mem=gpu_mem_gb * GB if gpu_mem_gb is not None else None,
                       max_ram=max_ram_gb * GB if max_ram_gb is not None else None, expert_cache=expert_cache)
     options = OffloadOptions(budgets, policy=policy.lower(), prefetch=prefetch)

@@ -226,7 +226,6 @@ class MoE(nn.Module):
             start = end
         return out
 
-
     def _route_one(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``route`` for a single token (decode): the same sums in the same order, no grouping work.
 

@@ -15,7 +15,7 @@ from dsmoe.bench.runner import BenchResult, measure_bandwidth, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
-from dsmoe.cli.simulate_cmd import (
+from dsmoe.cli.offload_view import (
     ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
 )
 from dsmoe.errors import UsageError

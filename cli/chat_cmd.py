@@ -15,7 +15,7 @@ from dsmoe.cli.common import (
     BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded, is_interactive,
 )
 from dsmoe.cli.loading import load_with_progress
-from dsmoe.cli.simulate_cmd import (
+from dsmoe.cli.offload_view import (
     ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
 )
 from dsmoe.errors import DsmoeError, UsageError

@@ -11,7 +11,7 @@ from rich.table import Table
 from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, default_model, err_console, guarded
 from dsmoe.cli.loading import load_with_progress
-from dsmoe.cli.simulate_cmd import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
+from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
 from dsmoe.errors import UsageError
 from dsmoe.offload import requested_offload
 

@@ -9,7 +9,7 @@ import typer
 from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded
 from dsmoe.cli.loading import load_with_progress
-from dsmoe.cli.simulate_cmd import (
+from dsmoe.cli.offload_view import (
     ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, stats_table,
 )
 from dsmoe.errors import UsageError

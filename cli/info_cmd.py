@@ -7,7 +7,7 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import BitsOption, DtypeOption, console, default_model, guarded
-from dsmoe.cli.simulate_cmd import ExpertCacheOption, GpuMemOption, MaxRamOption, plan_table
+from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, plan_table
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
 from dsmoe.offload import plan_for, requested_offload

@@ -1,7 +1,4 @@
-"""``dsmoe simulate``: replay a routing trace under each cache policy and size; and the offload views.
-
-The placement and stats tables live here too, since ``generate`` and ``info`` show them as well.
-"""
+"""``dsmoe simulate``: replay a routing trace under each cache policy and size."""
 
 from __future__ import annotations
 
@@ -10,54 +7,9 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import console, guarded
+from dsmoe.cli.offload_view import mb
 from dsmoe.errors import UsageError
-from dsmoe.offload import Plan, StoreStats, read_trace, sweep
-
-GB = 1e9
-
-ExpertCacheOption = typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.")
-GpuMemOption = typer.Option(None, "--gpu-mem", help="GB of GPU memory for the model; experts that do not fit stay in RAM.")
-MaxRamOption = typer.Option(None, "--max-ram", help="GB of RAM the process may use; below the model's size experts stay on disk.")
-PolicyOption = typer.Option("lru", "--policy", help="Expert cache eviction: lru or lfu.")
-PrefetchOption = typer.Option(True, "--prefetch/--no-prefetch", help="Guess the next layer's experts and load them early.")
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.2f} MB"
-
-
-def plan_table(plan: Plan) -> Table:
-    """What lives where, and the bytes per token expected over each link."""
-    table = Table(title=f"expert placement (compute on {plan.compute})", title_justify="left")
-    for column in ("tier", "holds", "size", "budget"):
-        table.add_column(column)
-    n, layers = plan.n_experts, len(plan.moe_layers)
-    for tier in plan.tiers:
-        experts = "all routed experts" if tier.slots >= n else f"{tier.slots} of {n} experts per layer"
-        holds = f"{experts} + everything else" if tier.holds_rest else experts
-        budget = f"{tier.budget / GB:.2f} GB" if tier.budget is not None else ""
-        table.add_row(tier.name, holds, f"{plan.tier_bytes(tier) / GB:.3f} GB", budget)
-    parts = [f"{layers} MoE layers x {n} experts of {_mb(plan.expert_bytes)}, top-{plan.top_k}"]
-    parts += [f"{link}: ~{_mb(b)}/token (even routing)" for link, b in plan.expected_link_bytes().items()]
-    table.caption = "; ".join(parts + plan.notes)
-    table.caption_justify = "left"
-    return table
-
-
-def stats_table(stats: StoreStats) -> Table:
-    """Per-layer hits, misses and prefetch accuracy, and bytes moved per token."""
-    table = Table(title=f"expert cache over {stats.tokens} tokens", title_justify="left")
-    for column in ("layer", "hits", "misses", "hit rate", "predicted", "prefetch acc.", "prefetched", "run on host"):
-        table.add_column(column, justify="right")
-    for idx, s in sorted(stats.layers.items()):
-        table.add_row(str(idx), str(s.hits), str(s.misses), f"{stats.hit_rate(idx):.1%}", str(s.predicted),
-                      f"{stats.prefetch_accuracy(idx):.1%}" if s.predicted else "", str(s.prefetched), str(s.host_runs))
-    table.add_row("all", str(stats.hits()), str(stats.misses()), f"{stats.hit_rate():.1%}", "",
-                  f"{stats.prefetch_accuracy():.1%}", "", "", style="bold")
-    moved = [f"{link}: {_mb(stats.bytes_per_token(link))}/token" for link in sorted(stats.link_bytes)]
-    table.caption = "bytes moved: " + ("; ".join(moved) if moved else "none")
-    table.caption_justify = "left"
-    return table
+from dsmoe.offload import read_trace, sweep
 
 
 def _sizes(value: str | None) -> list[int] | None:
@@ -84,10 +36,10 @@ def simulate(
     results = sweep(recorded, [p.lower() for p in policy] or None, _sizes(slots))
     head = recorded.header
     table = Table(title=f"{trace}: {recorded.tokens} tokens, {len(head.moe_layers)} MoE layers x "
-                  f"{head.n_experts} experts (top-{head.top_k}), {_mb(head.expert_bytes)} each", title_justify="left")
+                  f"{head.n_experts} experts (top-{head.top_k}), {mb(head.expert_bytes)} each", title_justify="left")
     for column in ("policy", "slots/layer", "hit rate", "misses/token", "moved/token"):
         table.add_column(column, justify="right")
     for r in results:
         per_token = r.misses / r.tokens if r.tokens else 0.0
-        table.add_row(r.policy, str(r.slots), f"{r.hit_rate:.1%}", f"{per_token:.2f}", _mb(r.bytes_per_token))
+        table.add_row(r.policy, str(r.slots), f"{r.hit_rate:.1%}", f"{per_token:.2f}", mb(r.bytes_per_token))
     console.print(table)

@@ -45,7 +45,8 @@ def decode_bytes_per_token(model: DeepseekForCausalLM, bits: int, lm_head_bits: 
     counts = parameter_counts(config)
     h, v = config.hidden_size, config.vocab_size
     lm_head = 0 if config.tie_word_embeddings else v * h
-    kept_active = counts["kept"] - v * h - lm_head  # norms and routers, in bf16
+    # Norms and routers, counted at 2 bytes (routers are fp32 in memory: under 0.5% more at 16B).
+    kept_active = counts["kept"] - v * h - lm_head
     quantized_active = counts["active"] - counts["kept"]
     return int(
         quantized_active * BYTES_PER_WEIGHT[bits]

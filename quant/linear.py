@@ -88,7 +88,7 @@ class Linear4bit(QuantLinear):
             nested = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map,
                                 blocksize=self.nested_blocksize, dtype=self.nested_dtype)
             offset = torch.tensor(self.nested_offset, device=self.absmax.device)
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+        return QuantState(absmax=self.absmax, shape=torch.Size(self.shape),
                           code=self.quant_map, blocksize=self.blocksize, quant_type=self.quant_type,
                           dtype=self.stored_dtype, offset=offset, state2=nested)
 
@@ -136,7 +136,7 @@ class Linear4bit(QuantLinear):
         if self.layout == "cpu":
             weight = kernels.unpack_from_cpu(weight, self.out_features, self.in_features)
         absmax = self.runtime_absmax if self.layout == "standard" else self._absmax_f32()
-        shape = (self.out_features, self.in_features)
+        shape = self.shape
         if weight.device.type == "cpu" and self.in_features % self.blocksize:
             return kernels.dequantize_4bit_lookup(weight, absmax, self.quant_map, self.blocksize, shape, dtype)
         return torch.ops.bitsandbytes.dequantize_4bit.default(
@@ -153,8 +153,8 @@ class Linear4bit(QuantLinear):
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
         kernel = self.kernel(flat.shape[0])
         if kernel == "bnb_cpu_4bit":
-            out = kernels.gemv_4bit_cpu(flat, self.weight, (self.out_features, self.in_features),
-                                        self.runtime_absmax, self.quant_map, self.blocksize, self._cpu_entry)
+            out = kernels.gemv_4bit_cpu(flat, self.weight, self.shape, self.runtime_absmax, self.quant_map,
+                                        self.blocksize, self._cpu_entry)
         elif kernel == "bnb_matmul_4bit":
             import bitsandbytes as bnb
 

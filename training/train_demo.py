@@ -164,7 +164,7 @@ class BalanceLoss:
             self.usage[layer] += torch.bincount(ids.flatten(), minlength=self.usage[layer].numel()).float()
             if not torch.is_grad_enabled():
                 return
-            n_experts, k = gate.weight.shape[0], ids.shape[-1]
+            n_experts = gate.weight.shape[0]
             scores = F.linear(inputs[0].float(), gate.weight.float()).softmax(-1)
             scores = scores.view(self.batch_size, -1, n_experts)
             picks = ids.view(self.batch_size, -1)

@@ -15,6 +15,7 @@ from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
+from dsmoe.quant.linear import swiglu_one_token
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
@@ -142,6 +143,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:  # one token: quantized layers may run as one native call
+            fused = swiglu_one_token(self.gate_proj, self.up_proj, self.down_proj, x)
+            if fused is not None:
+                return fused
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

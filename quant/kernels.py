@@ -6,8 +6,11 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   weight repacked once at load into its CPU layout; it beats dequantize-then-matmul at every batch.
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
-* 8-bit, fewer than ``INT_MM_MIN_ROWS`` rows (decode): ``torch._weight_int8pack_mm`` (int8
-  weight, float activations), exactly ``dequant(W) @ x``: 2x bf16 at one row.
+* 8-bit, bf16 compute, fewer than ``INT_MM_MIN_ROWS`` rows (decode): dsmoe's own C kernel
+  (``native/kernels.c``) when it was built and the CPU has AVX512-VNNI or AVX2: the activations
+  are rounded to int8 in blocks of 64 (llama.cpp's Q8_0 activations) and integer dot products do
+  the work. Without it, ``torch._weight_int8pack_mm`` (int8 weight, float activations), exactly
+  ``dequant(W) @ x``: 2x bf16 at one row. fp32 compute keeps int8pack.
 * 8-bit, bf16 compute, ``INT_MM_MIN_ROWS`` rows or more (prefill, batched scoring):
   ``torch._int_mm`` on row-wise int8 activations, which is LLM.int8's vector-wise quantization
   without its outlier split (bitsandbytes' own int8 matmul also rounds the activations). It was
@@ -15,12 +18,18 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   8-16 rows. It rounds the activations, so its output error is ~3.5x int8pack's (0.8% vs 0.23%).
   fp32 compute (quality runs) keeps int8pack at every size.
 
+* A SwiGLU MLP for one bf16 token (each routed expert in decode) runs as one native call: the
+  8-bit kernel above, or bitsandbytes' 4-bit kernel called from C, saving the Python work of three
+  module calls and two elementwise ops.
+
 On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the standard layout.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
+import functools
+import importlib.util
 from typing import Callable
 
 import torch
@@ -133,6 +142,89 @@ def int8_dynamic_mm(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor
         xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
     acc = torch._int_mm(xq, weight_t)[:rows]
     return (acc.float() * (row_max / 127.0) * scale).to(x.dtype)
+
+
+NATIVE_BLOCK = 64
+"""Activation values per int8 scale in the native kernels; input widths must be multiples of it."""
+
+_i64, _ptr = ct.c_int64, ct.c_void_p
+_NATIVE_SIGNATURES = {
+    "dsmoe_int8_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, ct.c_int],
+    "dsmoe_int8_mlp": [_i64, _i64] + [_ptr] * 8,
+    "dsmoe_bnb4_mlp": [_ptr, _i64, _i64, _i64] + [_ptr] * 8,
+}
+
+
+@functools.cache
+def native_library() -> ct.CDLL | None:
+    """dsmoe's own decode kernels (``native/kernels.c``), or None if not built or this CPU lacks AVX2.
+
+    They are built at install as the extension ``dsmoe.quant._native`` (optional: installing without
+    a C compiler leaves them out). It has no Python entry point, so it is loaded with ctypes.
+    """
+    spec = importlib.util.find_spec("dsmoe.quant._native")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ct.CDLL(spec.origin)
+    if lib.dsmoe_native_isa() == 0:
+        return None
+    for name, argtypes in _NATIVE_SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, ct.c_int
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"native {what} kernel failed with status {status}")
+
+
+def int8_native_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, in] bf16 @ (weight * scale[:, None]).T, x rounded to int8 per block of 64 (needs ``native_library``).
+
+    ``out_dtype`` is bf16 or fp32; fp32 saves a rounding where the caller wants fp32 (the logits).
+    """
+    lib = native_library()
+    assert lib is not None
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    out = torch.empty(rows, out_features, dtype=out_dtype)
+    _check(lib.dsmoe_int8_gemv(rows, out_features, in_features, x.data_ptr(), weight.data_ptr(), scale.data_ptr(),
+                               out.data_ptr(), int(out_dtype == torch.float32)), "int8 matmul")
+    return out
+
+
+def int8_native_mlp(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+                    down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for one bf16 token [1, hidden], each weight as (int8, row scale)."""
+    lib = native_library()
+    assert lib is not None
+    hidden, inter = down[0].shape
+    out = torch.empty(1, hidden, dtype=torch.bfloat16)
+    _check(lib.dsmoe_int8_mlp(hidden, inter, x.contiguous().data_ptr(), gate[0].data_ptr(), gate[1].data_ptr(),
+                              up[0].data_ptr(), up[1].data_ptr(), down[0].data_ptr(), down[1].data_ptr(),
+                              out.data_ptr()), "int8 MLP")
+    return out
+
+
+def bnb4_native_mlp(x: torch.Tensor, entry: Callable[..., None], blocksize: int,
+                    gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+                    down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The same MLP, 4-bit: bitsandbytes' CPU kernel (``entry``) on (weight, absmax_t) in its CPU layout.
+
+    The bf16 roundings are PyTorch's (each projection's output, silu, the product), so it gives
+    what the three module calls give, minus two Python round trips and two elementwise ops.
+    """
+    lib = native_library()
+    assert lib is not None
+    hidden, inter = down[0].shape[0], gate[0].shape[0]
+    out = torch.empty(1, hidden, dtype=torch.bfloat16)
+    address = ct.cast(entry, ct.c_void_p).value
+    _check(lib.dsmoe_bnb4_mlp(address, hidden, inter, blocksize, x.contiguous().data_ptr(), gate[0].data_ptr(),
+                              gate[1].data_ptr(), up[0].data_ptr(), up[1].data_ptr(), down[0].data_ptr(),
+                              down[1].data_ptr(), out.data_ptr()), "4-bit MLP")
+    return out
 
 
 def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -189,13 +189,17 @@ class Linear8bit(QuantLinear):
         self.register_buffer("scale", self.SCB / 127.0, persistent=False)
         self.register_buffer("unit", torch.ones(self.out_features, dtype=self.compute_dtype, device=device),
                              persistent=False)
+        self.native = (device.type == "cpu" and self.compute_dtype == torch.bfloat16
+                       and self.in_features % kernels.NATIVE_BLOCK == 0 and kernels.native_library() is not None)
 
     def kernel(self, rows: int) -> str:
         if self.weight.device.type == "cuda":
             return "bnb_matmul_int8"
-        if rows >= kernels.INT_MM_MIN_ROWS and self.compute_dtype == torch.bfloat16:
+        if self.compute_dtype != torch.bfloat16:
+            return "int8pack"
+        if rows >= kernels.INT_MM_MIN_ROWS:
             return "int_mm_dynamic"
-        return "int8pack"
+        return "int8_native" if self.native else "int8pack"
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.scale[:, None]).to(dtype)
@@ -204,7 +208,9 @@ class Linear8bit(QuantLinear):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
         kernel = self.kernel(flat.shape[0])
-        if kernel == "int8pack":
+        if kernel == "int8_native":
+            out = kernels.int8_native_mm(flat, self.weight, self.scale)
+        elif kernel == "int8pack":
             out = kernels.int8_weight_only_mm(flat, self.weight, self.scale, self.unit)
         elif kernel == "int_mm_dynamic":
             out = kernels.int8_dynamic_mm(flat, self.weight.t(), self.scale)
@@ -224,6 +230,30 @@ class Linear8bit(QuantLinear):
             # transformers writes the layout tag; 0 is "row", the only one it still reads.
             "weight_format": torch.tensor(0, dtype=torch.uint8),
         }
+
+
+def swiglu_one_token(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """down(silu(gate(x)) * up(x)) for one bf16 token in one native call, or None where none applies.
+
+    Applies when the three are quantized alike and on a native path: 8-bit layers with the native
+    int8 kernel, 4-bit layers in bitsandbytes' CPU layout. Decode runs ~7 MLPs per layer.
+    """
+    if x.dtype != torch.bfloat16 or kernels.native_library() is None:
+        return None
+    flat = x.reshape(1, -1)
+    if isinstance(gate, Linear8bit) and isinstance(up, Linear8bit) and isinstance(down, Linear8bit):
+        if gate.native and down.native:
+            out = kernels.int8_native_mlp(flat, (gate.weight, gate.scale), (up.weight, up.scale),
+                                          (down.weight, down.scale))
+            return out.view(x.shape)
+    elif isinstance(gate, Linear4bit) and isinstance(up, Linear4bit) and isinstance(down, Linear4bit):
+        layers = (gate, up, down)
+        if all(m._cpu_entry is not None and m._cpu_entry is gate._cpu_entry and m.blocksize == gate.blocksize
+               for m in layers):
+            out = kernels.bnb4_native_mlp(flat, gate._cpu_entry, gate.blocksize,  # type: ignore[arg-type]
+                                          *((m.weight, m.runtime_absmax) for m in layers))
+            return out.view(x.shape)
+    return None
 
 
 def quantize_int8(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,159 @@
+"""dsmoe's C decode kernels: the int8 matmul, both instruction sets, and one-call SwiGLU MLPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsmoe import load
+from dsmoe.demo import DEMO_MODEL_PATH
+from dsmoe.model.deepseek import MLP
+from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
+from dsmoe.quant import QuantSpec, kernels, quantize_linear
+from dsmoe.quant.spec import INT8
+from dsmoe.quant.linear import Linear8bit, swiglu_one_token
+
+
+def _cpu_has_avx2() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx2 " in flags.replace("\n", " ")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The library must be built wherever the CPU can run it: a silently missing build would hide here."""
+    if not _cpu_has_avx2():
+        pytest.skip("the native kernels need AVX2")
+    library = kernels.native_library()
+    assert library is not None, "dsmoe.quant._native was not built: reinstall with a C compiler (pip install -e .)"
+    return library
+
+
+def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 per block of 64 with scale absmax / 127."""
+    blocks = x.float().view(x.shape[0], -1, kernels.NATIVE_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(blocks * (127 / amax)), torch.zeros_like(blocks)).clamp(-127, 127)
+    return (q * (amax / 127)).view(x.shape)
+
+
+def _int8_weight(out_features: int, in_features: int, seed: int) -> Linear8bit:
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05
+    weight[1, :5] *= 30  # an outlier row
+    layer = quantize_linear(weight, INT8, torch.bfloat16)
+    assert isinstance(layer, Linear8bit)
+    return layer
+
+
+@pytest.mark.parametrize("isa", [1, 2], ids=["vnni", "avx2"])
+@pytest.mark.parametrize("shape", [(37, 128), (96, 256), (2048, 64 * 11)], ids=str)
+def test_int8_kernel_computes_the_rounded_product(lib, isa: int, shape: tuple[int, int]) -> None:
+    """Each output is the exact sum over int8 activations and weights, for any row count and shape."""
+    used = lib.dsmoe_native_use_isa(isa)
+    try:
+        if used != isa:
+            pytest.skip("this CPU has no AVX512-VNNI")
+        layer = _int8_weight(*shape, seed=shape[0])
+        x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+        x[0, :3] *= 50  # one block with a large value, so block scales differ
+        want = (_rounded_activations(x).double() @ layer.dequantized().double().t()).float()
+        for rows in (1, 3):
+            got = kernels.int8_native_mm(x[:rows], layer.weight, layer.scale, torch.float32)
+            torch.testing.assert_close(got, want[:rows], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            got_bf16 = kernels.int8_native_mm(x[:rows], layer.weight, layer.scale)
+            torch.testing.assert_close(got_bf16, got.bfloat16(), rtol=0, atol=0)
+    finally:
+        lib.dsmoe_native_use_isa(-1)
+
+
+def test_both_instruction_sets_give_the_same_numbers(lib) -> None:
+    if lib.dsmoe_native_use_isa(1) != 1:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    layer = _int8_weight(160, 512, seed=3)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(4)).bfloat16()
+    try:
+        vnni = kernels.int8_native_mm(x, layer.weight, layer.scale, torch.float32)
+        lib.dsmoe_native_use_isa(2)
+        avx2 = kernels.int8_native_mm(x, layer.weight, layer.scale, torch.float32)
+    finally:
+        lib.dsmoe_native_use_isa(-1)
+    assert torch.equal(vnni, avx2)
+
+
+def test_int8_layers_decode_with_the_native_kernel(lib) -> None:
+    layer = _int8_weight(96, 256, seed=5)
+    assert layer.kernel(1) == layer.kernel(kernels.INT_MM_MIN_ROWS - 1) == "int8_native"
+    assert quantize_linear(torch.randn(96, 100), INT8, torch.bfloat16).kernel(1) == "int8pack"  # 100 % 64
+    assert quantize_linear(torch.randn(96, 256), INT8, torch.float32).kernel(1) == "int8pack"
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(layer(x.bfloat16()), kernels.int8_native_mm(x.bfloat16(), layer.weight, layer.scale))
+    exact = x @ layer.dequantized().t()
+    error = ((layer(x.bfloat16()).float() - exact).norm() / exact.norm()).item()
+    assert error < 0.015  # bf16 output (~0.3%) plus int8 activations; a wrong scale or sign is far off
+
+
+def _mlp(spec: QuantSpec, hidden: int = 256, inter: int = 128) -> MLP:
+    torch.manual_seed(7)
+    mlp = MLP(hidden, inter)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        dense = getattr(mlp, name)
+        setattr(mlp, name, quantize_linear(dense.weight.detach() * 2, spec, torch.bfloat16))
+    return mlp
+
+
+def test_int8_mlp_in_one_call_matches_the_three_layers(lib) -> None:
+    mlp = _mlp(INT8)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8)).bfloat16()
+    fused = swiglu_one_token(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
+    assert fused is not None and fused.shape == x.shape
+    layered = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # bf16 between the layers
+    xf = x.float()
+    exact = mlp.down_proj.dequantized() @ (F.silu(xf @ mlp.gate_proj.dequantized().t())
+                                           * (xf @ mlp.up_proj.dequantized().t())).t()
+    for got in (fused, layered):
+        assert ((got.float() - exact.t()).norm() / exact.norm()).item() < 0.02
+    assert ((fused.float() - layered.float()).norm() / layered.float().norm()).item() < 0.02
+    assert torch.equal(mlp(x), fused)  # MLP.forward takes the one-call path for one token
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_mlp_in_one_call_gives_the_three_layers_numbers(lib, quant_type: str) -> None:
+    if not kernels.cpu_4bit_kernel_available():
+        pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
+    mlp = _mlp(QuantSpec(bits=4, quant_type=quant_type))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
+    fused = swiglu_one_token(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
+    assert fused is not None
+    layered = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    # The same kernel and bf16 roundings; only silu's exp (libm vs PyTorch's) can move a last bit.
+    torch.testing.assert_close(fused, layered, rtol=0.008, atol=0)
+    assert torch.equal(mlp(x), fused)
+
+
+def test_no_one_call_path_for_mixed_or_fp32_layers(lib) -> None:
+    int8, nf4 = _mlp(INT8), _mlp(QuantSpec(bits=4, quant_type="nf4"))
+    x = torch.randn(1, 256).bfloat16()
+    assert swiglu_one_token(int8.gate_proj, int8.up_proj, nf4.down_proj, x) is None
+    assert swiglu_one_token(int8.gate_proj, int8.up_proj, int8.down_proj, x.float()) is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_offloaded_experts_decode_like_resident_ones_on_the_native_path(lib, bits: int) -> None:
+    """The store runs each expert's MLP module, so both take the same one-call path, bit for bit."""
+    if bits == 4 and not kernels.cpu_4bit_kernel_available():
+        pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
+    prompt = torch.randint(0, 2048, (1, 9), generator=torch.Generator().manual_seed(10))
+    resident, _ = load(DEMO_MODEL_PATH, bits=bits)
+    expert = resident.moe_layers()[0].experts[0]
+    assert swiglu_one_token(expert.gate_proj, expert.up_proj, expert.down_proj,
+                            torch.zeros(1, resident.config.hidden_size, dtype=torch.bfloat16)) is not None
+    offloaded, _, store = load_offloaded(DEMO_MODEL_PATH, OffloadOptions(Budgets(expert_cache=1), "lru", False),
+                                         bits=bits)
+    with torch.inference_mode():
+        want = resident.generate(prompt, max_new_tokens=6)
+        assert torch.equal(offloaded.generate(prompt, max_new_tokens=6), want)
+    assert store.stats.misses() > 0
+    store.detach()

@@ -45,6 +45,11 @@ class KVCache:
         self.values[layer_idx][:, :, start_pos:end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def layer_tensors(self, layer_idx: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for positions up to ``end``, and the layer's whole key and value buffers (for kernels that write in place)."""
+        self.reserve(end)
+        return self.keys[layer_idx], self.values[layer_idx]
+
     def advance(self, n: int) -> None:
         self.length += n
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
-from dsmoe.quant.linear import swiglu_one_token
+from dsmoe.quant.kernels import attention_decode, native_library
+from dsmoe.quant.linear import SwiGLUKernel, swiglu_kernel
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
@@ -97,6 +98,11 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
+        if cache is not None and bsz == seq_len == 1 and native_attention(x, self.head_dim):
+            keys, values = cache.layer_tensors(self.layer_idx, start_pos + 1)
+            out = attention_decode(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0], keys, values,
+                                   start_pos, self.n_heads)
+            return self.o_proj(out.view(1, 1, -1))
         q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -116,6 +122,11 @@ class Attention(nn.Module):
             )
         out = out.transpose(1, 2).reshape(bsz, seq_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+
+def native_attention(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether the decode step's attention runs as one native call: bf16 on the CPU, built library."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and head_dim % 8 == 0 and native_library() is not None
 
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -141,12 +152,25 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._one_token: tuple[tuple[torch.Tensor, ...], SwiGLUKernel | None] | None = None
+
+    def one_token_kernel(self) -> SwiGLUKernel | None:
+        """The native one-call path for a single bf16 token, if these layers have one.
+
+        Looked up once and kept while the three weight tensors stay the same objects (quantizing,
+        loading or moving the layers replaces them).
+        """
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        cached = self._one_token
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
+            cached = self._one_token = (weights, swiglu_kernel(self.gate_proj, self.up_proj, self.down_proj))
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:  # one token: quantized layers may run as one native call
-            fused = swiglu_one_token(self.gate_proj, self.up_proj, self.down_proj, x)
-            if fused is not None:
-                return fused
+        if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+            kernel = self.one_token_kernel()
+            if kernel is not None:
+                return kernel(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

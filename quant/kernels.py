@@ -151,7 +151,8 @@ _i64, _ptr = ct.c_int64, ct.c_void_p
 _NATIVE_SIGNATURES = {
     "dsmoe_int8_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, ct.c_int],
     "dsmoe_int8_mlp": [_i64, _i64] + [_ptr] * 8,
-    "dsmoe_bnb4_mlp": [_ptr, _i64, _i64, _i64] + [_ptr] * 8,
+    "dsmoe_bnb4_mlp": [_ptr, _i64, _i64, _i64] + [_ptr] * 8,  # the first: bitsandbytes' kernel
+    "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
 }
 
 
@@ -195,35 +196,22 @@ def int8_native_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def int8_native_mlp(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
-                    down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) for one bf16 token [1, hidden], each weight as (int8, row scale)."""
-    lib = native_library()
-    assert lib is not None
-    hidden, inter = down[0].shape
-    out = torch.empty(1, hidden, dtype=torch.bfloat16)
-    _check(lib.dsmoe_int8_mlp(hidden, inter, x.contiguous().data_ptr(), gate[0].data_ptr(), gate[1].data_ptr(),
-                              up[0].data_ptr(), up[1].data_ptr(), down[0].data_ptr(), down[1].data_ptr(),
-                              out.data_ptr()), "int8 MLP")
-    return out
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
+    """One new token's attention in one native call: rotary, cache write at ``pos``, attention.
 
-
-def bnb4_native_mlp(x: torch.Tensor, entry: Callable[..., None], blocksize: int,
-                    gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
-                    down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The same MLP, 4-bit: bitsandbytes' CPU kernel (``entry``) on (weight, absmax_t) in its CPU layout.
-
-    The bf16 roundings are PyTorch's (each projection's output, silu, the product), so it gives
-    what the three module calls give, minus two Python round trips and two elementwise ops.
+    q [n_heads * head_dim], k and v [n_kv * head_dim] bf16 straight from the projections; cos and
+    sin [head_dim] for ``pos``; the caches [1, n_kv, capacity, head_dim]. Returns [n_heads * head_dim].
+    The decode step's ~25 small PyTorch ops per layer become one call. Not a quantization kernel,
+    but it lives in the same native library.
     """
     lib = native_library()
     assert lib is not None
-    hidden, inter = down[0].shape[0], gate[0].shape[0]
-    out = torch.empty(1, hidden, dtype=torch.bfloat16)
-    address = ct.cast(entry, ct.c_void_p).value
-    _check(lib.dsmoe_bnb4_mlp(address, hidden, inter, blocksize, x.contiguous().data_ptr(), gate[0].data_ptr(),
-                              gate[1].data_ptr(), up[0].data_ptr(), up[1].data_ptr(), down[0].data_ptr(),
-                              down[1].data_ptr(), out.data_ptr()), "4-bit MLP")
+    _, n_kv, capacity, head_dim = key_cache.shape
+    out = torch.empty(n_heads * head_dim, dtype=torch.bfloat16)
+    _check(lib.dsmoe_attention_decode(n_heads, n_kv, head_dim, pos, capacity, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                      cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                                      out.data_ptr()), "attention")
     return out
 
 

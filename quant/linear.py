@@ -9,6 +9,7 @@ load (see ``kernels.py``) but the checkpoint tensors always come back in the sta
 from __future__ import annotations
 
 import abc
+import ctypes as ct
 
 import torch
 import torch.nn.functional as F
@@ -232,27 +233,52 @@ class Linear8bit(QuantLinear):
         }
 
 
-def swiglu_one_token(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """down(silu(gate(x)) * up(x)) for one bf16 token in one native call, or None where none applies.
+class SwiGLUKernel:
+    """down(silu(gate(x)) * up(x)) for one bf16 token as one native call, bound to three layers.
 
-    Applies when the three are quantized alike and on a native path: 8-bit layers with the native
-    int8 kernel, 4-bit layers in bitsandbytes' CPU layout. Decode runs ~7 MLPs per layer.
+    Decode runs ~7 of these per layer, so the call's constant arguments (sizes, weight addresses)
+    are converted once here. ``weights`` lets the owner see whether the layers have since been
+    replaced or moved (a move builds new weight tensors).
     """
-    if x.dtype != torch.bfloat16 or kernels.native_library() is None:
-        return None
-    flat = x.reshape(1, -1)
-    if isinstance(gate, Linear8bit) and isinstance(up, Linear8bit) and isinstance(down, Linear8bit):
-        if gate.native and down.native:
-            out = kernels.int8_native_mlp(flat, (gate.weight, gate.scale), (up.weight, up.scale),
-                                          (down.weight, down.scale))
-            return out.view(x.shape)
-    elif isinstance(gate, Linear4bit) and isinstance(up, Linear4bit) and isinstance(down, Linear4bit):
-        layers = (gate, up, down)
-        if all(m._cpu_entry is not None and m._cpu_entry is gate._cpu_entry and m.blocksize == gate.blocksize
-               for m in layers):
-            out = kernels.bnb4_native_mlp(flat, gate._cpu_entry, gate.blocksize,  # type: ignore[arg-type]
-                                          *((m.weight, m.runtime_absmax) for m in layers))
-            return out.view(x.shape)
+
+    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear) -> None:
+        self.weights = (gate.weight, up.weight, down.weight)
+        self.hidden, inter = down.out_features, gate.out_features
+        lib = kernels.native_library()
+        assert lib is not None
+        if isinstance(gate, Linear8bit):
+            self.function = lib.dsmoe_int8_mlp
+            self.head: tuple[int, ...] = (self.hidden, inter)
+            tensors = [t for m in (gate, up, down) for t in (m.weight, m.scale)]
+        else:
+            assert isinstance(gate, Linear4bit)
+            self.function = lib.dsmoe_bnb4_mlp
+            self.head = (ct.cast(gate._cpu_entry, ct.c_void_p).value or 0, self.hidden, inter, gate.blocksize)
+            tensors = [t for m in (gate, up, down) for t in (m.weight, m.runtime_absmax)]
+        self.tensors = tensors  # keeps the addresses below valid
+        self.addresses = tuple(t.data_ptr() for t in tensors)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        status = self.function(*self.head, x.contiguous().data_ptr(), *self.addresses, out.data_ptr())
+        if status != 0:
+            raise RuntimeError(f"native MLP kernel failed with status {status}")
+        return out
+
+
+def swiglu_kernel(gate: nn.Module, up: nn.Module, down: nn.Module) -> SwiGLUKernel | None:
+    """The one-call MLP for these layers, or None where none applies.
+
+    Applies when the three are quantized alike on a native path: 8-bit layers with the native int8
+    kernel, 4-bit layers in bitsandbytes' CPU layout (its kernel, called from C).
+    """
+    layers = (gate, up, down)
+    if all(isinstance(m, Linear8bit) and m.native for m in layers):
+        return SwiGLUKernel(gate, up, down)  # type: ignore[arg-type]
+    if all(isinstance(m, Linear4bit) and m._cpu_entry is not None for m in layers):
+        first: Linear4bit = gate  # type: ignore[assignment]
+        if all(m._cpu_entry is first._cpu_entry and m.blocksize == first.blocksize for m in layers):  # type: ignore[union-attr]
+            return SwiGLUKernel(gate, up, down)  # type: ignore[arg-type]
     return None
 
 

@@ -14,7 +14,7 @@ from dsmoe.model.deepseek import MLP
 from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
-from dsmoe.quant.linear import Linear8bit, swiglu_one_token
+from dsmoe.quant.linear import Linear8bit, swiglu_kernel
 
 
 def _cpu_has_avx2() -> bool:
@@ -107,8 +107,10 @@ def _mlp(spec: QuantSpec, hidden: int = 256, inter: int = 128) -> MLP:
 def test_int8_mlp_in_one_call_matches_the_three_layers(lib) -> None:
     mlp = _mlp(INT8)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8)).bfloat16()
-    fused = swiglu_one_token(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
-    assert fused is not None and fused.shape == x.shape
+    kernel = swiglu_kernel(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    assert kernel is not None
+    fused = kernel(x)
+    assert fused.shape == x.shape
     layered = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # bf16 between the layers
     xf = x.float()
     exact = mlp.down_proj.dequantized() @ (F.silu(xf @ mlp.gate_proj.dequantized().t())
@@ -125,8 +127,9 @@ def test_4bit_mlp_in_one_call_gives_the_three_layers_numbers(lib, quant_type: st
         pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
     mlp = _mlp(QuantSpec(bits=4, quant_type=quant_type))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
-    fused = swiglu_one_token(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
-    assert fused is not None
+    kernel = swiglu_kernel(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    assert kernel is not None
+    fused = kernel(x)
     layered = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     # The same kernel and bf16 roundings; only silu's exp (libm vs PyTorch's) can move a last bit.
     torch.testing.assert_close(fused, layered, rtol=0.008, atol=0)
@@ -135,9 +138,12 @@ def test_4bit_mlp_in_one_call_gives_the_three_layers_numbers(lib, quant_type: st
 
 def test_no_one_call_path_for_mixed_or_fp32_layers(lib) -> None:
     int8, nf4 = _mlp(INT8), _mlp(QuantSpec(bits=4, quant_type="nf4"))
-    x = torch.randn(1, 256).bfloat16()
-    assert swiglu_one_token(int8.gate_proj, int8.up_proj, nf4.down_proj, x) is None
-    assert swiglu_one_token(int8.gate_proj, int8.up_proj, int8.down_proj, x.float()) is None
+    assert swiglu_kernel(int8.gate_proj, int8.up_proj, nf4.down_proj) is None
+    assert swiglu_kernel(int8.gate_proj, int8.up_proj, MLP(256, 128).down_proj) is None
+    fp32 = MLP(256, 128)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(fp32, name, quantize_linear(getattr(fp32, name).weight.detach(), INT8, torch.float32))
+    assert swiglu_kernel(fp32.gate_proj, fp32.up_proj, fp32.down_proj) is None
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -148,8 +154,7 @@ def test_offloaded_experts_decode_like_resident_ones_on_the_native_path(lib, bit
     prompt = torch.randint(0, 2048, (1, 9), generator=torch.Generator().manual_seed(10))
     resident, _ = load(DEMO_MODEL_PATH, bits=bits)
     expert = resident.moe_layers()[0].experts[0]
-    assert swiglu_one_token(expert.gate_proj, expert.up_proj, expert.down_proj,
-                            torch.zeros(1, resident.config.hidden_size, dtype=torch.bfloat16)) is not None
+    assert expert.one_token_kernel() is not None
     offloaded, _, store = load_offloaded(DEMO_MODEL_PATH, OffloadOptions(Budgets(expert_cache=1), "lru", False),
                                          bits=bits)
     with torch.inference_mode():
@@ -157,3 +162,51 @@ def test_offloaded_experts_decode_like_resident_ones_on_the_native_path(lib, bit
         assert torch.equal(offloaded.generate(prompt, max_new_tokens=6), want)
     assert store.stats.misses() > 0
     store.detach()
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 8), (8, 2)])
+def test_attention_decode_matches_the_pytorch_step(lib, n_heads: int, n_kv: int) -> None:
+    """Rotary and the cache write are PyTorch's bits; the attention output agrees to bf16 precision."""
+    from dsmoe.model.deepseek import _one_query_attention, apply_rotary
+
+    head_dim, pos, capacity = 64, 37, 50
+    gen = torch.Generator().manual_seed(11)
+    keys = torch.randn(1, n_kv, capacity, head_dim, generator=gen).bfloat16()
+    values = torch.randn(1, n_kv, capacity, head_dim, generator=gen).bfloat16()
+    q = torch.randn(n_heads * head_dim, generator=gen).bfloat16()
+    k = torch.randn(n_kv * head_dim, generator=gen).bfloat16()
+    v = torch.randn(n_kv * head_dim, generator=gen).bfloat16()
+    angles = torch.rand(head_dim // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles, angles]).cos().bfloat16(), torch.cat([angles, angles]).sin().bfloat16()
+
+    want_keys, want_values = keys.clone(), values.clone()
+    q4 = apply_rotary(q.view(1, n_heads, 1, head_dim), cos, sin)
+    want_keys[:, :, pos] = apply_rotary(k.view(1, n_kv, 1, head_dim), cos, sin)[:, :, 0]
+    want_values[:, :, pos] = v.view(1, n_kv, head_dim)
+    want = _one_query_attention(q4, want_keys[:, :, : pos + 1], want_values[:, :, : pos + 1]).reshape(-1)
+
+    got = kernels.attention_decode(q, k, v, cos, sin, keys, values, pos, n_heads)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    torch.testing.assert_close(got, want, rtol=0.016, atol=0.016)
+
+
+def test_decode_with_native_attention_follows_the_pytorch_path(lib, monkeypatch) -> None:
+    import dsmoe.model.deepseek as deepseek
+
+    model, _ = load(DEMO_MODEL_PATH)  # bf16: attention takes the native path when decoding
+    prompt = torch.randint(0, 2048, (1, 12), generator=torch.Generator().manual_seed(12))
+
+    def decode_logits() -> torch.Tensor:
+        cache = model.new_cache(1, 32)
+        steps = [model(prompt, cache=cache, last_only=True)]
+        for token in (5, 77, 1200, 9):
+            steps.append(model(torch.tensor([[token]]), cache=cache))
+        return torch.cat(steps, dim=1)
+
+    with torch.inference_mode():
+        native = decode_logits()
+        monkeypatch.setattr(deepseek, "native_attention", lambda x, head_dim: False)
+        pytorch = decode_logits()
+    torch.testing.assert_close(native[:, 0], pytorch[:, 0], rtol=0, atol=0)  # the prompt: same path
+    torch.testing.assert_close(native, pytorch, rtol=0.05, atol=0.05)
+    assert torch.equal(native.argmax(-1), pytorch.argmax(-1))

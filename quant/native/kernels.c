@@ -10,9 +10,11 @@
  * goes in as |xq| and its sign moves onto the weight (vpsignb); |xq| <= 127 keeps vpmaddubsw's
  * 16-bit pair sums from saturating (2 * 127 * 127 < 32767), so both give the same integers.
  *
- * A 4-bit version of the same scheme (codebook times 127 in a vpshufb table) was measured: it was
- * no faster than bitsandbytes' kernel for one row and 2x slower for 16-64 rows, so 4-bit MLPs
- * call bitsandbytes' kernel, whose address the caller passes in.
+ * A 4-bit version of the same scheme was measured twice (the codebook times 127 in a vpshufb
+ * table, on the standard layout and on bitsandbytes' CPU layout): on one thread with the weight in
+ * cache it ran 1.8x bitsandbytes' kernel, but from memory on two threads both read ~26 GB/s (per
+ * MLP) to ~30 GB/s (lm_head-sized), so it bought nothing and would have changed the numbers;
+ * 4-bit MLPs call bitsandbytes' kernel, whose address the caller passes in.
  *
  * Plain C with no Python headers: dsmoe loads it with ctypes. Output rows are split across
  * OpenMP threads, which share libgomp with PyTorch, so torch.set_num_threads governs them too.
@@ -67,26 +69,42 @@ int dsmoe_native_use_isa(int isa) {
     return chosen_isa;
 }
 
-/* Activations rounded to int8: |q|, q and a scale per block of 64. */
+/* Activations rounded to int8: q and a scale per block of 64. */
 typedef struct {
-    uint8_t *abs;
     int8_t *q;
     float *scale;
 } qacts;
 
-/* One row of k fp32 values into |q|, q and a scale per block of 64. */
-static void quantize_row(const float *x, int64_t k, uint8_t *xabs, int8_t *xq, float *scale) {
+/* 8 bf16 -> 8 fp32. */
+__attribute__((target("avx2,fma"))) static inline __m256 load8_bf16(const uint16_t *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+/* One row of k fp32 values into q and a scale per block of 64: q = round(x * 127 / absmax),
+ * rounding half to even (the CPU's default mode, as nearbyintf). Vectorised: on the decode path
+ * this runs before every matmul, and the scalar loop cost ~10 us per 2048 values. */
+__attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int64_t k, int8_t *xq, float *scale) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < k / QBLOCK; b++) {
         const float *v = x + b * QBLOCK;
-        float amax = 0.0f;
-        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m256 top = _mm256_setzero_ps();
+        for (int i = 0; i < QBLOCK; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v + i)));
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float amax = _mm_cvtss_f32(m);
         scale[b] = amax / 127.0f;
-        for (int i = 0; i < QBLOCK; i++) {
-            int q = (int)nearbyintf(v[i] * inv);
-            q = q > 127 ? 127 : (q < -127 ? -127 : q);
-            xq[b * QBLOCK + i] = (int8_t)q;
-            xabs[b * QBLOCK + i] = (uint8_t)(q < 0 ? -q : q);
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        for (int i = 0; i < QBLOCK; i += 32) {
+            __m256i q[4];
+            for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), inv));
+            const __m256i bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+            /* |x| * 127 / absmax <= 127 up to rounding, so only -128 needs clamping. */
+            const __m256i clamped = _mm256_max_epi8(bytes, _mm256_set1_epi8(-127));
+            _mm256_storeu_si256((__m256i *)(xq + b * QBLOCK + i), clamped);
         }
     }
 }
@@ -101,8 +119,10 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
 /* The row loop, written once per instruction set: DOT(acc32, |x|, signed w). One weight row at a
  * time reads the weight as one sequential stream, which measured fastest: 31 GB/s for lm_head
  * against 18-21 GB/s with 2-8 rows interleaved, with or without software prefetch. */
-#define XABS(a, h) _mm256_loadu_si256((const __m256i *)((a).abs + (h)))
 #define XQ(a, h) _mm256_loadu_si256((const __m256i *)((a).q + (h)))
+/* |q| from q rather than a second array: with k = 10944 two arrays pushed each other out of L1
+ * and the kernel read 19 GB/s from memory instead of 28. */
+#define XABS(a, h) _mm256_abs_epi8(XQ(a, h))
 
 #define DEFINE_ROWS(SUFFIX, TARGET, DOT)                                                             \
     /* out[i, n] for rows n0..n1 of the weight and m activation rows, fp32, before scale[n]. */        \
@@ -112,7 +132,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
         for (int64_t n = n0; n < n1; n++) {                                                             \
             const int8_t *row = w + n * k;                                                              \
             for (int64_t i = 0; i < m; i++) {                                                           \
-                const qacts a = {xs->abs + i * k, xs->q + i * k, xs->scale + i * (k / QBLOCK)};         \
+                const qacts a = {xs->q + i * k, xs->scale + i * (k / QBLOCK)};         \
                 __m256 acc = _mm256_setzero_ps();                                                       \
                 for (int64_t b = 0; b < k / QBLOCK; b++) {                                              \
                     const int64_t at = b * QBLOCK;                                                      \
@@ -146,18 +166,18 @@ static void weight_rows(int isa, const int8_t *w, const float *scale, int64_t k,
 }
 
 static int alloc_acts(qacts *a, int64_t m, int64_t k) {
-    a->abs = malloc((size_t)(m * k));
     a->q = malloc((size_t)(m * k));
     a->scale = malloc((size_t)(m * (k / QBLOCK)) * sizeof(float));
-    return a->abs && a->q && a->scale;
+    return a->q && a->scale;
 }
 
-static void free_acts(qacts *a) { free(a->abs), free(a->q), free(a->scale); }
+static void free_acts(qacts *a) { free(a->q), free(a->scale); }
 
-static void quantize_bf16_rows(const uint16_t *x, int64_t m, int64_t k, qacts *a, float *tmp) {
+__attribute__((target("avx2,fma"))) static void quantize_bf16_rows(const uint16_t *x, int64_t m, int64_t k,
+                                                                   qacts *a, float *tmp) {
     for (int64_t i = 0; i < m; i++) {
-        for (int64_t j = 0; j < k; j++) tmp[j] = bf16_to_f32(x[i * k + j]);
-        quantize_row(tmp, k, a->abs + i * k, a->q + i * k, a->scale + i * (k / QBLOCK));
+        for (int64_t j = 0; j < k; j += 8) _mm256_storeu_ps(tmp + j, load8_bf16(x + i * k + j));
+        quantize_row(tmp, k, a->q + i * k, a->scale + i * (k / QBLOCK));
     }
 }
 
@@ -225,7 +245,7 @@ int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const int8_
 #pragma omp single
         {
             for (int64_t j = 0; j < inter; j++) gu[j] = gu[j] / (1.0f + expf(-gu[j])) * gu[inter + j];
-            quantize_row(gu, inter, ha.abs, ha.q, ha.scale);
+            quantize_row(gu, inter, ha.q, ha.scale);
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < TASKS(hidden); t++) {
@@ -238,154 +258,29 @@ int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const int8_
     return 0;
 }
 
-/* ---- 4-bit weights ---------------------------------------------------------------------------- */
+/* bitsandbytes' CPU 4-bit kernel (gemv_4bit_inference_cpu_{nf4,fp4}_bf16): x [m, k] bf16 times a
+ * weight in its CPU layout with absmax_t [k / blocksize, n] bf16, into out [m, n] bf16. */
+typedef void (*bnb_gemv4_fn)(int64_t m, int64_t n, int64_t k, const void *x, const void *w, const void *absmax_t,
+                             void *out, int64_t blocksize, int64_t ldx, int64_t ldo);
 
-/* 8 bf16 -> 8 fp32. */
-__attribute__((target("avx2,fma"))) static inline __m256 load8_bf16(const uint16_t *p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-/* NF4/FP4 weights in bitsandbytes' CPU layout, times one row of int8 activations, for tiles
- * t0..t1 of 32 output rows. In a tile, byte j * 32 + r * 2 + c holds row r's column 2j + c in its
- * low nibble and row r + 16's in its high one; absmax_t is [k / 64, n] bf16. `lut` maps a code to
- * round(127 * codebook value), so the weight is lut[code] * absmax / 127.
- * Two byte columns j, j + 1 give each row four consecutive columns once their 16-bit pairs are
- * interleaved (vpunpck{l,h}wd), which is what one int32 lane of a dot product wants; the
- * activations' four matching bytes are broadcast. The interleave leaves rows in the lane order
- * {0-3, 8-11}, {4-7, 12-15}, {16-19, 24-27}, {20-23, 28-31}, and the block scales follow it. */
-#define DEFINE_TILES4(SUFFIX, TARGET, DOT)                                                              \
-    __attribute__((target(TARGET))) static void tiles4_##SUFFIX(                                        \
-        int64_t t0, int64_t t1, int64_t n, int64_t k, const qacts *xs, const uint8_t *w,                \
-        const uint16_t *absmax_t, const int8_t *lut, float *out) {                                      \
-        const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut));       \
-        const __m256i low4 = _mm256_set1_epi8(0x0f);                                                    \
-        for (int64_t t = t0; t < t1; t++) {                                                             \
-            const uint8_t *tile = w + t * 16 * k;                                                       \
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-            for (int64_t b = 0; b < k / QBLOCK; b++) {                                                  \
-                __m256i dot[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), \
-                                  _mm256_setzero_si256()};                                              \
-                for (int64_t jj = 0; jj < QBLOCK / 2; jj += 2) {                                        \
-                    const uint8_t *p = tile + (b * (QBLOCK / 2) + jj) * 32;                             \
-                    const __m256i b0 = _mm256_loadu_si256((const __m256i *)p);                          \
-                    const __m256i b1 = _mm256_loadu_si256((const __m256i *)(p + 32));                   \
-                    const __m256i lo0 = _mm256_shuffle_epi8(table, _mm256_and_si256(b0, low4));         \
-                    const __m256i lo1 = _mm256_shuffle_epi8(table, _mm256_and_si256(b1, low4));         \
-                    const __m256i hi0 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b0, 4), low4)); \
-                    const __m256i hi1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b1, 4), low4)); \
-                    int32_t xa4, xq4;                                                                   \
-                    memcpy(&xa4, xs->abs + b * QBLOCK + 2 * jj, 4);                                     \
-                    memcpy(&xq4, xs->q + b * QBLOCK + 2 * jj, 4);                                       \
-                    const __m256i xa = _mm256_set1_epi32(xa4), xq = _mm256_set1_epi32(xq4);             \
-                    dot[0] = DOT(dot[0], xa, _mm256_sign_epi8(_mm256_unpacklo_epi16(lo0, lo1), xq));    \
-                    dot[1] = DOT(dot[1], xa, _mm256_sign_epi8(_mm256_unpackhi_epi16(lo0, lo1), xq));    \
-                    dot[2] = DOT(dot[2], xa, _mm256_sign_epi8(_mm256_unpacklo_epi16(hi0, hi1), xq));    \
-                    dot[3] = DOT(dot[3], xa, _mm256_sign_epi8(_mm256_unpackhi_epi16(hi0, hi1), xq));    \
-                }                                                                                       \
-                const uint16_t *am = absmax_t + b * n + t * 32;                                         \
-                const __m256 r0 = load8_bf16(am), r1 = load8_bf16(am + 8);                              \
-                const __m256 r2 = load8_bf16(am + 16), r3 = load8_bf16(am + 24);                        \
-                const __m256 xscale = _mm256_set1_ps(xs->scale[b] / 127.0f);                            \
-                const __m256 scales[4] = {_mm256_permute2f128_ps(r0, r1, 0x20), _mm256_permute2f128_ps(r0, r1, 0x31), \
-                                          _mm256_permute2f128_ps(r2, r3, 0x20), _mm256_permute2f128_ps(r2, r3, 0x31)}; \
-                for (int g = 0; g < 4; g++)                                                             \
-                    acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g]), _mm256_mul_ps(scales[g], xscale), acc[g]); \
-            }                                                                                           \
-            float lanes[32];                                                                            \
-            for (int g = 0; g < 4; g++) _mm256_storeu_ps(lanes + 8 * g, acc[g]);                       \
-            for (int g = 0; g < 4; g++)                                                                 \
-                for (int i = 0; i < 8; i++) out[t * 32 + (g / 2) * 16 + (g % 2) * 4 + (i / 4) * 8 + i % 4] = lanes[8 * g + i]; \
-        }                                                                                               \
+/* One SwiGLU MLP for one token, 4-bit, with bitsandbytes' kernel at `kernel`: the same steps and
+ * bf16 roundings as down(silu(gate(x)) * up(x)) in PyTorch, without a Python call between them. */
+int dsmoe_bnb4_mlp(const void *kernel, int64_t hidden, int64_t inter, int64_t blocksize, const uint16_t *x,
+                   const void *gate, const void *gate_absmax, const void *up, const void *up_absmax,
+                   const void *down, const void *down_absmax, uint16_t *out) {
+    const bnb_gemv4_fn gemv = (bnb_gemv4_fn)kernel;
+    uint16_t *g = malloc((size_t)(2 * inter) * sizeof(uint16_t));
+    if (!g) return -2;
+    uint16_t *u = g + inter;
+    gemv(1, inter, hidden, x, gate, gate_absmax, g, blocksize, hidden, inter);
+    gemv(1, inter, hidden, x, up, up_absmax, u, blocksize, hidden, inter);
+    for (int64_t j = 0; j < inter; j++) {
+        const float v = bf16_to_f32(g[j]);
+        const float silu = bf16_to_f32(f32_to_bf16(v / (1.0f + expf(-v))));
+        g[j] = f32_to_bf16(silu * bf16_to_f32(u[j]));
     }
-
-DEFINE_TILES4(vnni, "avx512f,avx512bw,avx512vl,avx512vnni,fma", DOT_VNNI)
-DEFINE_TILES4(avx2, "avx2,fma", DOT_AVX2)
-
-/* A 4-bit weight as the kernels see it. */
-typedef struct {
-    int64_t n, k;
-    const uint8_t *w;
-    const uint16_t *absmax_t;
-    const int8_t *lut;
-} weight4;
-
-static void tiles4(int isa, const weight4 *w, int64_t t0, int64_t t1, const qacts *xs, float *out) {
-    if (isa == 1)
-        tiles4_vnni(t0, t1, w->n, w->k, xs, w->w, w->absmax_t, w->lut, out);
-    else
-        tiles4_avx2(t0, t1, w->n, w->k, xs, w->w, w->absmax_t, w->lut, out);
-}
-
-/* y [n] = x [k] bf16 @ W.T for one token, W 4-bit in bitsandbytes' CPU layout with blocksize 64;
- * n must be a multiple of 32 and k of 64. Output bf16 (out_f32 = 0) or fp32. */
-int dsmoe_4bit_gemv(int64_t n, int64_t k, const uint16_t *x, const uint8_t *w, const uint16_t *absmax_t,
-                    const int8_t *lut, void *out, int out_f32) {
-    const int isa = dsmoe_native_isa();
-    if (isa == 0 || k % QBLOCK || n % 32) return -1;
-    const weight4 weight = {n, k, w, absmax_t, lut};
-    qacts a;
-    float *tmp = malloc((size_t)k * sizeof(float));
-    float *acc = malloc((size_t)n * sizeof(float));
-    if (!alloc_acts(&a, 1, k) || !tmp || !acc) {
-        free_acts(&a), free(tmp), free(acc);
-        return -2;
-    }
-    quantize_bf16_rows(x, 1, k, &a, tmp);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n / 32; t++) {
-        tiles4(isa, &weight, t, t + 1, &a, acc);
-        for (int64_t j = t * 32; j < t * 32 + 32; j++) {
-            if (out_f32)
-                ((float *)out)[j] = acc[j];
-            else
-                ((uint16_t *)out)[j] = f32_to_bf16(acc[j]);
-        }
-    }
-    free_acts(&a), free(tmp), free(acc);
-    return 0;
-}
-
-/* The 4-bit SwiGLU MLP for one token, one call and one thread team, as dsmoe_int8_mlp. */
-int dsmoe_4bit_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const uint8_t *gate, const uint16_t *gate_absmax,
-                   const uint8_t *up, const uint16_t *up_absmax, const uint8_t *down, const uint16_t *down_absmax,
-                   const int8_t *lut, uint16_t *out) {
-    const int isa = dsmoe_native_isa();
-    if (isa == 0 || hidden % QBLOCK || inter % QBLOCK || hidden % 32 || inter % 32) return -1;
-    const weight4 gate_w = {inter, hidden, gate, gate_absmax, lut}, up_w = {inter, hidden, up, up_absmax, lut};
-    const weight4 down_w = {hidden, inter, down, down_absmax, lut};
-    qacts xa, ha;
-    float *tmp = malloc((size_t)hidden * sizeof(float));
-    float *gu = malloc((size_t)(2 * inter) * sizeof(float));
-    float *y = malloc((size_t)hidden * sizeof(float));
-    const int ok = alloc_acts(&xa, 1, hidden) & alloc_acts(&ha, 1, inter);
-    if (!ok || !tmp || !gu || !y) {
-        free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(y);
-        return -2;
-    }
-    quantize_bf16_rows(x, 1, hidden, &xa, tmp);
-    const int64_t up_tiles = inter / 32;
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < 2 * up_tiles; t++) {
-            if (t < up_tiles)
-                tiles4(isa, &gate_w, t, t + 1, &xa, gu);
-            else
-                tiles4(isa, &up_w, t - up_tiles, t - up_tiles + 1, &xa, gu + inter);
-        }
-#pragma omp single
-        {
-            for (int64_t j = 0; j < inter; j++) gu[j] = gu[j] / (1.0f + expf(-gu[j])) * gu[inter + j];
-            quantize_row(gu, inter, ha.abs, ha.q, ha.scale);
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < hidden / 32; t++) {
-            tiles4(isa, &down_w, t, t + 1, &ha, y);
-            for (int64_t j = t * 32; j < t * 32 + 32; j++) out[j] = f32_to_bf16(y[j]);
-        }
-    }
-    free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(y);
+    gemv(1, hidden, inter, g, down, down_absmax, out, blocksize, inter, hidden);
+    free(g);
     return 0;
 }
 

@@ -90,6 +90,9 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
                 lambda x: F.linear(x, int8.dequantized(torch.bfloat16)), int8_ref, _bits_per_weight(int8)),
             "int8 _int_mm, dynamic int8 activations": (int_mm, int8_ref, _bits_per_weight(int8)),
         }
+        if kernels.native_library() is not None:
+            candidates["int8 native, int8 activations per 64"] = (
+                lambda x: kernels.int8_native_mm(x, int8.weight, int8.scale), int8_ref, _bits_per_weight(int8))
         for batch in batches:
             x = torch.randn(batch, in_f).to(torch.bfloat16)
             base = _time_us(lambda: F.linear(x, w_bf16), budget_s)

@@ -7,7 +7,7 @@ the reference model's own next tokens; plus the relative L2 error of the raw log
 the reference's, the text cut into windows no longer than the model's context.
 
     python -m dsmoe.quant.quality CHECKPOINT [--formats bf16,nf4,fp4,nf4-dq,fp4-dq,int8]
-                                             [--text FILE | --ids FILE] [--markdown]
+                                             [--text FILE | --ids FILE] [--decode] [--markdown]
 """
 
 from __future__ import annotations
@@ -85,12 +85,25 @@ def text_windows(ids: torch.Tensor | Sequence[int], window: int) -> tuple[list[t
     return inputs, torch.cat(targets)
 
 
-def logits_of(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """The model's logits on a [B, T] batch, or on each [1, T_i] window concatenated to [sum T_i, vocab]."""
+def logits_of(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[torch.Tensor],
+              decode: bool = False) -> torch.Tensor:
+    """The model's logits on a [B, T] batch, or on each [1, T_i] window concatenated to [sum T_i, vocab].
+
+    With ``decode`` each sequence is fed one token at a time through the KV cache, the path (and,
+    in bf16, the kernels) that generation runs; otherwise each goes in as one forward pass.
+    """
+    windows = list(input_ids) if isinstance(input_ids, torch.Tensor) else input_ids
     with torch.no_grad():
-        if isinstance(input_ids, torch.Tensor):
-            return model(input_ids)
-        return torch.cat([model(w).flatten(0, -2) for w in input_ids])
+        if not decode:
+            if isinstance(input_ids, torch.Tensor):
+                return model(input_ids)
+            return torch.cat([model(w).flatten(0, -2) for w in windows])
+        steps = []
+        for window in windows:
+            ids = window.reshape(1, -1)
+            cache = model.new_cache(1, ids.shape[1])  # type: ignore[operator]
+            steps.append(torch.cat([model(ids[:, t:t + 1], cache=cache)[0] for t in range(ids.shape[1])]))
+        return torch.stack(steps) if isinstance(input_ids, torch.Tensor) else torch.cat(steps)
 
 
 def quantized_params(model: torch.nn.Module) -> int:
@@ -102,12 +115,14 @@ def quantized_params(model: torch.nn.Module) -> int:
 
 def measure(checkpoint: Path, input_ids: torch.Tensor | Sequence[torch.Tensor], formats: list[str],
             dtype: torch.dtype = torch.float32,
-            targets: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+            targets: torch.Tensor | None = None, decode: bool = False) -> dict[str, dict[str, float]]:
     """Each format's statistics against the same checkpoint loaded unquantized, both in ``dtype``.
 
     ``input_ids`` is a [B, T] batch or a list of [1, T_i] windows (see ``text_windows``);
     ``targets``, the real next tokens, adds the perplexities on them. Format ``bf16`` is the
     checkpoint unquantized in bf16 compute. ``quantized_params`` counts the weights stored quantized.
+    ``decode`` runs the formats as generation does: bf16 compute, one token at a time through the
+    KV cache (so with the decode kernels), against the reference's ordinary forward pass.
     """
     from dsmoe import load
 
@@ -120,12 +135,13 @@ def measure(checkpoint: Path, input_ids: torch.Tensor | Sequence[torch.Tensor], 
     results = {}
     for name in formats:
         spec = FORMATS[name]
+        compute = torch.bfloat16 if spec is None or decode else dtype
         if spec is None:
-            model, _ = load(checkpoint, dtype=torch.bfloat16)
+            model, _ = load(checkpoint, dtype=compute)
         else:
-            model, _ = load(checkpoint, dtype=dtype, bits=spec.bits, quant_type=spec.quant_type,
+            model, _ = load(checkpoint, dtype=compute, bits=spec.bits, quant_type=spec.quant_type,
                             double_quant=spec.double_quant)
-        results[name] = compare_logits(reference, logits_of(model, input_ids), targets)
+        results[name] = compare_logits(reference, logits_of(model, input_ids, decode), targets)
         results[name]["quantized_params"] = float(quantized_params(model))
         del model
     return results
@@ -164,6 +180,8 @@ def main() -> None:
     parser.add_argument("--window", type=int,
                         help="with --text: tokens per window (default: the config's max_position_embeddings)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--decode", action="store_true",
+                        help="run the formats as generation does: bf16, one token at a time through the KV cache")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table instead of JSON")
     args = parser.parse_args()
     targets = None
@@ -191,7 +209,7 @@ def main() -> None:
         else:
             input_ids = torch.randint(3, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    results = measure(args.checkpoint, input_ids, args.formats.split(","), dtype, targets)
+    results = measure(args.checkpoint, input_ids, args.formats.split(","), dtype, targets, args.decode)
     if args.markdown:
         print(markdown_table(results, reference=args.dtype))
     else:

@@ -58,3 +58,16 @@ def test_broken_nibble_order_exceeds_the_bound(reference) -> None:
     with torch.no_grad():
         stats = compare_logits(ref_logits, model(ids))
     assert stats["rel_logit_error"] > BOUNDS[("nf4", False)]
+
+
+def test_decode_mode_scores_token_by_token_through_the_cache(reference) -> None:
+    """``logits_of(decode=True)`` is the cached decode path: in fp32 it gives the forward pass's logits."""
+    from dsmoe import load
+    from dsmoe.quant.quality import logits_of
+
+    ids, want = reference
+    model, _ = load(FIXTURE, dtype=torch.float32)
+    torch.testing.assert_close(logits_of(model, ids, decode=True), want, rtol=1e-4, atol=1e-4)
+    windows = [ids[:1, :10], ids[1:, :7]]
+    got = logits_of(model, windows, decode=True)
+    torch.testing.assert_close(got, torch.cat([want[0, :10], want[1, :7]]), rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from torch import nn
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
 from dsmoe.quant.kernels import attention_decode, native_library
-from dsmoe.quant.linear import SwiGLUKernel, swiglu_kernel
+from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
@@ -261,7 +261,15 @@ class MoE(nn.Module):
         Weights are rounded to the compute dtype first, as ``route`` does, so both give the same bits.
         """
         out = torch.zeros_like(x)
-        for expert_idx, weight in zip(ids[0].tolist(), weights[0].to(x.dtype).tolist()):
+        chosen, mix = ids[0].tolist(), weights[0].to(x.dtype).tolist()
+        if self.expert_runner is None and x.dtype == torch.bfloat16:
+            # Resident quantized experts: the whole loop in one native call, with the loop's bits.
+            fused = [self.experts[i].one_token_kernel() for i in chosen]  # type: ignore[operator]
+            kind = fused[0].kind() if fused[0] is not None else None
+            if all(k is not None and k.kind() == kind for k in fused):
+                accumulate_experts(fused, mix, x, out)  # type: ignore[arg-type]
+                return out
+        for expert_idx, weight in zip(chosen, mix):
             out += self.run_expert(expert_idx, x) * weight
         return out
 

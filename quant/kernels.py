@@ -153,6 +153,7 @@ _NATIVE_SIGNATURES = {
     "dsmoe_int8_mlp": [_i64, _i64] + [_ptr] * 8,
     "dsmoe_bnb4_mlp": [_ptr, _i64, _i64, _i64] + [_ptr] * 8,  # the first: bitsandbytes' kernel
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
+    "dsmoe_experts": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
 }
 
 

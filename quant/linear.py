@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import ctypes as ct
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -243,17 +244,19 @@ class SwiGLUKernel:
 
     def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear) -> None:
         self.weights = (gate.weight, up.weight, down.weight)
-        self.hidden, inter = down.out_features, gate.out_features
+        self.hidden, self.inter = down.out_features, gate.out_features
         lib = kernels.native_library()
         assert lib is not None
         if isinstance(gate, Linear8bit):
             self.function = lib.dsmoe_int8_mlp
-            self.head: tuple[int, ...] = (self.hidden, inter)
+            self.bnb_kernel, self.blocksize = 0, 0  # no bitsandbytes kernel: dsmoe's int8 one
+            self.head: tuple[int, ...] = (self.hidden, self.inter)
             tensors = [t for m in (gate, up, down) for t in (m.weight, m.scale)]
         else:
             assert isinstance(gate, Linear4bit)
             self.function = lib.dsmoe_bnb4_mlp
-            self.head = (ct.cast(gate._cpu_entry, ct.c_void_p).value or 0, self.hidden, inter, gate.blocksize)
+            self.bnb_kernel, self.blocksize = ct.cast(gate._cpu_entry, ct.c_void_p).value or 0, gate.blocksize
+            self.head = (self.bnb_kernel, self.hidden, self.inter, self.blocksize)
             tensors = [t for m in (gate, up, down) for t in (m.weight, m.runtime_absmax)]
         self.tensors = tensors  # keeps the addresses below valid
         self.addresses = tuple(t.data_ptr() for t in tensors)
@@ -264,6 +267,29 @@ class SwiGLUKernel:
         if status != 0:
             raise RuntimeError(f"native MLP kernel failed with status {status}")
         return out
+
+    def kind(self) -> tuple[int, ...]:
+        """Kernels of the same kind can run together in ``accumulate_experts``."""
+        return (self.bnb_kernel, self.hidden, self.inter, self.blocksize)
+
+
+def accumulate_experts(experts: Sequence[SwiGLUKernel], mix: Sequence[float], x: torch.Tensor,
+                       out: torch.Tensor) -> None:
+    """``out += expert(x) * weight`` for each expert and weight in order, in one native call.
+
+    The routed experts of a decode step (6 in the 16B model), all of one kind (``SwiGLUKernel.kind``);
+    ``mix`` are the routing weights already rounded to bf16. The roundings are PyTorch's, so the
+    result is the per-expert loop's, bit for bit.
+    """
+    lib = kernels.native_library()
+    assert lib is not None
+    first = experts[0]
+    pointers = (ct.c_void_p * (6 * len(experts)))(*(a for e in experts for a in e.addresses))
+    weights = (ct.c_float * len(mix))(*mix)
+    status = lib.dsmoe_experts(first.bnb_kernel, len(experts), first.hidden, first.inter, first.blocksize,
+                               x.contiguous().data_ptr(), pointers, weights, out.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"native experts kernel failed with status {status}")
 
 
 def swiglu_kernel(gate: nn.Module, up: nn.Module, down: nn.Module) -> SwiGLUKernel | None:

@@ -14,7 +14,7 @@ from dsmoe.model.deepseek import MLP
 from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
-from dsmoe.quant.linear import Linear8bit, swiglu_kernel
+from dsmoe.quant.linear import Linear8bit, accumulate_experts, swiglu_kernel
 
 
 def _cpu_has_avx2() -> bool:
@@ -95,8 +95,8 @@ def test_int8_layers_decode_with_the_native_kernel(lib) -> None:
     assert error < 0.015  # bf16 output (~0.3%) plus int8 activations; a wrong scale or sign is far off
 
 
-def _mlp(spec: QuantSpec, hidden: int = 256, inter: int = 128) -> MLP:
-    torch.manual_seed(7)
+def _mlp(spec: QuantSpec, hidden: int = 256, inter: int = 128, seed: int = 7) -> MLP:
+    torch.manual_seed(seed)
     mlp = MLP(hidden, inter)
     for name in ("gate_proj", "up_proj", "down_proj"):
         dense = getattr(mlp, name)
@@ -134,6 +134,23 @@ def test_4bit_mlp_in_one_call_gives_the_three_layers_numbers(lib, quant_type: st
     # The same kernel and bf16 roundings; only silu's exp (libm vs PyTorch's) can move a last bit.
     torch.testing.assert_close(fused, layered, rtol=0.008, atol=0)
     assert torch.equal(mlp(x), fused)
+
+
+@pytest.mark.parametrize("spec", [INT8, QuantSpec(bits=4, quant_type="nf4")], ids=["int8", "nf4"])
+def test_experts_in_one_call_give_the_per_expert_loops_bits(lib, spec: QuantSpec) -> None:
+    if spec.bits == 4 and not kernels.cpu_4bit_kernel_available():
+        pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
+    experts = [_mlp(spec, seed=20 + i) for i in range(3)]
+    fused = [e.one_token_kernel() for e in experts]
+    assert all(k is not None and k.kind() == fused[0].kind() for k in fused)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(13)).bfloat16()
+    mix = torch.tensor([0.41, 0.33, 0.26]).bfloat16().tolist()
+    loop = torch.zeros_like(x)
+    for expert, weight in zip(experts, mix):
+        loop += expert(x) * weight
+    out = torch.zeros_like(x)
+    accumulate_experts(fused, mix, x, out)  # type: ignore[arg-type]
+    assert torch.equal(out, loop)
 
 
 def test_no_one_call_path_for_mixed_or_fp32_layers(lib) -> None:

@@ -284,6 +284,32 @@ int dsmoe_bnb4_mlp(const void *kernel, int64_t hidden, int64_t inter, int64_t bl
     return 0;
 }
 
+/* The routed experts of one token: for each expert e in order, out = out + y_e * mix[e], y_e its
+ * MLP's output (dsmoe_bnb4_mlp with `kernel`, or dsmoe_int8_mlp when kernel is NULL), with
+ * PyTorch's bf16 roundings of `out += expert(x) * weight`, so it gives the per-expert loop's bits.
+ * weights holds 6 pointers per expert, in the MLP functions' order (gate, its scales, up, its
+ * scales, down, its scales); mix holds the bf16-rounded routing weights. */
+int dsmoe_experts(const void *kernel, int64_t count, int64_t hidden, int64_t inter, int64_t blocksize,
+                  const uint16_t *x, const void *const *weights, const float *mix, uint16_t *out) {
+    uint16_t *y = malloc((size_t)hidden * sizeof(uint16_t));
+    if (!y) return -2;
+    for (int64_t e = 0; e < count; e++) {
+        const void *const *w = weights + 6 * e;
+        const int status = kernel ? dsmoe_bnb4_mlp(kernel, hidden, inter, blocksize, x, w[0], w[1], w[2], w[3], w[4], w[5], y)
+                                  : dsmoe_int8_mlp(hidden, inter, x, w[0], w[1], w[2], w[3], w[4], w[5], y);
+        if (status != 0) {
+            free(y);
+            return status;
+        }
+        for (int64_t j = 0; j < hidden; j++) {
+            const float scaled = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[j]) * mix[e]));
+            out[j] = f32_to_bf16(bf16_to_f32(out[j]) + scaled);
+        }
+    }
+    free(y);
+    return 0;
+}
+
 /* ---- attention for one new token ------------------------------------------------------------ */
 
 /* One head: softmax(q . K[0..len) * scale) . V into out, fp32; scores is scratch of len floats. */

@@ -185,7 +185,7 @@ def int8_native_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [M, in] bf16 @ (weight * scale[:, None]).T, x rounded to int8 per block of 64 (needs ``native_library``).
 
-    ``out_dtype`` is bf16 or fp32; fp32 saves a rounding where the caller wants fp32 (the logits).
+    ``out_dtype`` is bf16 (what the layers return) or fp32 (the kernel's own sums, which the tests check).
     """
     lib = native_library()
     assert lib is not None
@@ -209,6 +209,10 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     lib = native_library()
     assert lib is not None
     _, n_kv, capacity, head_dim = key_cache.shape
+    tensors = (q, k, v, cos, sin, key_cache, value_cache)
+    if key_cache.shape[0] != 1 or value_cache.shape != key_cache.shape or not all(
+            t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors):
+        raise ValueError("attention_decode needs contiguous bf16 tensors and a cache of batch 1")
     out = torch.empty(n_heads * head_dim, dtype=torch.bfloat16)
     _check(lib.dsmoe_attention_decode(n_heads, n_kv, head_dim, pos, capacity, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                       cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),

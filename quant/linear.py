@@ -238,12 +238,10 @@ class SwiGLUKernel:
     """down(silu(gate(x)) * up(x)) for one bf16 token as one native call, bound to three layers.
 
     Decode runs ~7 of these per layer, so the call's constant arguments (sizes, weight addresses)
-    are converted once here. ``weights`` lets the owner see whether the layers have since been
-    replaced or moved (a move builds new weight tensors).
+    are converted once here; the owner rebuilds it when the layers are replaced or moved.
     """
 
     def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear) -> None:
-        self.weights = (gate.weight, up.weight, down.weight)
         self.hidden, self.inter = down.out_features, gate.out_features
         lib = kernels.native_library()
         assert lib is not None

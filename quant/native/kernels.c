@@ -1,5 +1,6 @@
-/* dsmoe native kernels for the decode step: 8-bit weights times int8-quantized activations, and
- * one call per SwiGLU MLP (8-bit here, 4-bit through bitsandbytes' own CPU kernel).
+/* dsmoe native kernels for the decode step: 8-bit weights times int8-quantized activations; one
+ * call per SwiGLU MLP (8-bit here, 4-bit through bitsandbytes' own CPU kernel) and per token's set
+ * of routed experts; and attention for one new token.
  *
  *   y[m, n] = scale[n] * sum_b xscale[m, b] * sum_{k in block b} xq[m, k] * w[n, k]
  *
@@ -132,7 +133,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
         for (int64_t n = n0; n < n1; n++) {                                                             \
             const int8_t *row = w + n * k;                                                              \
             for (int64_t i = 0; i < m; i++) {                                                           \
-                const qacts a = {xs->q + i * k, xs->scale + i * (k / QBLOCK)};         \
+                const qacts a = {xs->q + i * k, xs->scale + i * (k / QBLOCK)};                          \
                 __m256 acc = _mm256_setzero_ps();                                                       \
                 for (int64_t b = 0; b < k / QBLOCK; b++) {                                              \
                     const int64_t at = b * QBLOCK;                                                      \

@@ -167,7 +167,10 @@ def native_library() -> ct.CDLL | None:
     spec = importlib.util.find_spec("dsmoe.quant._native")
     if spec is None or spec.origin is None:
         return None
-    lib = ct.CDLL(spec.origin)
+    try:
+        lib = ct.CDLL(spec.origin)
+    except OSError:  # built elsewhere, and this machine lacks a library it links (libgomp)
+        return None
     if lib.dsmoe_native_isa() == 0:
         return None
     for name, argtypes in _NATIVE_SIGNATURES.items():

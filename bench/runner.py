@@ -16,6 +16,7 @@ import torch
 
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, DeepseekForCausalLM, parameter_counts
 from dsmoe.offload import ExpertStore
+from dsmoe.quant.kernels import native_kernels_in_use
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BenchResult:
     bandwidth_bytes_per_s: float
     roofline_fraction: float
     expert_cache_hit_rate: float | None
+    native_kernels: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,5 +122,7 @@ def run_benchmark(
         new_tokens=new_tokens, load_seconds=load_seconds, prefill_tokens_per_s=prompt_tokens / ttft_s,
         decode_tokens_per_s=decode_rate, time_to_first_token_s=ttft_s, peak_rss_bytes=peak_rss_bytes(),
         bytes_per_token=per_token, bandwidth_bytes_per_s=bandwidth,
-        roofline_fraction=per_token * decode_rate / bandwidth, expert_cache_hit_rate=store.stats.hit_rate() if store is not None else None,
+        roofline_fraction=per_token * decode_rate / bandwidth,
+        expert_cache_hit_rate=store.stats.hit_rate() if store is not None else None,
+        native_kernels=native_kernels_in_use(),
     )

@@ -42,6 +42,7 @@ def _render(result: BenchResult) -> None:
         ("memory bandwidth (measured)", f"{result.bandwidth_bytes_per_s / 1e9:.1f} GB/s"),
         ("roofline fraction", f"{result.roofline_fraction:.1%}"),
         ("expert-cache hit rate", hit),
+        ("native decode kernels", result.native_kernels),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -179,6 +179,14 @@ def native_library() -> ct.CDLL | None:
     return lib
 
 
+def native_kernels_in_use() -> str:
+    """What runs the decode kernels on this machine, for reports: the instruction set, or why none."""
+    lib = native_library()
+    if lib is None:
+        return "none (not built, or no AVX2): PyTorch kernels"
+    return {1: "AVX512-VNNI", 2: "AVX2"}[lib.dsmoe_native_isa()]
+
+
 def _check(status: int, what: str) -> None:
     if status != 0:
         raise RuntimeError(f"native {what} kernel failed with status {status}")

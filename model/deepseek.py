@@ -265,8 +265,8 @@ class MoE(nn.Module):
         if self.expert_runner is None and x.dtype == torch.bfloat16:
             # Resident quantized experts: the whole loop in one native call, with the loop's bits.
             fused = [self.experts[i].one_token_kernel() for i in chosen]  # type: ignore[operator]
-            kind = fused[0].kind() if fused[0] is not None else None
-            if all(k is not None and k.kind() == kind for k in fused):
+            kind = fused[0].kind if fused[0] is not None else None
+            if all(k is not None and k.kind == kind for k in fused):
                 accumulate_experts(fused, mix, x, out)  # type: ignore[arg-type]
                 return out
         for expert_idx, weight in zip(chosen, mix):

@@ -258,6 +258,8 @@ class SwiGLUKernel:
             tensors = [t for m in (gate, up, down) for t in (m.weight, m.runtime_absmax)]
         self.tensors = tensors  # keeps the addresses below valid
         self.addresses = tuple(t.data_ptr() for t in tensors)
+        # Kernels of the same kind can run together in ``accumulate_experts``.
+        self.kind = (self.bnb_kernel, self.hidden, self.inter, self.blocksize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.bfloat16)
@@ -265,10 +267,6 @@ class SwiGLUKernel:
         if status != 0:
             raise RuntimeError(f"native MLP kernel failed with status {status}")
         return out
-
-    def kind(self) -> tuple[int, ...]:
-        """Kernels of the same kind can run together in ``accumulate_experts``."""
-        return (self.bnb_kernel, self.hidden, self.inter, self.blocksize)
 
 
 def accumulate_experts(experts: Sequence[SwiGLUKernel], mix: Sequence[float], x: torch.Tensor,

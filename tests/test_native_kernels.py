@@ -142,7 +142,7 @@ def test_experts_in_one_call_give_the_per_expert_loops_bits(lib, spec: QuantSpec
         pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
     experts = [_mlp(spec, seed=20 + i) for i in range(3)]
     fused = [e.one_token_kernel() for e in experts]
-    assert all(k is not None and k.kind() == fused[0].kind() for k in fused)
+    assert all(k is not None and k.kind == fused[0].kind for k in fused)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(13)).bfloat16()
     mix = torch.tensor([0.41, 0.33, 0.26]).bfloat16().tolist()
     loop = torch.zeros_like(x)

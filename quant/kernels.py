@@ -18,9 +18,13 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   8-16 rows. It rounds the activations, so its output error is ~3.5x int8pack's (0.8% vs 0.23%).
   fp32 compute (quality runs) keeps int8pack at every size.
 
-* A SwiGLU MLP for one bf16 token (each routed expert in decode) runs as one native call: the
-  8-bit kernel above, or bitsandbytes' 4-bit kernel called from C, saving the Python work of three
-  module calls and two elementwise ops.
+* 4-bit, bf16 compute, one row (decode), built native library: dsmoe's own C kernel on
+  bitsandbytes' CPU layout, with the same int8 activations as the 8-bit one (the codebook goes
+  through a 16-entry byte table to integers, so the dot products are integer ones); it read ~1.2x
+  bitsandbytes' kernel's bytes per second on a decode step's experts. Two rows or more keep
+  bitsandbytes' kernel.
+* A SwiGLU MLP for one bf16 token runs as one native call, and so do a token's routed experts
+  together, saving the Python work of three module calls and two elementwise ops per expert.
 
 On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the standard layout.
 """
@@ -28,6 +32,7 @@ On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the stand
 from __future__ import annotations
 
 import ctypes as ct
+import dataclasses
 import functools
 import importlib.util
 from typing import Callable
@@ -149,11 +154,13 @@ NATIVE_BLOCK = 64
 
 _i64, _ptr = ct.c_int64, ct.c_void_p
 _NATIVE_SIGNATURES = {
+    "dsmoe_native_4bit": [],
     "dsmoe_int8_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, ct.c_int],
     "dsmoe_int8_mlp": [_i64, _i64] + [_ptr] * 8,
-    "dsmoe_bnb4_mlp": [_ptr, _i64, _i64, _i64] + [_ptr] * 8,  # the first: bitsandbytes' kernel
+    "dsmoe_4bit_gemv": [_ptr, ct.c_float, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],  # from Codebook
+    "dsmoe_4bit_mlp": [_ptr, ct.c_float, _i64, _i64, _i64] + [_ptr] * 8,
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
-    "dsmoe_experts": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "dsmoe_experts": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
 }
 
 
@@ -177,6 +184,58 @@ def native_library() -> ct.CDLL | None:
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, ct.c_int
     return lib
+
+
+def native_4bit_available() -> bool:
+    """Whether the native 4-bit kernels run here: they need AVX512-VNNI, which every CPU with
+    bitsandbytes' CPU layout (AVX512-BF16) has."""
+    lib = native_library()
+    return lib is not None and bool(lib.dsmoe_native_4bit())
+
+
+@dataclasses.dataclass(frozen=True)
+class Codebook:
+    """The native 4-bit kernels' view of a codebook: code -> ``table[code] - 128`` steps of ``unit``.
+
+    Unsigned bytes, so vpdpbusd takes them straight against int8 activations (the kernel takes the
+    +128 back out). ``unit`` is the step of 1/127 .. 1/64 that holds the codebook best (least
+    squared error): 1/120 holds FP4's values exactly, where 1/127 moved all its 0.5s by 0.8%.
+    """
+
+    table: torch.Tensor
+    unit: float
+
+    @property
+    def address(self) -> int:
+        return self.table.data_ptr()
+
+
+@functools.cache
+def native_codebook(quant_type: str) -> Codebook:
+    """One per format, so kernels can tell formats apart by the table's address."""
+    from bitsandbytes.functional import get_4bit_type
+
+    values = get_4bit_type(quant_type, device="cpu").double()
+
+    def error(steps: int) -> float:
+        return float((torch.round(values * steps) / steps - values).pow(2).sum())
+
+    steps = min(range(64, 128), key=error)
+    table = (torch.round(values * steps).to(torch.int32) + 128).to(torch.uint8).contiguous()
+    return Codebook(table, 1.0 / steps)
+
+
+def native_4bit_mm(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, int], absmax_t: torch.Tensor,
+                   codebook: Codebook, blocksize: int) -> torch.Tensor:
+    """x [1, in] bf16 @ W.T for a 4-bit W in bitsandbytes' CPU layout, x rounded to int8 per block of 64."""
+    lib = native_library()
+    assert lib is not None
+    out_features, in_features = shape
+    out = torch.empty(1, out_features, dtype=torch.bfloat16)
+    _check(lib.dsmoe_4bit_gemv(codebook.address, codebook.unit, blocksize, out_features, in_features,
+                               x.contiguous().data_ptr(), cpu_packed.data_ptr(), absmax_t.data_ptr(), out.data_ptr()),
+           "4-bit matmul")
+    return out
 
 
 def native_kernels_in_use() -> str:

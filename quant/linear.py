@@ -123,11 +123,18 @@ class Linear4bit(QuantLinear):
             absmax = absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
         self.register_buffer("runtime_absmax", absmax, persistent=False)
         self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" else None
+        # dsmoe's kernel for one row: whole 64-wide activation blocks, each under one absmax.
+        self.native_codebook = (
+            kernels.native_codebook(self.quant_type)
+            if self.layout == "cpu" and self.in_features % kernels.NATIVE_BLOCK == 0
+            and self.blocksize % kernels.NATIVE_BLOCK == 0 and kernels.native_4bit_available()
+            else None
+        )
 
     def kernel(self, rows: int) -> str:
-        """The kernel a call with ``rows`` input rows runs (the rows do not change it for 4-bit)."""
+        """The kernel a call with ``rows`` input rows runs."""
         if self.layout == "cpu":
-            return "bnb_cpu_4bit"
+            return "4bit_native" if rows == 1 and self.native_codebook is not None else "bnb_cpu_4bit"
         if self.weight.device.type == "cuda":
             return "bnb_matmul_4bit"
         return "dequant_matmul"
@@ -147,14 +154,22 @@ class Linear4bit(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cpu_entry is not None and x.dtype == torch.bfloat16:
-            # The decode hot path (~25 calls per layer per token): no dispatch or casts around the C call.
-            out = kernels.gemv_4bit_cpu(x.reshape(-1, self.in_features), self.weight, self.shape,
-                                        self.runtime_absmax, self.quant_map, self.blocksize, self._cpu_entry)
+            # The decode hot path (~5 calls per layer per token): no dispatch or casts around the C call.
+            flat = x.reshape(-1, self.in_features)
+            if self.native_codebook is not None and flat.shape[0] == 1:
+                out = kernels.native_4bit_mm(flat, self.weight, self.shape, self.runtime_absmax, self.native_codebook,
+                                             self.blocksize)
+            else:
+                out = kernels.gemv_4bit_cpu(flat, self.weight, self.shape, self.runtime_absmax, self.quant_map,
+                                            self.blocksize, self._cpu_entry)
             return out.view(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
         kernel = self.kernel(flat.shape[0])
-        if kernel == "bnb_cpu_4bit":
+        if kernel == "4bit_native":
+            out = kernels.native_4bit_mm(flat, self.weight, self.shape, self.runtime_absmax, self.native_codebook,
+                                         self.blocksize)
+        elif kernel == "bnb_cpu_4bit":
             out = kernels.gemv_4bit_cpu(flat, self.weight, self.shape, self.runtime_absmax, self.quant_map,
                                         self.blocksize, self._cpu_entry)
         elif kernel == "bnb_matmul_4bit":
@@ -247,19 +262,20 @@ class SwiGLUKernel:
         assert lib is not None
         if isinstance(gate, Linear8bit):
             self.function = lib.dsmoe_int8_mlp
-            self.bnb_kernel, self.blocksize = 0, 0  # no bitsandbytes kernel: dsmoe's int8 one
-            self.head: tuple[int, ...] = (self.hidden, self.inter)
+            self.table, self.unit, self.blocksize = None, 0.0, 0  # no codebook: LLM.int8 weights
+            self.head: tuple[int | float | None, ...] = (self.hidden, self.inter)
             tensors = [t for m in (gate, up, down) for t in (m.weight, m.scale)]
         else:
-            assert isinstance(gate, Linear4bit)
-            self.function = lib.dsmoe_bnb4_mlp
-            self.bnb_kernel, self.blocksize = ct.cast(gate._cpu_entry, ct.c_void_p).value or 0, gate.blocksize
-            self.head = (self.bnb_kernel, self.hidden, self.inter, self.blocksize)
+            assert isinstance(gate, Linear4bit) and gate.native_codebook is not None
+            self.function = lib.dsmoe_4bit_mlp
+            codebook = gate.native_codebook
+            self.table, self.unit, self.blocksize = codebook.address, codebook.unit, gate.blocksize
+            self.head = (self.table, self.unit, self.blocksize, self.hidden, self.inter)
             tensors = [t for m in (gate, up, down) for t in (m.weight, m.runtime_absmax)]
         self.tensors = tensors  # keeps the addresses below valid
         self.addresses = tuple(t.data_ptr() for t in tensors)
         # Kernels of the same kind can run together in ``accumulate_experts``.
-        self.kind = (self.bnb_kernel, self.hidden, self.inter, self.blocksize)
+        self.kind = (self.table, self.unit, self.blocksize, self.hidden, self.inter)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.bfloat16)
@@ -282,7 +298,7 @@ def accumulate_experts(experts: Sequence[SwiGLUKernel], mix: Sequence[float], x:
     first = experts[0]
     pointers = (ct.c_void_p * (6 * len(experts)))(*(a for e in experts for a in e.addresses))
     weights = (ct.c_float * len(mix))(*mix)
-    status = lib.dsmoe_experts(first.bnb_kernel, len(experts), first.hidden, first.inter, first.blocksize,
+    status = lib.dsmoe_experts(first.table, first.unit, first.blocksize, len(experts), first.hidden, first.inter,
                                x.contiguous().data_ptr(), pointers, weights, out.data_ptr())
     if status != 0:
         raise RuntimeError(f"native experts kernel failed with status {status}")
@@ -292,14 +308,14 @@ def swiglu_kernel(gate: nn.Module, up: nn.Module, down: nn.Module) -> SwiGLUKern
     """The one-call MLP for these layers, or None where none applies.
 
     Applies when the three are quantized alike on a native path: 8-bit layers with the native int8
-    kernel, 4-bit layers in bitsandbytes' CPU layout (its kernel, called from C).
+    kernel, 4-bit layers of one format on the native 4-bit kernel.
     """
     layers = (gate, up, down)
     if all(isinstance(m, Linear8bit) and m.native for m in layers):
         return SwiGLUKernel(gate, up, down)  # type: ignore[arg-type]
-    if all(isinstance(m, Linear4bit) and m._cpu_entry is not None for m in layers):
+    if all(isinstance(m, Linear4bit) and m.native_codebook is not None for m in layers):
         first: Linear4bit = gate  # type: ignore[assignment]
-        if all(m._cpu_entry is first._cpu_entry and m.blocksize == first.blocksize for m in layers):  # type: ignore[union-attr]
+        if all(m.native_codebook is first.native_codebook and m.blocksize == first.blocksize for m in layers):  # type: ignore[union-attr]
             return SwiGLUKernel(gate, up, down)  # type: ignore[arg-type]
     return None
 

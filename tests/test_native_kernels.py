@@ -14,7 +14,7 @@ from dsmoe.model.deepseek import MLP
 from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
-from dsmoe.quant.linear import Linear8bit, accumulate_experts, swiglu_kernel
+from dsmoe.quant.linear import Linear4bit, Linear8bit, accumulate_experts, swiglu_kernel
 
 
 def _cpu_has_avx2() -> bool:
@@ -121,25 +121,67 @@ def test_int8_mlp_in_one_call_matches_the_three_layers(lib) -> None:
     assert torch.equal(mlp(x), fused)  # MLP.forward takes the one-call path for one token
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_4bit_mlp_in_one_call_gives_the_three_layers_numbers(lib, quant_type: str) -> None:
+@pytest.fixture(scope="module")
+def lib4(lib):
     if not kernels.cpu_4bit_kernel_available():
-        pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
+        pytest.skip("bitsandbytes' CPU 4-bit layout needs AVX512-BF16")
+    assert kernels.native_4bit_available(), "every CPU with AVX512-BF16 has the VNNI the 4-bit kernels need"
+    return lib
+
+
+def _table_weight(layer: Linear4bit) -> torch.Tensor:
+    """The weight the native kernel multiplies by: the codebook in the table's steps times the bf16 absmax."""
+    out_features, in_features = layer.shape
+    packed = kernels.unpack_from_cpu(layer.weight, out_features, in_features).reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(out_features, in_features).long()
+    codebook = layer.native_codebook
+    values = (codebook.table.long()[codes] - 128).double() * codebook.unit
+    absmax = layer.runtime_absmax.double().t().repeat_interleave(layer.blocksize, dim=1)
+    return values * absmax
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape,blocksize", [((32, 64), 64), ((96, 256), 64), ((64, 64 * 11), 64), ((64, 512), 128)],
+                         ids=str)
+def test_4bit_kernel_computes_the_rounded_product(lib4, quant_type: str, shape: tuple[int, int],
+                                                  blocksize: int) -> None:
+    """Each output is the exact sum over int8 activations and the table's weights, then one bf16 rounding."""
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.02
+    weight[3, :7] *= 40  # an outlier block
+    layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type, blocksize=blocksize), torch.bfloat16)
+    assert isinstance(layer, Linear4bit) and layer.kernel(1) == "4bit_native"
+    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(2)).bfloat16()
+    x[0, :3] *= 50
+    want = _rounded_activations(x).double() @ _table_weight(layer).t()
+    got = layer(x)
+    assert torch.equal(got, kernels.native_4bit_mm(x, layer.weight, layer.shape, layer.runtime_absmax,
+                                                   layer.native_codebook, layer.blocksize))
+    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-6 * want.abs().max().item())
+    exact = x.double() @ layer.dequantized().double().t()
+    # int8 activations (one block holds a 50x outlier), the table, bf16: ~1-2%; a wrong unit is ~13%.
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_mlp_in_one_call_matches_the_three_layers(lib4, quant_type: str) -> None:
     mlp = _mlp(QuantSpec(bits=4, quant_type=quant_type))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
     kernel = swiglu_kernel(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     assert kernel is not None
     fused = kernel(x)
-    layered = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-    # The same kernel and bf16 roundings; only silu's exp (libm vs PyTorch's) can move a last bit.
-    torch.testing.assert_close(fused, layered, rtol=0.008, atol=0)
+    layered = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # bf16 between the layers
+    xf = x.float()
+    exact = mlp.down_proj.dequantized() @ (F.silu(xf @ mlp.gate_proj.dequantized().t())
+                                           * (xf @ mlp.up_proj.dequantized().t())).t()
+    for got in (fused, layered):
+        assert ((got.float() - exact.t()).norm() / exact.norm()).item() < 0.03
     assert torch.equal(mlp(x), fused)
 
 
 @pytest.mark.parametrize("spec", [INT8, QuantSpec(bits=4, quant_type="nf4")], ids=["int8", "nf4"])
 def test_experts_in_one_call_give_the_per_expert_loops_bits(lib, spec: QuantSpec) -> None:
-    if spec.bits == 4 and not kernels.cpu_4bit_kernel_available():
-        pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
+    if spec.bits == 4 and not kernels.native_4bit_available():
+        pytest.skip("the native 4-bit kernels need AVX512-BF16 and VNNI")
     experts = [_mlp(spec, seed=20 + i) for i in range(3)]
     fused = [e.one_token_kernel() for e in experts]
     assert all(k is not None and k.kind == fused[0].kind for k in fused)

@@ -188,7 +188,9 @@ def test_bf16_forward_matches_dequant_matmul(name: str, rows: int) -> None:
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 1, OUT)
     expected = x.float() @ _bnb_reference(weight, spec).t()
     # bf16 keeps 8 mantissa bits: a few 1e-3 relative error; a wrong codebook or scale is > 5e-2.
-    assert _rel(out, expected) < 1e-2
+    # The native decode kernels also round the activations to int8 (~0.6%), the 4-bit one the codebook.
+    native = module.kernel(rows) in ("4bit_native", "int8_native")
+    assert _rel(out, expected) < (2e-2 if native else 1e-2)
 
 
 def test_wrong_codebook_would_fail_the_tolerance() -> None:
@@ -233,7 +235,9 @@ def test_cpu_layout_equals_bitsandbytes_repack_and_inverts() -> None:
 def test_kernel_choice() -> None:
     fast_cpu = kernels.cpu_4bit_kernel_available()
     nf4_bf16 = quantize_linear(_weight(), SPECS["nf4"], torch.bfloat16)
-    assert nf4_bf16.kernel(1) == nf4_bf16.kernel(64) == ("bnb_cpu_4bit" if fast_cpu else "dequant_matmul")
+    assert nf4_bf16.kernel(64) == ("bnb_cpu_4bit" if fast_cpu else "dequant_matmul")
+    one_row = "4bit_native" if fast_cpu and kernels.native_4bit_available() else nf4_bf16.kernel(64)
+    assert nf4_bf16.kernel(1) == one_row
     assert nf4_bf16.layout == ("cpu" if fast_cpu else "standard")
     assert quantize_linear(_weight(), SPECS["nf4"], torch.float32).kernel(1) == "dequant_matmul"
     # 40 rows: not a multiple of the CPU tile, so the standard layout and dequantize + matmul.

@@ -1,6 +1,5 @@
-/* dsmoe native kernels for the decode step: 8-bit weights times int8-quantized activations; one
- * call per SwiGLU MLP (8-bit here, 4-bit through bitsandbytes' own CPU kernel) and per token's set
- * of routed experts; and attention for one new token.
+/* dsmoe native kernels for the decode step: 8- and 4-bit weights times int8-quantized activations;
+ * one call per SwiGLU MLP and per token's set of routed experts; and attention for one new token.
  *
  *   y[m, n] = scale[n] * sum_b xscale[m, b] * sum_{k in block b} xq[m, k] * w[n, k]
  *
@@ -10,12 +9,7 @@
  * has it, AVX2's vpmaddubsw otherwise. Both multiply unsigned by signed bytes, so the activation
  * goes in as |xq| and its sign moves onto the weight (vpsignb); |xq| <= 127 keeps vpmaddubsw's
  * 16-bit pair sums from saturating (2 * 127 * 127 < 32767), so both give the same integers.
- *
- * A 4-bit version of the same scheme was measured twice (the codebook times 127 in a vpshufb
- * table, on the standard layout and on bitsandbytes' CPU layout): on one thread with the weight in
- * cache it ran 1.8x bitsandbytes' kernel, but from memory on two threads both read ~26 GB/s (per
- * MLP) to ~30 GB/s (lm_head-sized), so it bought nothing and would have changed the numbers;
- * 4-bit MLPs call bitsandbytes' kernel, whose address the caller passes in.
+ * 4-bit weights (bitsandbytes' NF4/FP4 in its CPU layout) use the same activations; see below.
  *
  * Plain C with no Python headers: dsmoe loads it with ctypes. Output rows are split across
  * OpenMP threads, which share libgomp with PyTorch, so torch.set_num_threads governs them too.
@@ -62,6 +56,14 @@ int dsmoe_native_isa(void) {
     return chosen_isa;
 }
 
+/* 1 when the 4-bit kernels can run: they are written for AVX512-VNNI only, since bitsandbytes'
+ * CPU layout they read exists only on CPUs with AVX512-BF16, all of which have it. */
+int dsmoe_native_4bit(void) {
+    static int known = -1;
+    if (known < 0) known = detect_isa() == 1;
+    return known;
+}
+
 /* Run the AVX2 path on a VNNI machine (isa = 2), so tests compare the two; -1 detects again.
  * Returns the instruction set now in use; asking for one the CPU lacks changes nothing. */
 int dsmoe_native_use_isa(int isa) {
@@ -70,10 +72,11 @@ int dsmoe_native_use_isa(int isa) {
     return chosen_isa;
 }
 
-/* Activations rounded to int8: q and a scale per block of 64. */
+/* Activations rounded to int8: q, and per block of 64 a scale and sum(q) (for the 4-bit kernels). */
 typedef struct {
     int8_t *q;
     float *scale;
+    int32_t *sum;
 } qacts;
 
 /* 8 bf16 -> 8 fp32. */
@@ -82,10 +85,11 @@ __attribute__((target("avx2,fma"))) static inline __m256 load8_bf16(const uint16
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-/* One row of k fp32 values into q and a scale per block of 64: q = round(x * 127 / absmax),
+/* One row of k fp32 values into q, a scale and sum(q) per block of 64: q = round(x * 127 / absmax),
  * rounding half to even (the CPU's default mode, as nearbyintf). Vectorised: on the decode path
  * this runs before every matmul, and the scalar loop cost ~10 us per 2048 values. */
-__attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int64_t k, int8_t *xq, float *scale) {
+__attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int64_t k, int8_t *xq, float *scale,
+                                                             int32_t *sum) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < k / QBLOCK; b++) {
@@ -98,6 +102,7 @@ __attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int
         const float amax = _mm_cvtss_f32(m);
         scale[b] = amax / 127.0f;
         const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i total = _mm256_setzero_si256();
         for (int i = 0; i < QBLOCK; i += 32) {
             __m256i q[4];
             for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), inv));
@@ -106,7 +111,13 @@ __attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int
             /* |x| * 127 / absmax <= 127 up to rounding, so only -128 needs clamping. */
             const __m256i clamped = _mm256_max_epi8(bytes, _mm256_set1_epi8(-127));
             _mm256_storeu_si256((__m256i *)(xq + b * QBLOCK + i), clamped);
+            total = _mm256_add_epi32(total, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), clamped),
+                                                              _mm256_set1_epi16(1)));
         }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        sum[b] = _mm_cvtsi128_si32(t);
     }
 }
 
@@ -133,7 +144,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
         for (int64_t n = n0; n < n1; n++) {                                                             \
             const int8_t *row = w + n * k;                                                              \
             for (int64_t i = 0; i < m; i++) {                                                           \
-                const qacts a = {xs->q + i * k, xs->scale + i * (k / QBLOCK)};                          \
+                const qacts a = {xs->q + i * k, xs->scale + i * (k / QBLOCK), NULL};                    \
                 __m256 acc = _mm256_setzero_ps();                                                       \
                 for (int64_t b = 0; b < k / QBLOCK; b++) {                                              \
                     const int64_t at = b * QBLOCK;                                                      \
@@ -169,16 +180,17 @@ static void weight_rows(int isa, const int8_t *w, const float *scale, int64_t k,
 static int alloc_acts(qacts *a, int64_t m, int64_t k) {
     a->q = malloc((size_t)(m * k));
     a->scale = malloc((size_t)(m * (k / QBLOCK)) * sizeof(float));
-    return a->q && a->scale;
+    a->sum = malloc((size_t)(m * (k / QBLOCK)) * sizeof(int32_t));
+    return a->q && a->scale && a->sum;
 }
 
-static void free_acts(qacts *a) { free(a->q), free(a->scale); }
+static void free_acts(qacts *a) { free(a->q), free(a->scale), free(a->sum); }
 
 __attribute__((target("avx2,fma"))) static void quantize_bf16_rows(const uint16_t *x, int64_t m, int64_t k,
                                                                    qacts *a, float *tmp) {
     for (int64_t i = 0; i < m; i++) {
         for (int64_t j = 0; j < k; j += 8) _mm256_storeu_ps(tmp + j, load8_bf16(x + i * k + j));
-        quantize_row(tmp, k, a->q + i * k, a->scale + i * (k / QBLOCK));
+        quantize_row(tmp, k, a->q + i * k, a->scale + i * (k / QBLOCK), a->sum + i * (k / QBLOCK));
     }
 }
 
@@ -216,98 +228,207 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
     return 0;
 }
 
-/* One SwiGLU MLP for one token, 8-bit: out = down(silu(gate(x)) * up(x)), bf16 in and out, in one
- * call and one thread team (the decode step runs ~7 per layer). gate and up are [inter, hidden],
- * down [hidden, inter]; silu(g) * u stays in fp32 until it is rounded to int8 for down. */
-int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const int8_t *gate, const float *gate_scale,
-                   const int8_t *up, const float *up_scale, const int8_t *down, const float *down_scale,
-                   uint16_t *out) {
-    const int isa = dsmoe_native_isa();
-    if (isa == 0 || hidden % QBLOCK || inter % QBLOCK) return -1;
+/* ---- 4-bit weights: bitsandbytes' NF4/FP4 codes in its CPU layout ------------------------------
+ *
+ * The layout (quant/kernels.py, pack_for_cpu) tiles 32 output rows; in a tile, the 32 bytes of
+ * column pair j hold rows r (low nibble) and 16 + r (high nibble) of columns 2j and 2j + 1 at byte
+ * 2r + c. absmax_t is [k / blocksize, n] bf16. Each code goes through a vpshufb table to
+ * round(codebook value / unit) + 128, an unsigned byte, so vpdpbusd multiplies it by the int8
+ * activations directly; the +128 comes back out per block as 128 * sum(q), which depends on the
+ * activations only. The caller picks unit (1/112 for NF4, 1/120 for FP4, whose values it then
+ * holds exactly): the rounded codebook moves a weight by at most 0.4% of its block's absmax, far
+ * below the 4-bit step. */
+
+#define TILE_ROWS 32
+#define TARGET_4BIT "avx512f,avx512bw,avx512vl,avx512vnni,fma"
+
+/* 16 bf16 -> 16 fp32. */
+__attribute__((target(TARGET_4BIT))) static inline __m512 load16_bf16(const uint16_t *p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* out[0..32) = the 32 rows of one tile times the activations a, fp32. */
+__attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, const uint16_t *absmax_t,
+                                                           int64_t n, int64_t row0, int64_t k, int64_t blocksize,
+                                                           const uint8_t *lut, float unit, const qacts *a,
+                                                           float *out) {
+    /* Word 2r <- word r (pair j), word 2r + 1 <- word 16 + r (pair j + 1): dword r then holds four
+     * consecutive columns of row r (low nibbles) and of row 16 + r (high nibbles). */
+    static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i perm = _mm512_loadu_si512(order);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512 acc_lo = _mm512_setzero_ps(), acc_hi = _mm512_setzero_ps();
+    for (int64_t b = 0; b < k / QBLOCK; b++) {
+        const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
+        const int8_t *xb = a->q + b * QBLOCK;
+        __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
+        for (int j = 0; j < QBLOCK / 2; j += 2) {
+            const __m512i v = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(p + j * TILE_ROWS));
+            int32_t four;
+            memcpy(&four, xb + 2 * j, sizeof four);
+            const __m512i xv = _mm512_set1_epi32(four);
+            s_lo = _mm512_dpbusd_epi32(s_lo, _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4)), xv);
+            s_hi = _mm512_dpbusd_epi32(
+                s_hi, _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)), xv);
+        }
+        const __m512i offset = _mm512_set1_epi32(128 * a->sum[b]);
+        const uint16_t *scales = absmax_t + (b * QBLOCK / blocksize) * n + row0;
+        const __m512 step = _mm512_set1_ps(a->scale[b] * unit);
+        acc_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_lo, offset)),
+                                 _mm512_mul_ps(load16_bf16(scales), step), acc_lo);
+        acc_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_hi, offset)),
+                                 _mm512_mul_ps(load16_bf16(scales + 16), step), acc_hi);
+    }
+    _mm512_storeu_ps(out, acc_lo);
+    _mm512_storeu_ps(out + 16, acc_hi);
+}
+
+/* ---- MLPs for one token --------------------------------------------------------------------- */
+
+/* What a weight is: LLM.int8 (lut NULL; scale = SCB / 127 per row) or 4-bit (lut and unit from the
+ * codebook, scale = absmax_t). */
+typedef struct {
+    const uint8_t *lut;
+    float unit;
+    int64_t blocksize;
+} wformat;
+
+/* Output rows handed to a thread at a time: a 4-bit tile, or 16 int8 rows. */
+static int64_t rows_per_task(const wformat *f) { return f->lut ? TILE_ROWS : ROWS_PER_TASK; }
+
+/* Rows n0..n1 of y = x @ W.T for one activation row, fp32, into out[n0..n1). */
+static void matrix_rows(const wformat *f, const void *w, const void *scale, int64_t n, int64_t k, int64_t n0,
+                        int64_t n1, const qacts *a, float *out) {
+    if (!f->lut) {
+        weight_rows(dsmoe_native_isa(), w, scale, k, n0, n1, 1, a, out, n);
+        return;
+    }
+    for (int64_t r = n0; r < n1; r += TILE_ROWS)
+        tile_4bit((const uint8_t *)w + (r / TILE_ROWS) * TILE_ROWS * (k / 2), scale, n, r, k, f->blocksize, f->lut,
+                  f->unit, a, out + r);
+}
+
+/* The 4-bit kernels need AVX512-VNNI (every CPU with AVX512-BF16, which bitsandbytes' CPU layout
+ * needs, has it), widths in whole activation blocks, and whole absmax blocks per activation block. */
+static int shape_ok(const wformat *f, int64_t n, int64_t k) {
+    if (k % QBLOCK) return 0;
+    if (!f->lut) return dsmoe_native_isa() != 0;
+    return dsmoe_native_4bit() && n % TILE_ROWS == 0 && f->blocksize % QBLOCK == 0;
+}
+
+/* count SwiGLU MLPs of one shape on one bf16 token x: y_e = down_e(silu(gate_e(x)) * up_e(x)).
+ * weights holds 6 pointers per MLP (gate, its scale, up, its scale, down, its scale). Without mix,
+ * y [count, hidden] gets the outputs in bf16; with mix, out = out + bf16(y_e * mix[e]) for each e in
+ * order, with PyTorch's bf16 roundings of `out += expert(x) * weight`, so the result is a
+ * per-expert loop's, bit for bit. One thread team for all of it: the gate and up rows of every MLP
+ * are one task list split into contiguous runs, so each thread streams whole matrices (reading
+ * that way measured ~31 GB/s against ~27 GB/s with each matrix split across the threads), then
+ * the same for the down rows. silu(g) * u stays fp32 until it is rounded to int8 for down.
+ * Returns 0, -1 for shapes the kernels cannot take, -2 when out of memory. */
+static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, int64_t inter, const uint16_t *x,
+                        const void *const *weights, uint16_t *y, const float *mix, uint16_t *out) {
+    if (!shape_ok(f, inter, hidden) || !shape_ok(f, hidden, inter)) return -1;
+    const int64_t step = rows_per_task(f);
+    const int64_t up_tasks = (inter + step - 1) / step, down_tasks = (hidden + step - 1) / step;
     qacts xa, ha;
     float *tmp = malloc((size_t)hidden * sizeof(float));
-    float *gu = malloc((size_t)(2 * inter) * sizeof(float));
-    float *y = malloc((size_t)hidden * sizeof(float));
-    const int ok = alloc_acts(&xa, 1, hidden) & alloc_acts(&ha, 1, inter);
-    if (!ok || !tmp || !gu || !y) {
-        free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(y);
+    float *gu = malloc((size_t)(count * 2 * inter) * sizeof(float));
+    float *yf = malloc((size_t)(count * hidden) * sizeof(float));
+    uint16_t *scratch = mix ? malloc((size_t)(count * hidden) * sizeof(uint16_t)) : NULL;
+    const int ok = alloc_acts(&xa, 1, hidden) & alloc_acts(&ha, count, inter);
+    if (!ok || !tmp || !gu || !yf || (mix && !scratch)) {
+        free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(yf), free(scratch);
         return -2;
     }
+    if (mix) y = scratch;
     quantize_bf16_rows(x, 1, hidden, &xa, tmp);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < 2 * TASKS(inter); t++) {
-            const int is_up = t >= TASKS(inter);
-            const int64_t n0 = (t % TASKS(inter)) * ROWS_PER_TASK, n1 = TASK_END(n0, inter);
-            weight_rows(isa, is_up ? up : gate, is_up ? up_scale : gate_scale, hidden, n0, n1, 1, &xa,
-                        gu + (is_up ? inter : 0), inter);
-        }
-#pragma omp single
-        {
-            for (int64_t j = 0; j < inter; j++) gu[j] = gu[j] / (1.0f + expf(-gu[j])) * gu[inter + j];
-            quantize_row(gu, inter, ha.q, ha.scale);
+        for (int64_t t = 0; t < count * 2 * up_tasks; t++) {
+            const int64_t e = t / (2 * up_tasks), which = (t / up_tasks) % 2, n0 = (t % up_tasks) * step;
+            const void *const *w = weights + 6 * e + 2 * which;
+            matrix_rows(f, w[0], w[1], inter, hidden, n0, n0 + step < inter ? n0 + step : inter, &xa,
+                        gu + (2 * e + which) * inter);
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < TASKS(hidden); t++) {
-            const int64_t n0 = t * ROWS_PER_TASK, n1 = TASK_END(n0, hidden);
-            weight_rows(isa, down, down_scale, inter, n0, n1, 1, &ha, y, hidden);
-            for (int64_t j = n0; j < n1; j++) out[j] = f32_to_bf16(y[j]);
+        for (int64_t e = 0; e < count; e++) {
+            float *g = gu + 2 * e * inter;
+            const float *u = g + inter;
+            for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            quantize_row(g, inter, ha.q + e * inter, ha.scale + e * (inter / QBLOCK), ha.sum + e * (inter / QBLOCK));
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < count * down_tasks; t++) {
+            const int64_t e = t / down_tasks, n0 = (t % down_tasks) * step, n1 = n0 + step < hidden ? n0 + step : hidden;
+            const qacts h = {ha.q + e * inter, ha.scale + e * (inter / QBLOCK), ha.sum + e * (inter / QBLOCK)};
+            matrix_rows(f, weights[6 * e + 4], weights[6 * e + 5], hidden, inter, n0, n1, &h, yf + e * hidden);
+            for (int64_t j = n0; j < n1; j++) y[e * hidden + j] = f32_to_bf16(yf[e * hidden + j]);
+        }
+        if (mix) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < hidden; j++)
+                for (int64_t e = 0; e < count; e++) {
+                    const float scaled = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[e * hidden + j]) * mix[e]));
+                    out[j] = f32_to_bf16(bf16_to_f32(out[j]) + scaled);
+                }
         }
     }
-    free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(y);
+    free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(yf), free(scratch);
     return 0;
 }
 
-/* bitsandbytes' CPU 4-bit kernel (gemv_4bit_inference_cpu_{nf4,fp4}_bf16): x [m, k] bf16 times a
- * weight in its CPU layout with absmax_t [k / blocksize, n] bf16, into out [m, n] bf16. */
-typedef void (*bnb_gemv4_fn)(int64_t m, int64_t n, int64_t k, const void *x, const void *w, const void *absmax_t,
-                             void *out, int64_t blocksize, int64_t ldx, int64_t ldo);
+/* One SwiGLU MLP for one token, 8-bit: out = down(silu(gate(x)) * up(x)), bf16 in and out, in one
+ * call and one thread team. gate and up are [inter, hidden], down [hidden, inter]. */
+int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const void *gate, const void *gate_scale,
+                   const void *up, const void *up_scale, const void *down, const void *down_scale, uint16_t *out) {
+    const wformat f = {NULL, 0.0f, 0};
+    const void *weights[6] = {gate, gate_scale, up, up_scale, down, down_scale};
+    return swiglu_batch(&f, 1, hidden, inter, x, weights, out, NULL, NULL);
+}
 
-/* One SwiGLU MLP for one token, 4-bit, with bitsandbytes' kernel at `kernel`: the same steps and
- * bf16 roundings as down(silu(gate(x)) * up(x)) in PyTorch, without a Python call between them. */
-int dsmoe_bnb4_mlp(const void *kernel, int64_t hidden, int64_t inter, int64_t blocksize, const uint16_t *x,
+/* The same for 4-bit weights in bitsandbytes' CPU layout; lut and unit are the codebook's table (see above). */
+int dsmoe_4bit_mlp(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, const uint16_t *x,
                    const void *gate, const void *gate_absmax, const void *up, const void *up_absmax,
                    const void *down, const void *down_absmax, uint16_t *out) {
-    const bnb_gemv4_fn gemv = (bnb_gemv4_fn)kernel;
-    uint16_t *g = malloc((size_t)(2 * inter) * sizeof(uint16_t));
-    if (!g) return -2;
-    uint16_t *u = g + inter;
-    gemv(1, inter, hidden, x, gate, gate_absmax, g, blocksize, hidden, inter);
-    gemv(1, inter, hidden, x, up, up_absmax, u, blocksize, hidden, inter);
-    for (int64_t j = 0; j < inter; j++) {
-        const float v = bf16_to_f32(g[j]);
-        const float silu = bf16_to_f32(f32_to_bf16(v / (1.0f + expf(-v))));
-        g[j] = f32_to_bf16(silu * bf16_to_f32(u[j]));
-    }
-    gemv(1, hidden, inter, g, down, down_absmax, out, blocksize, inter, hidden);
-    free(g);
-    return 0;
+    const wformat f = {lut, unit, blocksize};
+    const void *weights[6] = {gate, gate_absmax, up, up_absmax, down, down_absmax};
+    return swiglu_batch(&f, 1, hidden, inter, x, weights, out, NULL, NULL);
 }
 
-/* The routed experts of one token: for each expert e in order, out = out + y_e * mix[e], y_e its
- * MLP's output (dsmoe_bnb4_mlp with `kernel`, or dsmoe_int8_mlp when kernel is NULL), with
- * PyTorch's bf16 roundings of `out += expert(x) * weight`, so it gives the per-expert loop's bits.
- * weights holds 6 pointers per expert, in the MLP functions' order (gate, its scales, up, its
- * scales, down, its scales); mix holds the bf16-rounded routing weights. */
-int dsmoe_experts(const void *kernel, int64_t count, int64_t hidden, int64_t inter, int64_t blocksize,
+/* The routed experts of one token: out = out + bf16(y_e * mix[e]) for each expert e in order, all
+ * in one thread team (swiglu_batch). lut NULL: 8-bit experts; else 4-bit with that table and unit.
+ * mix holds the bf16-rounded routing weights. */
+int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t count, int64_t hidden, int64_t inter,
                   const uint16_t *x, const void *const *weights, const float *mix, uint16_t *out) {
-    uint16_t *y = malloc((size_t)hidden * sizeof(uint16_t));
-    if (!y) return -2;
-    for (int64_t e = 0; e < count; e++) {
-        const void *const *w = weights + 6 * e;
-        const int status = kernel ? dsmoe_bnb4_mlp(kernel, hidden, inter, blocksize, x, w[0], w[1], w[2], w[3], w[4], w[5], y)
-                                  : dsmoe_int8_mlp(hidden, inter, x, w[0], w[1], w[2], w[3], w[4], w[5], y);
-        if (status != 0) {
-            free(y);
-            return status;
-        }
-        for (int64_t j = 0; j < hidden; j++) {
-            const float scaled = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[j]) * mix[e]));
-            out[j] = f32_to_bf16(bf16_to_f32(out[j]) + scaled);
-        }
+    const wformat f = {lut, unit, blocksize};
+    return swiglu_batch(&f, count, hidden, inter, x, weights, NULL, mix, out);
+}
+
+/* y [n] = x [k] bf16 @ W.T for one token and a 4-bit weight [n, k] in bitsandbytes' CPU layout, bf16
+ * out: the decode step's attention projections. Tiles are split across the threads. */
+int dsmoe_4bit_gemv(const uint8_t *lut, float unit, int64_t blocksize, int64_t n, int64_t k, const uint16_t *x,
+                    const uint8_t *w, const uint16_t *absmax_t, uint16_t *out) {
+    const wformat f = {lut, unit, blocksize};
+    if (!shape_ok(&f, n, k)) return -1;
+    qacts a;
+    float *tmp = malloc((size_t)k * sizeof(float));
+    float *acc = malloc((size_t)n * sizeof(float));
+    if (!alloc_acts(&a, 1, k) || !tmp || !acc) {
+        free_acts(&a), free(tmp), free(acc);
+        return -2;
     }
-    free(y);
+    quantize_bf16_rows(x, 1, k, &a, tmp);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n / TILE_ROWS; t++) {
+        const int64_t r = t * TILE_ROWS;
+        tile_4bit(w + t * TILE_ROWS * (k / 2), absmax_t, n, r, k, blocksize, lut, unit, &a, acc + r);
+        for (int64_t j = r; j < r + TILE_ROWS; j++) out[j] = f32_to_bf16(acc[j]);
+    }
+    free_acts(&a), free(tmp), free(acc);
     return 0;
 }
 

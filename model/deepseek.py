@@ -15,7 +15,7 @@ from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
-from dsmoe.quant.kernels import attention_decode, native_library
+from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -29,6 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() == x.shape[-1] and x.shape[-1] % 8 == 0 and _native_row(x) and x.is_contiguous()
+                and self.weight.dtype == torch.bfloat16):
+            return rms_norm_row(x, self.weight, self.eps)
         # Normalise in fp32, as the reference does, then scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -124,9 +127,14 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
+def _native_row(x: torch.Tensor) -> bool:
+    """Whether a decode step's bf16 CPU tensor can go to the native kernels (the library is built)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and native_library() is not None
+
+
 def native_attention(x: torch.Tensor, head_dim: int) -> bool:
     """Whether the decode step's attention runs as one native call: bf16 on the CPU, built library."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and head_dim % 8 == 0 and native_library() is not None
+    return head_dim % 8 == 0 and _native_row(x)
 
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -142,6 +150,14 @@ def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     scores = torch.matmul(grouped, k.float().transpose(-1, -2)) * (head_dim**-0.5)
     out = torch.matmul(scores.softmax(dim=-1), v.float())
     return out.reshape(bsz, n_heads, 1, head_dim).to(q.dtype)
+
+
+def _weight_of(module: nn.Module | None) -> torch.Tensor | None:
+    """``module.weight`` by dict lookups: nn.Module's attribute lookup made the check in
+    ``MLP.one_token_kernel``, which runs for every expert a token uses, cost ~6 us per expert."""
+    assert module is not None
+    found = module._parameters.get("weight")
+    return found if found is not None else module._buffers.get("weight")
 
 
 class MLP(nn.Module):
@@ -160,7 +176,8 @@ class MLP(nn.Module):
         Looked up once and kept while the three weight tensors stay the same objects (quantizing,
         loading or moving the layers replaces them).
         """
-        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        modules = self._modules
+        weights = (_weight_of(modules["gate_proj"]), _weight_of(modules["up_proj"]), _weight_of(modules["down_proj"]))
         cached = self._one_token
         if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
             cached = self._one_token = (weights, swiglu_kernel(self.gate_proj, self.up_proj, self.down_proj))
@@ -186,6 +203,9 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert ids [N, k], weights [N, k]) with ids ascending per token."""
+        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= 64 and _native_row(x) and x.is_contiguous()
+                and self.weight.dtype == torch.float32):
+            return route_one(x, self.weight, self.top_k, self.norm_topk_prob)
         # Scores in fp32 whatever the compute dtype (the loader keeps this weight in fp32).
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = torch.topk(scores, k=self.top_k, dim=-1)
@@ -264,7 +284,8 @@ class MoE(nn.Module):
         chosen, mix = ids[0].tolist(), weights[0].to(x.dtype).tolist()
         if self.expert_runner is None and x.dtype == torch.bfloat16:
             # Resident quantized experts: the whole loop in one native call, with the loop's bits.
-            fused = [self.experts[i].one_token_kernel() for i in chosen]  # type: ignore[operator]
+            experts = self.experts._modules  # ModuleList's own dict: indexing the list costs ~1.5 us
+            fused = [experts[str(i)].one_token_kernel() for i in chosen]  # type: ignore[union-attr,operator]
             kind = fused[0].kind if fused[0] is not None else None
             if all(k is not None and k.kind == kind for k in fused):
                 accumulate_experts(fused, mix, x, out)  # type: ignore[arg-type]

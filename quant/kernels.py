@@ -161,6 +161,8 @@ _NATIVE_SIGNATURES = {
     "dsmoe_4bit_mlp": [_ptr, ct.c_float, _i64, _i64, _i64] + [_ptr] * 8,
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
     "dsmoe_experts": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "dsmoe_rmsnorm": [_i64, ct.c_float, _ptr, _ptr, _ptr],
+    "dsmoe_router": [_i64, _i64, _i64, ct.c_int, _ptr, _ptr, _ptr, _ptr],
 }
 
 
@@ -288,6 +290,28 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                                       cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                                       out.data_ptr()), "attention")
     return out
+
+
+def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of one contiguous bf16 row with a bf16 weight, in one call (the decode step runs two
+    per layer, each ~8 PyTorch ops). May differ from the PyTorch module by one bf16 step, rarely."""
+    lib = native_library()
+    assert lib is not None
+    out = torch.empty_like(x)
+    _check(lib.dsmoe_rmsnorm(x.shape[-1], eps, x.data_ptr(), weight.data_ptr(), out.data_ptr()), "RMSNorm")
+    return out
+
+
+def route_one(x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router for one contiguous bf16 token: (ids [1, k] ascending, weights [1, k] fp32), as
+    ``MoEGate`` gives them; ``weight`` is the fp32 gate [experts, hidden]. One call instead of ~10 ops."""
+    lib = native_library()
+    assert lib is not None
+    ids = torch.empty(1, top_k, dtype=torch.long)
+    weights = torch.empty(1, top_k, dtype=torch.float32)
+    _check(lib.dsmoe_router(weight.shape[0], weight.shape[1], top_k, int(norm_topk), x.data_ptr(), weight.data_ptr(),
+                            ids.data_ptr(), weights.data_ptr()), "router")
+    return ids, weights
 
 
 def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

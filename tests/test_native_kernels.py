@@ -269,3 +269,42 @@ def test_decode_with_native_attention_follows_the_pytorch_path(lib, monkeypatch)
     torch.testing.assert_close(native[:, 0], pytorch[:, 0], rtol=0, atol=0)  # the prompt: same path
     torch.testing.assert_close(native, pytorch, rtol=0.05, atol=0.05)
     assert torch.equal(native.argmax(-1), pytorch.argmax(-1))
+
+
+def test_rms_norm_row_matches_the_module(lib) -> None:
+    """One row goes native; two rows take PyTorch's ops. Sums of squares may add up in another
+    order, so an output may move by one bf16 step, rarely."""
+    from dsmoe.model.deepseek import RMSNorm
+
+    norm = RMSNorm(2048, 1e-6)
+    norm.weight.data = torch.rand(2048, generator=torch.Generator().manual_seed(14)) + 0.5
+    norm = norm.bfloat16()
+    x = (torch.randn(1, 1, 2048, generator=torch.Generator().manual_seed(15)) * 3).bfloat16()
+    with torch.inference_mode():
+        native, torch_rows = norm(x), norm(x.repeat(1, 2, 1))
+    assert torch.equal(native, kernels.rms_norm_row(x, norm.weight, norm.eps))
+    for row in torch_rows[0]:
+        differ = native[0, 0] != row
+        assert differ.float().mean().item() < 0.01
+        torch.testing.assert_close(native[0, 0], row, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("top_k,norm_topk", [(6, True), (6, False), (1, True)])
+def test_router_for_one_token_matches_the_module(lib, top_k: int, norm_topk: bool) -> None:
+    from types import SimpleNamespace
+
+    from dsmoe.model.deepseek import MoEGate
+
+    config = SimpleNamespace(num_experts_per_tok=top_k, norm_topk_prob=norm_topk, n_routed_experts=64, hidden_size=2048)
+    gate = MoEGate(config)  # type: ignore[arg-type]
+    gate.weight.data = torch.randn(64, 2048, generator=torch.Generator().manual_seed(16)) * 0.02
+    for seed in range(5):
+        x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(100 + seed)).bfloat16()
+        with torch.inference_mode():
+            ids, weights = gate(x)  # native
+            want_ids, want_weights = gate(x.repeat(2, 1))  # PyTorch's ops
+        assert ids.dtype == want_ids.dtype and weights.dtype == want_weights.dtype
+        assert torch.equal(ids, want_ids[:1])
+        torch.testing.assert_close(weights, want_weights[:1], rtol=1e-5, atol=1e-7)
+        if norm_topk and top_k > 1:
+            assert abs(weights.sum().item() - 1) < 1e-5

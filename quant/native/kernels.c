@@ -505,3 +505,77 @@ int dsmoe_attention_decode(int64_t n_heads, int64_t n_kv, int64_t head_dim, int6
     free(scratch), free(rotated);
     return 0;
 }
+
+/* ---- the rest of a decode step: norms and the router ----------------------------------------- */
+
+/* RMSNorm of one bf16 row, as the PyTorch module computes it: x in fp32 times 1/sqrt(mean(x^2) +
+ * eps), rounded to bf16, times the bf16 weight, rounded again. The sum of squares may add up in
+ * another order than PyTorch's, so an output can differ from it by one bf16 step, rarely. */
+__attribute__((target("avx2,fma"))) int dsmoe_rmsnorm(int64_t n, float eps, const uint16_t *x, const uint16_t *weight,
+                                                      uint16_t *out) {
+    if (n % 8) return -1;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 v = load8_bf16(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const float inv = 1.0f / sqrtf(hsum256(acc) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) {
+        const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * inv));
+        out[i] = f32_to_bf16(bf16_to_f32(weight[i]) * normed);
+    }
+    return 0;
+}
+
+/* DeepSeekMoE's router for one bf16 token: fp32 scores x . weight[e] for each of n_experts,
+ * softmax, the top_k (the lower id first on a tie), renormalised to sum 1 when norm_topk, written
+ * as ids ascending with their weights (MoEGate's output). The scores' sums may add up in another
+ * order than PyTorch's matmul, so a near-tie between two experts could resolve the other way. */
+__attribute__((target("avx2,fma"))) int dsmoe_router(int64_t n_experts, int64_t hidden, int64_t top_k, int norm_topk,
+                                                     const uint16_t *x, const float *weight, int64_t *ids,
+                                                     float *weights) {
+    if (hidden % 8 || top_k > n_experts || top_k > 64) return -1;
+    float *scores = malloc((size_t)(n_experts + hidden) * sizeof(float));
+    if (!scores) return -2;
+    float *xf = scores + n_experts;
+    for (int64_t i = 0; i < hidden; i += 8) _mm256_storeu_ps(xf + i, load8_bf16(x + i));
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < n_experts; e++) {
+        const float *row = weight + e * hidden;
+        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hidden; i += 16) {
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(xf + i), a);
+            if (i + 8 < hidden) b = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(xf + i + 8), b);
+        }
+        scores[e] = hsum256(_mm256_add_ps(a, b));
+    }
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t e = 0; e < n_experts; e++) top = fmaxf(top, scores[e]);
+    for (int64_t e = 0; e < n_experts; e++) total += scores[e] = expf(scores[e] - top);
+    int64_t chosen[64];
+    float picked = 0.0f;
+    for (int64_t j = 0; j < top_k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < n_experts; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
+            if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
+        }
+        chosen[j] = best;
+        picked += scores[best] / total;
+    }
+    /* ids ascending, each with its probability (renormalised over the chosen ones). */
+    for (int64_t j = 0; j < top_k; j++) {
+        int64_t at = j;
+        for (int64_t i = j + 1; i < top_k; i++)
+            if (chosen[i] < chosen[at]) at = i;
+        const int64_t id = chosen[at];
+        chosen[at] = chosen[j];
+        chosen[j] = id;
+        const float p = scores[id] / total;
+        ids[j] = id;
+        weights[j] = norm_topk && top_k > 1 ? p / (picked + 1e-20f) : p;
+    }
+    free(scores);
+    return 0;
+}

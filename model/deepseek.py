@@ -15,6 +15,7 @@ from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
+from dsmoe.model.layer_plan import LayerPlan, weight_of
 from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
@@ -152,14 +153,6 @@ def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return out.reshape(bsz, n_heads, 1, head_dim).to(q.dtype)
 
 
-def _weight_of(module: nn.Module | None) -> torch.Tensor | None:
-    """``module.weight`` by dict lookups: nn.Module's attribute lookup made the check in
-    ``MLP.one_token_kernel``, which runs for every expert a token uses, cost ~6 us per expert."""
-    assert module is not None
-    found = module._parameters.get("weight")
-    return found if found is not None else module._buffers.get("weight")
-
-
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers, each routed expert, and the shared experts."""
 
@@ -177,7 +170,7 @@ class MLP(nn.Module):
         loading or moving the layers replaces them).
         """
         modules = self._modules
-        weights = (_weight_of(modules["gate_proj"]), _weight_of(modules["up_proj"]), _weight_of(modules["down_proj"]))
+        weights = (weight_of(modules["gate_proj"]), weight_of(modules["up_proj"]), weight_of(modules["down_proj"]))
         cached = self._one_token
         if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
             cached = self._one_token = (weights, swiglu_kernel(self.gate_proj, self.up_proj, self.down_proj))
@@ -247,10 +240,14 @@ class MoE(nn.Module):
         ids, weights = self.gate(flat)
         if self.routing_observer is not None:
             self.routing_observer(self.layer_idx, ids, weights)
-        out = self.route(flat, ids, weights)
+        return self.combine(flat, ids, weights).view(shape)
+
+    def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' weighted sum plus the shared experts, for tokens x [N, hidden] already routed."""
+        out = self.route(x, ids, weights)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape)
+            out = out + self.shared_experts(x)
+        return out
 
     def route(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Group tokens by expert and run each chosen expert once, in ascending expert order."""
@@ -306,10 +303,24 @@ class DecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._plan: LayerPlan | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None) -> torch.Tensor:
+        if cache is not None and x.shape[0] == x.shape[1] == 1:
+            plan = self.decode_plan(x)
+            if plan is not None:
+                return plan(x.contiguous(), cos, sin, start_pos, cache)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_plan(self, x: torch.Tensor) -> LayerPlan | None:
+        """The native two-call step for one token like x, rebuilt when the layer's weights change."""
+        if not _native_row(x):
+            return None
+        plan = self._plan
+        if plan is None or not plan.current(self):
+            plan = self._plan = LayerPlan.for_layer(self)
+        return plan
 
 
 class DeepseekModel(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import ctypes as ct
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -249,6 +250,40 @@ class Linear8bit(QuantLinear):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class NativeWeights:
+    """Layers of one format as the native decode kernels take them.
+
+    ``table`` and ``unit`` are the 4-bit codebook's (``kernels.Codebook``), table None for 8-bit;
+    ``tensors`` holds each layer's weight and scale in order, and keeps ``addresses`` valid.
+    """
+
+    table: int | None
+    unit: float
+    blocksize: int
+    tensors: tuple[torch.Tensor, ...]
+
+    @property
+    def addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in self.tensors)
+
+
+def native_weights(layers: Sequence[nn.Module]) -> NativeWeights | None:
+    """The layers for the native kernels, or None unless all are of one format those take: 8-bit
+    with the native int8 kernel, or 4-bit with one codebook and blocksize on the native 4-bit kernel."""
+    if all(isinstance(m, Linear8bit) and m.native for m in layers):
+        return NativeWeights(None, 0.0, 0, tuple(t for m in layers for t in (m.weight, m.scale)))  # type: ignore[union-attr]
+    if not all(isinstance(m, Linear4bit) and m.native_codebook is not None for m in layers):
+        return None
+    first: Linear4bit = layers[0]  # type: ignore[assignment]
+    codebook = first.native_codebook
+    assert codebook is not None
+    if not all(m.native_codebook is codebook and m.blocksize == first.blocksize for m in layers):  # type: ignore[union-attr]
+        return None
+    tensors = tuple(t for m in layers for t in (m.weight, m.runtime_absmax))  # type: ignore[union-attr]
+    return NativeWeights(codebook.address, codebook.unit, first.blocksize, tensors)
+
+
 class SwiGLUKernel:
     """down(silu(gate(x)) * up(x)) for one bf16 token as one native call, bound to three layers.
 
@@ -256,26 +291,20 @@ class SwiGLUKernel:
     are converted once here; the owner rebuilds it when the layers are replaced or moved.
     """
 
-    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear) -> None:
-        self.hidden, self.inter = down.out_features, gate.out_features
+    def __init__(self, hidden: int, inter: int, weights: NativeWeights) -> None:
+        self.hidden, self.inter, self.weights = hidden, inter, weights
+        self.table, self.unit, self.blocksize = weights.table, weights.unit, weights.blocksize
         lib = kernels.native_library()
         assert lib is not None
-        if isinstance(gate, Linear8bit):
+        if weights.table is None:
             self.function = lib.dsmoe_int8_mlp
-            self.table, self.unit, self.blocksize = None, 0.0, 0  # no codebook: LLM.int8 weights
-            self.head: tuple[int | float | None, ...] = (self.hidden, self.inter)
-            tensors = [t for m in (gate, up, down) for t in (m.weight, m.scale)]
+            self.head: tuple[int | float | None, ...] = (hidden, inter)
         else:
-            assert isinstance(gate, Linear4bit) and gate.native_codebook is not None
             self.function = lib.dsmoe_4bit_mlp
-            codebook = gate.native_codebook
-            self.table, self.unit, self.blocksize = codebook.address, codebook.unit, gate.blocksize
-            self.head = (self.table, self.unit, self.blocksize, self.hidden, self.inter)
-            tensors = [t for m in (gate, up, down) for t in (m.weight, m.runtime_absmax)]
-        self.tensors = tensors  # keeps the addresses below valid
-        self.addresses = tuple(t.data_ptr() for t in tensors)
+            self.head = (self.table, self.unit, self.blocksize, hidden, inter)
+        self.addresses = weights.addresses
         # Kernels of the same kind can run together in ``accumulate_experts``.
-        self.kind = (self.table, self.unit, self.blocksize, self.hidden, self.inter)
+        self.kind = (self.table, self.unit, self.blocksize, hidden, inter)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.bfloat16)
@@ -305,19 +334,11 @@ def accumulate_experts(experts: Sequence[SwiGLUKernel], mix: Sequence[float], x:
 
 
 def swiglu_kernel(gate: nn.Module, up: nn.Module, down: nn.Module) -> SwiGLUKernel | None:
-    """The one-call MLP for these layers, or None where none applies.
-
-    Applies when the three are quantized alike on a native path: 8-bit layers with the native int8
-    kernel, 4-bit layers of one format on the native 4-bit kernel.
-    """
-    layers = (gate, up, down)
-    if all(isinstance(m, Linear8bit) and m.native for m in layers):
-        return SwiGLUKernel(gate, up, down)  # type: ignore[arg-type]
-    if all(isinstance(m, Linear4bit) and m.native_codebook is not None for m in layers):
-        first: Linear4bit = gate  # type: ignore[assignment]
-        if all(m.native_codebook is first.native_codebook and m.blocksize == first.blocksize for m in layers):  # type: ignore[union-attr]
-            return SwiGLUKernel(gate, up, down)  # type: ignore[arg-type]
-    return None
+    """The one-call MLP for these layers, or None where none applies (see ``native_weights``)."""
+    weights = native_weights((gate, up, down))
+    if weights is None:
+        return None
+    return SwiGLUKernel(down.out_features, gate.out_features, weights)  # type: ignore[arg-type]
 
 
 def quantize_int8(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

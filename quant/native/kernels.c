@@ -579,3 +579,125 @@ __attribute__((target("avx2,fma"))) int dsmoe_router(int64_t n_experts, int64_t 
     free(scores);
     return 0;
 }
+
+/* ---- a decoder layer for one token, in two calls ------------------------------------------------
+ *
+ * The decode step of one layer was ~60 PyTorch and Python operations around the kernels above
+ * (~0.3 ms per layer). Here it is two calls with the same steps and the same bf16 roundings as
+ * the modules, so the result is the module path's, bit for bit: the attention half (norm, q/k/v,
+ * attention, o, residual, the next norm and the router), then, once Python has looked up the
+ * chosen experts, the MLP half (routed and shared experts, or a dense MLP, and the residual). */
+
+/* Rows of `count` (at most 4) weights of width k for one activation row as one task list, split
+ * into contiguous runs per thread: y[i] gets weight i's n[i] outputs in bf16, as separate calls
+ * would give them. An orphaned `omp for`: call it inside a parallel region. acc is fp32 scratch
+ * of sum(n) values. */
+static void project_rows(const wformat *f, int64_t count, const void *const *w, const void *const *s,
+                         const int64_t *n, int64_t k, const qacts *a, float *acc, uint16_t *const *y) {
+    const int64_t step = rows_per_task(f);
+    int64_t tasks = 0, rows = 0, first[4], offset[4];
+    for (int64_t i = 0; i < count; i++) {
+        first[i] = tasks, offset[i] = rows;
+        tasks += (n[i] + step - 1) / step, rows += n[i];
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t i = 0;
+        while (i + 1 < count && t >= first[i + 1]) i++;
+        const int64_t n0 = (t - first[i]) * step, n1 = n0 + step < n[i] ? n0 + step : n[i];
+        float *out = acc + offset[i];
+        matrix_rows(f, w[i], s[i], n[i], k, n0, n1, a, out);
+        for (int64_t j = n0; j < n1; j++) y[i][j] = f32_to_bf16(out[j]);
+    }
+}
+
+/* What the attention half needs of a layer; Python fills it once per layer (ctypes Structure of
+ * the same fields). Projections: q, k, v, o, each followed by its scale, all of one format. */
+typedef struct {
+    const uint8_t *lut; /* NULL: int8 projections */
+    const uint16_t *input_norm, *post_norm;
+    const void *proj[8];
+    const float *router; /* [n_experts, hidden] fp32; NULL for a dense layer */
+    int64_t blocksize, hidden, n_heads, n_kv, head_dim, n_experts, top_k;
+    float unit, eps;
+    int32_t norm_topk;
+} attention_half;
+
+/* x_out = x + o(attention(q, k, v of rmsnorm(x))), the token's keys and values written to the
+ * caches at pos; normed = rmsnorm(x_out) for the MLP; with a router, ids [top_k] and mix [top_k]
+ * (fp32) are its choice for normed. */
+int dsmoe_attention_half(const attention_half *L, int64_t pos, int64_t capacity, const uint16_t *cos,
+                         const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache, const uint16_t *x,
+                         uint16_t *x_out, uint16_t *normed, int64_t *ids, float *mix) {
+    const wformat f = {L->lut, L->unit, L->blocksize};
+    const int64_t hidden = L->hidden, width = L->n_heads * L->head_dim, kv = L->n_kv * L->head_dim;
+    if (!shape_ok(&f, width, hidden) || !shape_ok(&f, kv, hidden) || !shape_ok(&f, hidden, width) || hidden % 8)
+        return -1;
+    uint16_t *buf = malloc((size_t)(2 * hidden + 2 * width + 2 * kv) * sizeof(uint16_t));
+    float *acc = malloc((size_t)(width + 2 * kv + hidden) * sizeof(float));
+    float *tmp = malloc((size_t)(hidden > width ? hidden : width) * sizeof(float));
+    qacts a, b;
+    const int ok = alloc_acts(&a, 1, hidden) & alloc_acts(&b, 1, width);
+    if (!buf || !acc || !tmp || !ok) {
+        free(buf), free(acc), free(tmp), free_acts(&a), free_acts(&b);
+        return -2;
+    }
+    uint16_t *h = buf, *o = h + hidden, *q = o + hidden, *att = q + width, *k = att + width, *v = k + kv;
+    int status = dsmoe_rmsnorm(hidden, L->eps, x, L->input_norm, h);
+    quantize_bf16_rows(h, 1, hidden, &a, tmp);
+    {
+        const void *w[3] = {L->proj[0], L->proj[2], L->proj[4]}, *s[3] = {L->proj[1], L->proj[3], L->proj[5]};
+        const int64_t n[3] = {width, kv, kv};
+        uint16_t *y[3] = {q, k, v};
+#pragma omp parallel
+        project_rows(&f, 3, w, s, n, hidden, &a, acc, y);
+    }
+    if (status == 0)
+        status = dsmoe_attention_decode(L->n_heads, L->n_kv, L->head_dim, pos, capacity, q, k, v, cos, sin, k_cache,
+                                        v_cache, att);
+    if (status == 0) {
+        quantize_bf16_rows(att, 1, width, &b, tmp);
+        const void *w[1] = {L->proj[6]}, *s[1] = {L->proj[7]};
+        const int64_t n[1] = {hidden};
+        uint16_t *y[1] = {o};
+#pragma omp parallel
+        project_rows(&f, 1, w, s, n, width, &b, acc, y);
+        for (int64_t j = 0; j < hidden; j++) x_out[j] = f32_to_bf16(bf16_to_f32(x[j]) + bf16_to_f32(o[j]));
+        status = dsmoe_rmsnorm(hidden, L->eps, x_out, L->post_norm, normed);
+    }
+    if (status == 0 && L->router)
+        status = dsmoe_router(L->n_experts, hidden, L->top_k, L->norm_topk, normed, L->router, ids, mix);
+    free(buf), free(acc), free(tmp), free_acts(&a), free_acts(&b);
+    return status;
+}
+
+/* x_out = x + mlp(normed): the routed experts (count of them, 6 weight pointers each as in
+ * dsmoe_experts, mix their router weights in fp32, rounded to bf16 here as the module path
+ * rounds them) summed in order, plus the shared experts' MLP (shared_inter wide; NULL for none).
+ * A dense layer is count 0 with its MLP as the shared one. */
+int dsmoe_mlp_half(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t count, int64_t inter,
+                   const void *const *experts, const float *mix, int64_t shared_inter, const void *const *shared,
+                   const uint16_t *normed, const uint16_t *x, uint16_t *x_out) {
+    const wformat f = {lut, unit, blocksize};
+    uint16_t *routed = calloc((size_t)(2 * hidden), sizeof(uint16_t));
+    if (!routed) return -2;
+    uint16_t *mlp = routed + hidden;
+    int status = 0;
+    if (count > 0) {
+        float rounded[64];
+        if (count > 64) status = -1;
+        for (int64_t e = 0; e < count && status == 0; e++) rounded[e] = bf16_to_f32(f32_to_bf16(mix[e]));
+        if (status == 0) status = swiglu_batch(&f, count, hidden, inter, normed, experts, NULL, rounded, routed);
+    }
+    if (status == 0 && shared) status = swiglu_batch(&f, 1, hidden, shared_inter, normed, shared, mlp, NULL, NULL);
+    if (status == 0) {
+        for (int64_t j = 0; j < hidden; j++) {
+            /* The module path: out = route(...) then out + shared(...); a dense MLP's output as is. */
+            float y = bf16_to_f32(routed[j]);
+            if (shared) y = count > 0 ? bf16_to_f32(f32_to_bf16(y + bf16_to_f32(mlp[j]))) : bf16_to_f32(mlp[j]);
+            x_out[j] = f32_to_bf16(bf16_to_f32(x[j]) + y);
+        }
+    }
+    free(routed);
+    return status;
+}

@@ -96,6 +96,12 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def paired(ours: list[dict[str, float]], theirs: list[dict[str, float]], key: str) -> float:
+    """The median of run-by-run ratios: each dsmoe run against the llama.cpp run right after it, so
+    that the machine's drift (its memory bandwidth moved 28-46 GB/s within minutes) cancels."""
+    return statistics.median(a[key] / b[key] for a, b in zip(ours, theirs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", type=Path, required=True, help="folder made by build_llama_cpp.sh")
@@ -122,15 +128,17 @@ def main() -> None:
             ours.append(dsmoe_bench(dsmoe_checkpoint(args.work, args, bits), args))
             theirs.append(llama_bench(bins, ggufs[bits], args))
         results[bits] = {"dsmoe": ours, "llama.cpp": theirs}
-    print(f"\n16B geometry, {args.layers} layers, 2 threads, median of {args.runs} alternated runs\n")
-    print("| weights | dsmoe prefill | llama.cpp prefill | ratio | dsmoe decode | llama.cpp decode | ratio "
-          "| dsmoe roofline | dsmoe peak RSS | llama.cpp peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n16B geometry, {args.layers} layers, 2 threads, median of {args.runs} alternated runs; "
+          "'paired' is the median of each run's ratio to the llama.cpp run after it\n")
+    print("| weights | dsmoe prefill | llama.cpp prefill | ratio | paired | dsmoe decode | llama.cpp decode | ratio "
+          "| paired | dsmoe roofline | dsmoe peak RSS | llama.cpp peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for bits, both in results.items():
         ours, theirs = both["dsmoe"], both["llama.cpp"]
         print(f"| {bits}-bit vs {LLAMA_TYPES[bits]} | {median(ours, 'prefill'):.1f} | {median(theirs, 'prefill'):.1f} "
-              f"| {median(ours, 'prefill') / median(theirs, 'prefill'):.2f} | {median(ours, 'decode'):.2f} "
-              f"| {median(theirs, 'decode'):.2f} | {median(ours, 'decode') / median(theirs, 'decode'):.2f} "
+              f"| {median(ours, 'prefill') / median(theirs, 'prefill'):.2f} | {paired(ours, theirs, 'prefill'):.2f} "
+              f"| {median(ours, 'decode'):.2f} | {median(theirs, 'decode'):.2f} "
+              f"| {median(ours, 'decode') / median(theirs, 'decode'):.2f} | {paired(ours, theirs, 'decode'):.2f} "
               f"| {median(ours, 'roofline'):.0%} | {median(ours, 'peak_rss_gib'):.2f} GiB "
               f"| {median(theirs, 'peak_rss_gib'):.2f} GiB |")
     if args.output:

@@ -93,10 +93,16 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
         if kernels.native_library() is not None:
             candidates["int8 native, int8 activations per 64"] = (
                 lambda x: kernels.int8_native_mm(x, int8.weight, int8.scale), int8_ref, _bits_per_weight(int8))
+        if nf4.native_codebook is not None:  # one row only: decode
+            candidates["nf4 native, int8 activations per 64"] = (
+                lambda x: kernels.native_4bit_mm(x, nf4.weight, (out_f, in_f), nf4.runtime_absmax, nf4.native_codebook,
+                                                 nf4.blocksize), nf4_ref, _bits_per_weight(nf4))
         for batch in batches:
             x = torch.randn(batch, in_f).to(torch.bfloat16)
             base = _time_us(lambda: F.linear(x, w_bf16), budget_s)
             for name, (fn, ref, bits) in candidates.items():
+                if name.startswith("nf4 native") and batch != 1:
+                    continue
                 us = base if name.startswith("bf16") else _time_us(lambda: fn(x), budget_s)
                 err = None
                 if ref is not None:

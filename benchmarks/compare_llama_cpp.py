@@ -42,23 +42,27 @@ def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
-    """The HF checkpoint and one GGUF per bit width, made once and reused."""
+    """One GGUF and one dsmoe checkpoint per bit width, made once and reused.
+
+    The bf16 HF checkpoint (33 GB at 28 layers) and the Q8_0 file Q4_0 is made from are written
+    only while something made from them is missing, so deleting them afterwards frees the disk.
+    """
     hf = work / f"hf-16b-L{args.layers}"
-    if not hf.exists():
-        run(["dsmoe", "bench", "--synthetic", f"16b:layers={args.layers}", "--save", str(hf)])
     src = args.llama_cpp / "src"
     bins = args.llama_cpp / "build" / "bin"
-    ggufs: dict[int, Path] = {}
     q8 = work / f"16b-L{args.layers}-Q8_0.gguf"
-    if not q8.exists():
+    ggufs = {bits: work / f"16b-L{args.layers}-{LLAMA_TYPES[bits]}.gguf" for bits in args.bits}
+    missing = [path for bits in args.bits for path in (ggufs[bits], dsmoe_checkpoint(work, args, bits))
+               if not path.exists()]
+    if missing and not hf.exists():
+        run(["dsmoe", "bench", "--synthetic", f"16b:layers={args.layers}", "--save", str(hf)])
+    if any(not path.exists() for path in ggufs.values()) and not q8.exists():
         run([str(args.llama_cpp / "venv" / "bin" / "python"), "-c", CONVERT_WRAPPER, str(src), str(hf),
              "--outtype", "q8_0", "--outfile", str(q8)])
     for bits in args.bits:
-        target = work / f"16b-L{args.layers}-{LLAMA_TYPES[bits]}.gguf"
-        if bits == 4 and not target.exists():
+        if bits == 4 and not ggufs[bits].exists():
             # Q4_0 from the Q8_0 file: speed depends on the format, not on rounding twice.
-            run([str(bins / "llama-quantize"), "--allow-requantize", str(q8), str(target), "Q4_0", "2"])
-        ggufs[bits] = target
+            run([str(bins / "llama-quantize"), "--allow-requantize", str(q8), str(ggufs[bits]), "Q4_0", "2"])
         ours = dsmoe_checkpoint(work, args, bits)
         if not ours.exists():
             # Our own quantized copy of the same weights, so each run loads without re-quantizing.

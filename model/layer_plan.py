@@ -114,8 +114,11 @@ class LayerPlan:
         shared = mlp.shared_experts.one_token_kernel() if mlp.shared_experts is not None else None
         if mlp.shared_experts is not None and shared is None:
             return None
-        kinds = {e.one_token_kernel() and e.one_token_kernel().kind for e in mlp.experts}  # type: ignore[operator,union-attr]
-        if len(kinds) != 1 or None in kinds:
+        experts = [e.one_token_kernel() for e in mlp.experts]  # type: ignore[operator]
+        if any(k is None for k in experts):
+            return None
+        kinds = {k.kind for k in experts}
+        if len(kinds) != 1:
             return None
         (kind,) = kinds
         if shared is not None and shared.kind[:3] != kind[:3]:  # one format for the whole MLP half

@@ -72,6 +72,7 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
         int8 = quantize_linear(w_bf16, QuantSpec(bits=8, quant_type="int8"), torch.bfloat16)
         assert isinstance(nf4, Linear4bit) and isinstance(int8, Linear8bit)
         nf4_ref = nf4.dequantized()
+        bnb_absmax = nf4._absmax_f32().view(out_f, -1).t().to(torch.bfloat16).contiguous()  # its scale layout
         int8_ref = int8.dequantized()
         int_mm = _int_mm_dynamic(int8)
         from dsmoe.quant import kernels
@@ -79,8 +80,9 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
         candidates: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, float]] = {
             "bf16 F.linear": (lambda x: F.linear(x, w_bf16), None, 16.0),
             "nf4 bnb CPU kernel (repacked)": (
-                lambda x: kernels.gemv_4bit_cpu(x, nf4.weight, (out_f, in_f), nf4.runtime_absmax, nf4.quant_map,
-                                                nf4.blocksize, nf4._cpu_entry), nf4_ref, _bits_per_weight(nf4)),
+                lambda x: kernels.gemv_4bit_cpu(x, nf4.weight, (out_f, in_f), bnb_absmax, nf4.quant_map,
+                                                nf4.blocksize, kernels.cpu_4bit_entry("nf4")), nf4_ref,
+                _bits_per_weight(nf4)),
             "nf4 dequantize + bf16 matmul": (
                 lambda x: F.linear(x, nf4_std.dequantized(torch.bfloat16)), nf4_ref, _bits_per_weight(nf4)),
             "int8 _weight_int8pack_mm": (
@@ -93,7 +95,7 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
         if kernels.native_library() is not None:
             candidates["int8 native, int8 activations per 64"] = (
                 lambda x: kernels.int8_native_mm(x, int8.weight, int8.scale), int8_ref, _bits_per_weight(int8))
-        if nf4.native_codebook is not None:  # one row only: decode
+        if nf4.native_codebook is not None:
             candidates["nf4 native, int8 activations per 64"] = (
                 lambda x: kernels.native_4bit_mm(x, nf4.weight, (out_f, in_f), nf4.runtime_absmax, nf4.native_codebook,
                                                  nf4.blocksize), nf4_ref, _bits_per_weight(nf4))
@@ -101,8 +103,6 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
             x = torch.randn(batch, in_f).to(torch.bfloat16)
             base = _time_us(lambda: F.linear(x, w_bf16), budget_s)
             for name, (fn, ref, bits) in candidates.items():
-                if name.startswith("nf4 native") and batch != 1:
-                    continue
                 us = base if name.startswith("bf16") else _time_us(lambda: fn(x), budget_s)
                 err = None
                 if ref is not None:

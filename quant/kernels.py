@@ -18,11 +18,12 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   8-16 rows. It rounds the activations, so its output error is ~3.5x int8pack's (0.8% vs 0.23%).
   fp32 compute (quality runs) keeps int8pack at every size.
 
-* 4-bit, bf16 compute, one row (decode), built native library: dsmoe's own C kernel on
-  bitsandbytes' CPU layout, with the same int8 activations as the 8-bit one (the codebook goes
-  through a 16-entry byte table to integers, so the dot products are integer ones); it read ~1.2x
-  bitsandbytes' kernel's bytes per second on a decode step's experts. Two rows or more keep
-  bitsandbytes' kernel.
+* 4-bit, bf16 compute, built native library, any rows: dsmoe's own C kernel on bitsandbytes'
+  CPU layout with the block scales in tile-major order, with the same int8 activations as the
+  8-bit one (the codebook goes through a 16-entry byte table to integers, so the dot products are
+  integer ones). On a decode step's experts it read ~1.2x bitsandbytes' kernel's bytes per second;
+  for prefill each tile's codes are unpacked once for all rows. Without the library, bitsandbytes'
+  kernel, with its scale layout.
 * A SwiGLU MLP for one bf16 token runs as one native call, and so do a token's routed experts
   together, saving the Python work of three module calls and two elementwise ops per expert.
 
@@ -157,7 +158,7 @@ _NATIVE_SIGNATURES = {
     "dsmoe_native_4bit": [],
     "dsmoe_int8_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, ct.c_int],
     "dsmoe_int8_mlp": [_i64, _i64] + [_ptr] * 8,
-    "dsmoe_4bit_gemv": [_ptr, ct.c_float, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],  # from Codebook
+    "dsmoe_4bit_gemm": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],  # from Codebook
     "dsmoe_4bit_mlp": [_ptr, ct.c_float, _i64, _i64, _i64] + [_ptr] * 8,
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
     "dsmoe_experts": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
@@ -229,16 +230,24 @@ def native_codebook(quant_type: str) -> Codebook:
     return Codebook(table, 1.0 / steps)
 
 
-def native_4bit_mm(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, int], absmax_t: torch.Tensor,
+def tile_major_scales(absmax: torch.Tensor, out_features: int, in_features: int, blocksize: int) -> torch.Tensor:
+    """Block scales [out * in / blocksize] (row-major, fp32) as the native 4-bit kernels read them:
+    bf16, [out / 32, in / blocksize, 32], so each 32-row tile's scales are one contiguous run."""
+    tiles = absmax.float().view(out_features // CPU_BLOCK_N, CPU_BLOCK_N, in_features // blocksize)
+    return tiles.permute(0, 2, 1).to(torch.bfloat16).contiguous().view(-1)
+
+
+def native_4bit_mm(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, int], scales: torch.Tensor,
                    codebook: Codebook, blocksize: int) -> torch.Tensor:
-    """x [1, in] bf16 @ W.T for a 4-bit W in bitsandbytes' CPU layout, x rounded to int8 per block of 64."""
+    """x [M, in] bf16 @ W.T for a 4-bit W in bitsandbytes' CPU layout with ``tile_major_scales``, x
+    rounded to int8 per block of 64."""
     lib = native_library()
     assert lib is not None
-    out_features, in_features = shape
-    out = torch.empty(1, out_features, dtype=torch.bfloat16)
-    _check(lib.dsmoe_4bit_gemv(codebook.address, codebook.unit, blocksize, out_features, in_features,
-                               x.contiguous().data_ptr(), cpu_packed.data_ptr(), absmax_t.data_ptr(), out.data_ptr()),
-           "4-bit matmul")
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.shape[0], shape
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    _check(lib.dsmoe_4bit_gemm(codebook.address, codebook.unit, blocksize, rows, out_features, in_features,
+                               x.data_ptr(), cpu_packed.data_ptr(), scales.data_ptr(), out.data_ptr()), "4-bit matmul")
     return out
 
 

@@ -118,24 +118,24 @@ class Linear4bit(QuantLinear):
             else:
                 self.weight = kernels.unpack_from_cpu(self.weight, self.out_features, self.in_features)
             self.layout = want
-        # Runtime scales: fp32 for the dequantize path, [in/blocksize, out] bf16 for the CPU kernel.
+        # dsmoe's kernel: whole 64-wide activation blocks, each under one absmax.
+        native = (self.layout == "cpu" and self.in_features % kernels.NATIVE_BLOCK == 0
+                  and self.blocksize % kernels.NATIVE_BLOCK == 0 and kernels.native_4bit_available())
+        self.native_codebook = kernels.native_codebook(self.quant_type) if native else None
+        self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" and not native else None
+        # Runtime scales: fp32 for the dequantize path; bf16 for the CPU kernels, tile-major for
+        # dsmoe's, [in/blocksize, out] for bitsandbytes'.
         absmax = self._absmax_f32()
-        if self.layout == "cpu":
+        if native:
+            absmax = kernels.tile_major_scales(absmax, self.out_features, self.in_features, self.blocksize)
+        elif self.layout == "cpu":
             absmax = absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
         self.register_buffer("runtime_absmax", absmax, persistent=False)
-        self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" else None
-        # dsmoe's kernel for one row: whole 64-wide activation blocks, each under one absmax.
-        self.native_codebook = (
-            kernels.native_codebook(self.quant_type)
-            if self.layout == "cpu" and self.in_features % kernels.NATIVE_BLOCK == 0
-            and self.blocksize % kernels.NATIVE_BLOCK == 0 and kernels.native_4bit_available()
-            else None
-        )
 
     def kernel(self, rows: int) -> str:
         """The kernel a call with ``rows`` input rows runs."""
         if self.layout == "cpu":
-            return "4bit_native" if rows == 1 and self.native_codebook is not None else "bnb_cpu_4bit"
+            return "4bit_native" if self.native_codebook is not None else "bnb_cpu_4bit"
         if self.weight.device.type == "cuda":
             return "bnb_matmul_4bit"
         return "dequant_matmul"
@@ -154,10 +154,10 @@ class Linear4bit(QuantLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu_entry is not None and x.dtype == torch.bfloat16:
-            # The decode hot path (~5 calls per layer per token): no dispatch or casts around the C call.
+        if self.layout == "cpu" and x.dtype == torch.bfloat16:
+            # The hot path (decode runs ~5 per layer per token): no dispatch or casts around the C call.
             flat = x.reshape(-1, self.in_features)
-            if self.native_codebook is not None and flat.shape[0] == 1:
+            if self.native_codebook is not None:
                 out = kernels.native_4bit_mm(flat, self.weight, self.shape, self.runtime_absmax, self.native_codebook,
                                              self.blocksize)
             else:

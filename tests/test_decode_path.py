@@ -39,9 +39,11 @@ def test_direct_4bit_kernel_equals_the_bitsandbytes_op(quant_type: str) -> None:
         pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(2)) * 0.02
     layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type), torch.bfloat16)
-    assert layer.kernel(2) == "bnb_cpu_4bit" and layer._cpu_entry is not None
+    entry = kernels.cpu_4bit_entry(quant_type)  # what runs where dsmoe's native kernels are not built
+    assert layer.layout == "cpu" and entry is not None
+    absmax_t = layer._absmax_f32().view(96, -1).t().to(torch.bfloat16).contiguous()  # bitsandbytes' layout
     x = torch.randn(3, 128).bfloat16()
-    args = (layer.weight, (96, 128), layer.runtime_absmax, layer.quant_map, layer.blocksize)
+    args = (layer.weight, (96, 128), absmax_t, layer.quant_map, layer.blocksize)
     via_op = kernels.gemv_4bit_cpu(x, *args)
     for rows in (x[:1], x):
-        assert torch.equal(kernels.gemv_4bit_cpu(rows, *args, entry=layer._cpu_entry), via_op[: rows.shape[0]])
+        assert torch.equal(kernels.gemv_4bit_cpu(rows, *args, entry=entry), via_op[: rows.shape[0]])

@@ -36,7 +36,10 @@ def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
     """x rounded as the kernel rounds it: int8 per block of 64 with scale absmax / 127."""
     blocks = x.float().view(x.shape[0], -1, kernels.NATIVE_BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True)
-    q = torch.where(amax > 0, torch.round(blocks * (127 / amax)), torch.zeros_like(blocks)).clamp(-127, 127)
+    # 127 / amax as one fp32 division, as the C code does (`127 / tensor` multiplies by a reciprocal,
+    # and a value landing on .5 then rounds the other way).
+    inverse = torch.full_like(amax, 127.0) / amax
+    q = torch.where(amax > 0, torch.round(blocks * inverse), torch.zeros_like(blocks)).clamp(-127, 127)
     return (q * (amax / 127)).view(x.shape)
 
 
@@ -136,7 +139,9 @@ def _table_weight(layer: Linear4bit) -> torch.Tensor:
     codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(out_features, in_features).long()
     codebook = layer.native_codebook
     values = (codebook.table.long()[codes] - 128).double() * codebook.unit
-    absmax = layer.runtime_absmax.double().t().repeat_interleave(layer.blocksize, dim=1)
+    blocks = in_features // layer.blocksize
+    tiles = layer.runtime_absmax.double().view(out_features // 32, blocks, 32)  # tile-major
+    absmax = tiles.permute(0, 2, 1).reshape(out_features, blocks).repeat_interleave(layer.blocksize, dim=1)
     return values * absmax
 
 
@@ -150,16 +155,18 @@ def test_4bit_kernel_computes_the_rounded_product(lib4, quant_type: str, shape: 
     weight[3, :7] *= 40  # an outlier block
     layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type, blocksize=blocksize), torch.bfloat16)
     assert isinstance(layer, Linear4bit) and layer.kernel(1) == "4bit_native"
-    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(2)).bfloat16()
+    x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(2)).bfloat16()
     x[0, :3] *= 50
     want = _rounded_activations(x).double() @ _table_weight(layer).t()
-    got = layer(x)
-    assert torch.equal(got, kernels.native_4bit_mm(x, layer.weight, layer.shape, layer.runtime_absmax,
-                                                   layer.native_codebook, layer.blocksize))
-    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-6 * want.abs().max().item())
-    exact = x.double() @ layer.dequantized().double().t()
-    # int8 activations (one block holds a 50x outlier), the table, bf16: ~1-2%; a wrong unit is ~13%.
-    assert ((got.double() - exact).norm() / exact.norm()).item() < 0.03
+    for rows in (1, 5):  # one row (decode) and several (prefill) take different loops
+        got = layer(x[:rows])
+        assert torch.equal(got, kernels.native_4bit_mm(x[:rows], layer.weight, layer.shape, layer.runtime_absmax,
+                                                       layer.native_codebook, layer.blocksize))
+        torch.testing.assert_close(got.double(), want[:rows], rtol=2**-8, atol=1e-6 * want.abs().max().item())
+        exact = x[:rows].double() @ layer.dequantized().double().t()
+        # int8 activations (one block holds a 50x outlier), the table, bf16: ~1-2%; a wrong unit is ~13%.
+        assert ((got.double() - exact).norm() / exact.norm()).item() < 0.03
+    assert torch.equal(layer(x)[:1], layer(x[:1]))  # a row's result does not depend on the others
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -235,9 +235,8 @@ def test_cpu_layout_equals_bitsandbytes_repack_and_inverts() -> None:
 def test_kernel_choice() -> None:
     fast_cpu = kernels.cpu_4bit_kernel_available()
     nf4_bf16 = quantize_linear(_weight(), SPECS["nf4"], torch.bfloat16)
-    assert nf4_bf16.kernel(64) == ("bnb_cpu_4bit" if fast_cpu else "dequant_matmul")
-    one_row = "4bit_native" if fast_cpu and kernels.native_4bit_available() else nf4_bf16.kernel(64)
-    assert nf4_bf16.kernel(1) == one_row
+    cpu_kernel = "4bit_native" if kernels.native_4bit_available() else "bnb_cpu_4bit"
+    assert nf4_bf16.kernel(1) == nf4_bf16.kernel(64) == (cpu_kernel if fast_cpu else "dequant_matmul")
     assert nf4_bf16.layout == ("cpu" if fast_cpu else "standard")
     assert quantize_linear(_weight(), SPECS["nf4"], torch.float32).kernel(1) == "dequant_matmul"
     # 40 rows: not a multiple of the CPU tile, so the standard layout and dequantize + matmul.

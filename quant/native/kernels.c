@@ -232,7 +232,9 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
  *
  * The layout (quant/kernels.py, pack_for_cpu) tiles 32 output rows; in a tile, the 32 bytes of
  * column pair j hold rows r (low nibble) and 16 + r (high nibble) of columns 2j and 2j + 1 at byte
- * 2r + c. absmax_t is [k / blocksize, n] bf16. Each code goes through a vpshufb table to
+ * 2r + c. The block scales (absmax) are bf16 in tile-major order, [n / 32, k / blocksize, 32], so a
+ * tile's scales are one contiguous run beside its weights: in bitsandbytes' [k / blocksize, n] a
+ * tile read 32 lines kilobytes apart, and the experts of a decode step read 10% slower for it. Each code goes through a vpshufb table to
  * round(codebook value / unit) + 128, an unsigned byte, so vpdpbusd multiplies it by the int8
  * activations directly; the +128 comes back out per block as 128 * sum(q), which depends on the
  * activations only. The caller picks unit (1/112 for NF4, 1/120 for FP4, whose values it then
@@ -248,16 +250,16 @@ __attribute__((target(TARGET_4BIT))) static inline __m512 load16_bf16(const uint
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* out[0..32) = the 32 rows of one tile times the activations a, fp32. */
-__attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, const uint16_t *absmax_t,
-                                                           int64_t n, int64_t row0, int64_t k, int64_t blocksize,
-                                                           const uint8_t *lut, float unit, const qacts *a,
-                                                           float *out) {
-    /* Word 2r <- word r (pair j), word 2r + 1 <- word 16 + r (pair j + 1): dword r then holds four
-     * consecutive columns of row r (low nibbles) and of row 16 + r (high nibbles). */
-    static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i perm = _mm512_loadu_si512(order);
+/* Word 2r <- word r (pair j), word 2r + 1 <- word 16 + r (pair j + 1): dword r then holds four
+ * consecutive columns of row r (low nibbles) and of row 16 + r (high nibbles). */
+static const uint16_t pair_order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+/* out[0..32) = the 32 rows of one tile times the activations a, fp32; scales is the tile's. */
+__attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, const uint16_t *scales, int64_t k,
+                                                           int64_t blocksize, const uint8_t *lut, float unit,
+                                                           const qacts *a, float *out) {
+    const __m512i perm = _mm512_loadu_si512(pair_order);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512 acc_lo = _mm512_setzero_ps(), acc_hi = _mm512_setzero_ps();
@@ -275,15 +277,58 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, 
                 s_hi, _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)), xv);
         }
         const __m512i offset = _mm512_set1_epi32(128 * a->sum[b]);
-        const uint16_t *scales = absmax_t + (b * QBLOCK / blocksize) * n + row0;
+        const uint16_t *block = scales + (b * QBLOCK / blocksize) * TILE_ROWS;
         const __m512 step = _mm512_set1_ps(a->scale[b] * unit);
         acc_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_lo, offset)),
-                                 _mm512_mul_ps(load16_bf16(scales), step), acc_lo);
+                                 _mm512_mul_ps(load16_bf16(block), step), acc_lo);
         acc_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_hi, offset)),
-                                 _mm512_mul_ps(load16_bf16(scales + 16), step), acc_hi);
+                                 _mm512_mul_ps(load16_bf16(block + 16), step), acc_hi);
     }
     _mm512_storeu_ps(out, acc_lo);
     _mm512_storeu_ps(out + 16, acc_hi);
+}
+
+/* The same for m activation rows (prefill): out[i * ld + r] for row i. Each block of the tile is
+ * turned into bytes once and kept in L1 for all m rows, so the codes are not unpacked per row. */
+__attribute__((target(TARGET_4BIT))) static void tile_4bit_rows(const uint8_t *tile, const uint16_t *scales,
+                                                                int64_t k, int64_t blocksize, const uint8_t *lut,
+                                                                float unit, const qacts *a, int64_t m, float *out,
+                                                                int64_t ld) {
+    const __m512i perm = _mm512_loadu_si512(pair_order);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512i bytes[QBLOCK / 2]; /* one block: 16 column quads x (rows 0-15, rows 16-31) */
+    for (int64_t i = 0; i < m; i++)
+        for (int r = 0; r < TILE_ROWS; r++) out[i * ld + r] = 0.0f;
+    for (int64_t b = 0; b < k / QBLOCK; b++) {
+        const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
+        for (int j = 0; j < QBLOCK / 2; j += 2) {
+            const __m512i v = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(p + j * TILE_ROWS));
+            bytes[j] = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
+            bytes[j + 1] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+        }
+        const uint16_t *block = scales + (b * QBLOCK / blocksize) * TILE_ROWS;
+        const __m512 sc_lo = load16_bf16(block), sc_hi = load16_bf16(block + 16);
+        for (int64_t i = 0; i < m; i++) {
+            const int8_t *xb = a->q + i * k + b * QBLOCK;
+            __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
+            for (int j = 0; j < QBLOCK / 2; j += 2) {
+                int32_t four;
+                memcpy(&four, xb + 2 * j, sizeof four);
+                const __m512i xv = _mm512_set1_epi32(four);
+                s_lo = _mm512_dpbusd_epi32(s_lo, bytes[j], xv);
+                s_hi = _mm512_dpbusd_epi32(s_hi, bytes[j + 1], xv);
+            }
+            const int64_t at = i * (k / QBLOCK) + b;
+            const __m512i offset = _mm512_set1_epi32(128 * a->sum[at]);
+            const __m512 step = _mm512_set1_ps(a->scale[at] * unit);
+            float *row = out + i * ld;
+            _mm512_storeu_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_lo, offset)),
+                                                  _mm512_mul_ps(sc_lo, step), _mm512_loadu_ps(row)));
+            _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_hi, offset)),
+                                                       _mm512_mul_ps(sc_hi, step), _mm512_loadu_ps(row + 16)));
+        }
+    }
 }
 
 /* ---- MLPs for one token --------------------------------------------------------------------- */
@@ -307,7 +352,8 @@ static void matrix_rows(const wformat *f, const void *w, const void *scale, int6
         return;
     }
     for (int64_t r = n0; r < n1; r += TILE_ROWS)
-        tile_4bit((const uint8_t *)w + (r / TILE_ROWS) * TILE_ROWS * (k / 2), scale, n, r, k, f->blocksize, f->lut,
+        tile_4bit((const uint8_t *)w + (r / TILE_ROWS) * TILE_ROWS * (k / 2),
+                  (const uint16_t *)scale + (r / TILE_ROWS) * (k / f->blocksize) * TILE_ROWS, k, f->blocksize, f->lut,
                   f->unit, a, out + r);
 }
 
@@ -408,25 +454,32 @@ int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t cou
     return swiglu_batch(&f, count, hidden, inter, x, weights, NULL, mix, out);
 }
 
-/* y [n] = x [k] bf16 @ W.T for one token and a 4-bit weight [n, k] in bitsandbytes' CPU layout, bf16
- * out: the decode step's attention projections. Tiles are split across the threads. */
-int dsmoe_4bit_gemv(const uint8_t *lut, float unit, int64_t blocksize, int64_t n, int64_t k, const uint16_t *x,
-                    const uint8_t *w, const uint16_t *absmax_t, uint16_t *out) {
+/* y [m, n] = x [m, k] bf16 @ W.T for a 4-bit weight [n, k] in bitsandbytes' CPU layout with
+ * tile-major scales, bf16 out: one row (decode's projections) or many (prefill). Tiles are split
+ * across the threads. */
+int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m, int64_t n, int64_t k,
+                    const uint16_t *x, const uint8_t *w, const uint16_t *scales, uint16_t *out) {
     const wformat f = {lut, unit, blocksize};
     if (!shape_ok(&f, n, k)) return -1;
     qacts a;
     float *tmp = malloc((size_t)k * sizeof(float));
-    float *acc = malloc((size_t)n * sizeof(float));
-    if (!alloc_acts(&a, 1, k) || !tmp || !acc) {
+    float *acc = malloc((size_t)(m * n) * sizeof(float));
+    if (!alloc_acts(&a, m, k) || !tmp || !acc) {
         free_acts(&a), free(tmp), free(acc);
         return -2;
     }
-    quantize_bf16_rows(x, 1, k, &a, tmp);
+    quantize_bf16_rows(x, m, k, &a, tmp);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n / TILE_ROWS; t++) {
         const int64_t r = t * TILE_ROWS;
-        tile_4bit(w + t * TILE_ROWS * (k / 2), absmax_t, n, r, k, blocksize, lut, unit, &a, acc + r);
-        for (int64_t j = r; j < r + TILE_ROWS; j++) out[j] = f32_to_bf16(acc[j]);
+        const uint8_t *tile = w + t * TILE_ROWS * (k / 2);
+        const uint16_t *tile_scales = scales + t * (k / blocksize) * TILE_ROWS;
+        if (m == 1)
+            tile_4bit(tile, tile_scales, k, blocksize, lut, unit, &a, acc + r);
+        else
+            tile_4bit_rows(tile, tile_scales, k, blocksize, lut, unit, &a, m, acc + r, n);
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = r; j < r + TILE_ROWS; j++) out[i * n + j] = f32_to_bf16(acc[i * n + j]);
     }
     free_acts(&a), free(tmp), free(acc);
     return 0;

@@ -2,8 +2,12 @@
 
 The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
 
-* 4-bit, bf16 compute, AVX512-BF16: bitsandbytes' fused CPU kernel (``gemv_4bit``) on the
-  weight repacked once at load into its CPU layout; it beats dequantize-then-matmul at every batch.
+* 4-bit, bf16 compute, AVX512-BF16: the weight is repacked once at load into bitsandbytes' CPU
+  layout. With dsmoe's native library built, dsmoe's own C kernel runs at any row count: the block
+  scales in tile-major order, the same int8 activations as the 8-bit kernel, the codebook through a
+  16-entry byte table to integers so the dot products are integer ones, and for several rows each
+  tile's codes unpacked once for all of them (1.85-2.3x bitsandbytes' kernel at one row, 2.0-2.2x
+  at 64). Without it, bitsandbytes' fused CPU kernel (``gemv_4bit``) with its own scale layout.
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
 * 8-bit, bf16 compute, fewer than ``INT_MM_MIN_ROWS`` rows (decode): dsmoe's own C kernel
@@ -18,12 +22,6 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   8-16 rows. It rounds the activations, so its output error is ~3.5x int8pack's (0.8% vs 0.23%).
   fp32 compute (quality runs) keeps int8pack at every size.
 
-* 4-bit, bf16 compute, built native library, any rows: dsmoe's own C kernel on bitsandbytes'
-  CPU layout with the block scales in tile-major order, with the same int8 activations as the
-  8-bit one (the codebook goes through a 16-entry byte table to integers, so the dot products are
-  integer ones). On a decode step's experts it read ~1.2x bitsandbytes' kernel's bytes per second;
-  for prefill each tile's codes are unpacked once for all rows. Without the library, bitsandbytes'
-  kernel, with its scale layout.
 * A SwiGLU MLP for one bf16 token runs as one native call, and so do a token's routed experts
   together, saving the Python work of three module calls and two elementwise ops per expert.
 

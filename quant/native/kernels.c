@@ -235,8 +235,8 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
  * 2r + c. The block scales (absmax) are bf16 in tile-major order, [n / 32, k / blocksize, 32], so a
  * tile's scales are one contiguous run beside its weights (in bitsandbytes' [k / blocksize, n] a
  * tile reads 32 lines kilobytes apart; a decode step's experts read 10% slower that way in a
- * harness, though whole decode steps did not measurably move). It also lets prefill run here:
- * bitsandbytes' kernel reads only its own order. Each code goes through a vpshufb table to
+ * harness, though whole decode steps did not measurably move). bitsandbytes' kernel reads only
+ * its own order, so prefill runs here too. Each code goes through a vpshufb table to
  * round(codebook value / unit) + 128, an unsigned byte, so vpdpbusd multiplies it by the int8
  * activations directly; the +128 comes back out per block as 128 * sum(q), which depends on the
  * activations only. The caller picks unit (1/112 for NF4, 1/120 for FP4, whose values it then

@@ -318,7 +318,7 @@ class DecoderLayer(nn.Module):
         if not _native_row(x):
             return None
         plan = self._plan
-        if plan is None or not plan.current(self):
+        if plan is None or not plan.current():
             plan = self._plan = LayerPlan.for_layer(self)
         return plan
 

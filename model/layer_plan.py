@@ -69,10 +69,20 @@ class LayerPlan:
         attn, mlp = layer.self_attn, layer.mlp
         self.layer_idx = attn.layer_idx
         self.moe = mlp if isinstance(mlp, MoE) else None
+        self.dense = mlp if self.moe is None else None
         self.mlp_kernel, self.expert_kind = mlp_kernel, expert_kind
         norms = (weight_of(layer.input_layernorm), weight_of(layer.post_attention_layernorm))
         router = weight_of(self.moe.gate) if self.moe is not None else None
-        self.watched = (*(weight_of(m) for m in _projections(layer)), *norms, router)
+        # What ``current`` checks, by dict lookups only: each module still in its parent, each
+        # weight still its module's, no hooks on the parts the plan runs in place of.
+        self.parts = _parts(layer)
+        named = [(layer, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
+        named += [(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        named += [(mlp, "gate")] if self.moe is not None else []
+        self.children = tuple((parent._modules, name, parent._modules[name]) for parent, name in named)
+        weighted = [*_projections(layer), layer.input_layernorm, layer.post_attention_layernorm]
+        weighted += [self.moe.gate] if self.moe is not None else []
+        self.weights = tuple((m, weight_of(m)) for m in weighted)
         self.projections = projections  # keeps the addresses in the struct valid
         self.top_k = self.moe.gate.top_k if self.moe is not None else 0
         self.attention = _AttentionHalf(
@@ -125,16 +135,19 @@ class LayerPlan:
             return None
         return LayerPlan(layer, projections, shared, kind)
 
-    def current(self, layer: DecoderLayer) -> bool:
-        """Whether the layer still holds the weights this plan was built from, with no hooks or store."""
-        parts = _parts(layer)
-        router = weight_of(self.moe.gate) if self.moe is not None else None
-        now = (*(weight_of(m) for m in _projections(layer)), weight_of(layer.input_layernorm),
-               weight_of(layer.post_attention_layernorm), router)
-        if any(a is not b for a, b in zip(now, self.watched)) or not _no_hooks(parts):
+    def current(self) -> bool:
+        """Whether the layer still holds the weights this plan was built from, with no hooks or store.
+
+        Runs before every layer of every decode step, right after the caches were swept by the
+        previous layer's weights, where nn.Module attribute lookups cost ~50 us per layer: only
+        dict lookups and identity checks here.
+        """
+        if any(modules.get(name) is not child for modules, name, child in self.children):
+            return False
+        if any(weight_of(module) is not weight for module, weight in self.weights) or not _no_hooks(self.parts):
             return False
         if self.moe is None:
-            return layer.mlp.one_token_kernel() is self.mlp_kernel  # type: ignore[operator]
+            return self.dense.one_token_kernel() is self.mlp_kernel  # type: ignore[operator]
         shared = self.moe.shared_experts
         return self.moe.expert_runner is None and (
             shared.one_token_kernel() is self.mlp_kernel if shared is not None else self.mlp_kernel is None)

@@ -74,7 +74,8 @@ class LayerPlan:
         norms = (weight_of(layer.input_layernorm), weight_of(layer.post_attention_layernorm))
         router = weight_of(self.moe.gate) if self.moe is not None else None
         # What ``current`` checks, by dict lookups only: each module still in its parent, each
-        # weight still its module's, no hooks on the parts the plan runs in place of.
+        # weight still its module's and at its address (``param.data = ...`` keeps the object but
+        # frees the storage the struct points at), no hooks on the parts the plan runs in place of.
         self.parts = _parts(layer)
         named = [(layer, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
         named += [(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -82,7 +83,7 @@ class LayerPlan:
         self.children = tuple((parent._modules, name, parent._modules[name]) for parent, name in named)
         weighted = [*_projections(layer), layer.input_layernorm, layer.post_attention_layernorm]
         weighted += [self.moe.gate] if self.moe is not None else []
-        self.weights = tuple((m, weight_of(m)) for m in weighted)
+        self.weights = tuple((m, w, w.data_ptr()) for m in weighted if (w := weight_of(m)) is not None)
         self.projections = projections  # keeps the addresses in the struct valid
         self.top_k = self.moe.gate.top_k if self.moe is not None else 0
         self.attention = _AttentionHalf(
@@ -144,7 +145,8 @@ class LayerPlan:
         """
         if any(modules.get(name) is not child for modules, name, child in self.children):
             return False
-        if any(weight_of(module) is not weight for module, weight in self.weights) or not _no_hooks(self.parts):
+        if any(weight_of(module) is not weight or weight.data_ptr() != address
+               for module, weight, address in self.weights) or not _no_hooks(self.parts):
             return False
         if self.moe is None:
             return self.dense.one_token_kernel() is self.mlp_kernel  # type: ignore[operator]

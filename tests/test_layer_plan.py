@@ -91,6 +91,25 @@ def test_a_replaced_weight_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
         layer.self_attn.o_proj = old
 
 
+def test_a_norm_given_new_storage_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
+    """``param.data = ...`` keeps the Parameter but frees the storage the plan pointed at."""
+    layer = model.model.layers[2]
+    probe = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
+    first = layer.decode_plan(probe)
+    norm = layer.post_attention_layernorm
+    old = norm.weight.data
+    norm.weight.data = old.clone() * 2
+    try:
+        second = layer.decode_plan(probe)
+        assert second is not None and second is not first
+        with torch.inference_mode():
+            planned, moduled = model.new_cache(1, 4), model.new_cache(1, 4)
+            x, cos, sin = _step_inputs(model, 0, seed=6)
+            assert torch.equal(layer(x, cos, sin, 0, planned), _module_path(layer, x, cos, sin, 0, moduled))
+    finally:
+        norm.weight.data = old
+
+
 def test_hooks_and_unquantized_layers_take_the_module_path(model: DeepseekForCausalLM) -> None:
     layer = model.model.layers[1]
     probe = torch.zeros(1, 1, 1, dtype=torch.bfloat16)

@@ -72,6 +72,17 @@ def test_generation_and_routing_are_the_module_paths(model: DeepseekForCausalLM,
     assert seen["plan"] == seen["modules"] and len(seen["plan"]) > 0
 
 
+def _assert_new_plan_gives_module_bits(model: DeepseekForCausalLM, layer: DecoderLayer, old_plan: object,
+                                       seed: int) -> None:
+    """After a weight change: the layer has rebuilt its plan, and the plan gives the module path's bits."""
+    plan = layer.decode_plan(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
+    assert plan is not None and plan is not old_plan
+    with torch.inference_mode():
+        planned, moduled = model.new_cache(1, 4), model.new_cache(1, 4)
+        x, cos, sin = _step_inputs(model, 0, seed=seed)
+        assert torch.equal(layer(x, cos, sin, 0, planned), _module_path(layer, x, cos, sin, 0, moduled))
+
+
 def test_a_replaced_weight_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
     layer = model.model.layers[1]
     probe = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
@@ -81,12 +92,7 @@ def test_a_replaced_weight_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
     spec = QuantSpec(bits=4) if old.__class__.__name__ == "Linear4bit" else INT8
     layer.self_attn.o_proj = quantize_linear(old.dequantized() * 0.5, spec, torch.bfloat16)
     try:
-        second = layer.decode_plan(probe)
-        assert second is not None and second is not first
-        with torch.inference_mode():
-            planned, moduled = model.new_cache(1, 4), model.new_cache(1, 4)
-            x, cos, sin = _step_inputs(model, 0, seed=5)
-            assert torch.equal(layer(x, cos, sin, 0, planned), _module_path(layer, x, cos, sin, 0, moduled))
+        _assert_new_plan_gives_module_bits(model, layer, first, seed=5)
     finally:
         layer.self_attn.o_proj = old
 
@@ -100,12 +106,7 @@ def test_a_norm_given_new_storage_makes_a_new_plan(model: DeepseekForCausalLM) -
     old = norm.weight.data
     norm.weight.data = old.clone() * 2
     try:
-        second = layer.decode_plan(probe)
-        assert second is not None and second is not first
-        with torch.inference_mode():
-            planned, moduled = model.new_cache(1, 4), model.new_cache(1, 4)
-            x, cos, sin = _step_inputs(model, 0, seed=6)
-            assert torch.equal(layer(x, cos, sin, 0, planned), _module_path(layer, x, cos, sin, 0, moduled))
+        _assert_new_plan_gives_module_bits(model, layer, first, seed=6)
     finally:
         norm.weight.data = old
 

@@ -194,6 +194,21 @@ __attribute__((target("avx2,fma"))) static void quantize_bf16_rows(const uint16_
     }
 }
 
+/* The set-up every matmul entry point shares: x [m, k] bf16 rounded into a (allocated here), and
+ * an fp32 accumulator of m * n values, returned; NULL, with nothing left allocated, when out of
+ * memory. */
+static float *quantized_input(const uint16_t *x, int64_t m, int64_t k, int64_t n, qacts *a) {
+    float *tmp = malloc((size_t)k * sizeof(float));
+    float *acc = malloc((size_t)(m * n) * sizeof(float));
+    if (!alloc_acts(a, m, k) || !tmp || !acc) {
+        free_acts(a), free(tmp), free(acc);
+        return NULL;
+    }
+    quantize_bf16_rows(x, m, k, a, tmp);
+    free(tmp);
+    return acc;
+}
+
 #define TASKS(rows) (((rows) + ROWS_PER_TASK - 1) / ROWS_PER_TASK)
 #define TASK_END(n0, rows) ((n0) + ROWS_PER_TASK < (rows) ? (n0) + ROWS_PER_TASK : (rows))
 
@@ -205,13 +220,8 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
     const int isa = dsmoe_native_isa();
     if (isa == 0 || k % QBLOCK) return -1;
     qacts a;
-    float *tmp = malloc((size_t)k * sizeof(float));
-    float *acc = malloc((size_t)(m * n) * sizeof(float));
-    if (!alloc_acts(&a, m, k) || !tmp || !acc) {
-        free_acts(&a), free(tmp), free(acc);
-        return -2;
-    }
-    quantize_bf16_rows(x, m, k, &a, tmp);
+    float *acc = quantized_input(x, m, k, n, &a);
+    if (!acc) return -2;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < TASKS(n); t++) {
         const int64_t n0 = t * ROWS_PER_TASK, n1 = TASK_END(n0, n);
@@ -224,7 +234,7 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
                     ((uint16_t *)out)[i * n + j] = f32_to_bf16(acc[i * n + j]);
             }
     }
-    free_acts(&a), free(tmp), free(acc);
+    free_acts(&a), free(acc);
     return 0;
 }
 
@@ -464,13 +474,8 @@ int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m
     const wformat f = {lut, unit, blocksize};
     if (!shape_ok(&f, n, k)) return -1;
     qacts a;
-    float *tmp = malloc((size_t)k * sizeof(float));
-    float *acc = malloc((size_t)(m * n) * sizeof(float));
-    if (!alloc_acts(&a, m, k) || !tmp || !acc) {
-        free_acts(&a), free(tmp), free(acc);
-        return -2;
-    }
-    quantize_bf16_rows(x, m, k, &a, tmp);
+    float *acc = quantized_input(x, m, k, n, &a);
+    if (!acc) return -2;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n / TILE_ROWS; t++) {
         const int64_t r = t * TILE_ROWS;
@@ -483,7 +488,7 @@ int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = r; j < r + TILE_ROWS; j++) out[i * n + j] = f32_to_bf16(acc[i * n + j]);
     }
-    free_acts(&a), free(tmp), free(acc);
+    free_acts(&a), free(acc);
     return 0;
 }
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
-from dsmoe.model.layer_plan import LayerPlan, weight_of
+from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of
 from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
@@ -330,6 +330,7 @@ class DeepseekModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        self._stack: StackPlan | None = None
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         start_pos = cache.length if cache is not None else 0
@@ -337,11 +338,30 @@ class DeepseekModel(nn.Module):
         x = self.embed_tokens(input_ids)
         positions = torch.arange(start_pos, start_pos + seq_len, device=input_ids.device)
         cos, sin = self.rotary(positions, start_pos + seq_len, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, cache)
+        stack = self.decode_stack(x) if cache is not None and x.shape[0] == x.shape[1] == 1 else None
+        if stack is not None:
+            x = stack(x, cos, sin, start_pos, cache)  # type: ignore[arg-type]
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, start_pos, cache)
         if cache is not None:
             cache.advance(seq_len)
         return self.norm(x)
+
+    def decode_stack(self, x: torch.Tensor) -> StackPlan | None:
+        """All layers' decode step for one token like x as one native call, where every layer has a plan."""
+        if not _native_row(x):
+            return None
+        stack = self._stack
+        if stack is not None and stack.current():
+            return stack
+        layers = list(self.layers)
+        plans = [layer.decode_plan(x) for layer in layers]
+        if any(plan is None for plan in plans) or not layers:
+            self._stack = None
+            return None
+        stack = self._stack = StackPlan(layers, plans)  # type: ignore[arg-type]
+        return stack if stack.current() else None
 
 
 class DeepseekForCausalLM(nn.Module):

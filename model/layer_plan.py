@@ -1,20 +1,31 @@
-"""A decoder layer's decode step for one bf16 token as two native calls (quant/native/kernels.c).
+"""The decode step for one bf16 token as one native call over the decoder layers (quant/native/kernels.c).
 
-Around its kernels the module path runs ~60 PyTorch and Python operations per layer; skipping
-them measured 3% of a 16B-geometry decode step (docs/PERFORMANCE.md). A plan gathers the layer's constant arguments (sizes, weight addresses) once and
-runs the step as the attention half (norms, q/k/v, attention, o, residual, router) and the MLP
-half (routed and shared experts or the dense MLP, residual); between the two, Python looks up the
-chosen experts and tells the routing observer. The roundings are the modules', so the result is
-theirs, bit for bit.
+Around its kernels the module path runs ~60 PyTorch and Python operations per layer, and at 28
+layers even a lean Python loop around two native calls a layer cost ~6 ms of a ~60 ms token
+(docs/PERFORMANCE.md): that Python runs on caches just swept by the layer's weights. So each
+layer's constant arguments (sizes, the addresses of its weights and of every routed expert's) are
+gathered once into a C struct, a ``LayerPlan``, and ``StackPlan`` runs all layers in one call:
+the router's choice picks the experts' weights in C. The roundings are the modules', so the result
+is theirs, bit for bit.
+
+A plan is kept while nothing could have changed its weights. Replacing a module, parameter or
+buffer anywhere (torch's global registration hooks) or moving a quantized layer (``QuantLinear``)
+calls ``weights_changed``; a plan also checks its layer's hooks, expert store and the addresses of
+its norm and router weights before each token. Changing a quantized weight in place is seen (the
+kernels read it); giving one new storage with ``.data = ...`` is not, and the plan keeps the old
+storage alive so it never reads freed memory.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
+import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from dsmoe.model.cache import KVCache
 from dsmoe.quant import kernels
@@ -23,10 +34,28 @@ from dsmoe.quant.linear import NativeWeights, SwiGLUKernel, native_weights
 if TYPE_CHECKING:
     from dsmoe.model.deepseek import DecoderLayer
 
+_generation = 0
+_live: weakref.WeakSet[LayerPlan] = weakref.WeakSet()
+
+
+def weights_changed(*_: object) -> None:
+    """Make every plan built so far stale (layers build new ones on their next token) and let go of
+    the weights they hold, so replaced or offloaded experts are freed."""
+    global _generation
+    _generation += 1
+    for plan in list(_live):
+        plan.release()
+    _live.clear()
+
+
+for _register in (torch_module.register_module_module_registration_hook,
+                  torch_module.register_module_parameter_registration_hook,
+                  torch_module.register_module_buffer_registration_hook):
+    _register(weights_changed)
+
 
 def weight_of(module: nn.Module | None) -> torch.Tensor | None:
-    """``module.weight`` by dict lookups: nn.Module's attribute lookup cost ~1 us, and the decode
-    step checks ~50 weights per layer."""
+    """``module.weight`` by dict lookups: nn.Module's attribute lookup costs ~1 us."""
     assert module is not None
     found = module._parameters.get("weight")
     return found if found is not None else module._buffers.get("weight")
@@ -54,52 +83,67 @@ class _AttentionHalf(ct.Structure):
     ]
 
 
-def _no_hooks(modules: list[nn.Module]) -> bool:
-    """A plan skips the submodules' calls, so it runs only where no hook would notice."""
+class _LayerStep(ct.Structure):
+    """The C struct ``layer_step``, field for field."""
+
+    _fields_ = [
+        ("attn", _AttentionHalf),
+        ("mlp_lut", ct.c_void_p),
+        ("mlp_unit", ct.c_float),
+        ("mlp_blocksize", ct.c_int64),
+        ("inter", ct.c_int64),
+        ("shared_inter", ct.c_int64),
+        ("experts", ct.c_void_p),
+        ("shared", ct.c_void_p * 6),
+    ]
+
+
+def _no_hooks(modules: Sequence[nn.Module]) -> bool:
+    """A plan skips the modules' calls, so it runs only where no hook would notice."""
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class LayerPlan:
-    """The two calls for one layer, built by ``for_layer`` and kept while ``current`` holds."""
+    """One layer's ``layer_step``, built by ``for_layer`` and kept while ``current`` holds."""
 
     def __init__(self, layer: DecoderLayer, projections: NativeWeights, mlp_kernel: SwiGLUKernel | None,
-                 expert_kind: tuple[object, ...] | None) -> None:
+                 experts: Sequence[SwiGLUKernel]) -> None:
         from dsmoe.model.deepseek import MoE
 
         attn, mlp = layer.self_attn, layer.mlp
         self.layer_idx = attn.layer_idx
         self.moe = mlp if isinstance(mlp, MoE) else None
-        self.dense = mlp if self.moe is None else None
-        self.mlp_kernel, self.expert_kind = mlp_kernel, expert_kind
+        self.generation = _generation
+        self.parts = _parts(layer)
         norms = (weight_of(layer.input_layernorm), weight_of(layer.post_attention_layernorm))
         router = weight_of(self.moe.gate) if self.moe is not None else None
-        # What ``current`` checks, by dict lookups only: each module still in its parent, each
-        # weight still its module's and at its address (``param.data = ...`` keeps the object but
-        # frees the storage the struct points at), no hooks on the parts the plan runs in place of.
-        self.parts = _parts(layer)
-        named = [(layer, name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
-        named += [(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        named += [(mlp, "gate")] if self.moe is not None else []
-        self.children = tuple((parent._modules, name, parent._modules[name]) for parent, name in named)
-        weighted = [*_projections(layer), layer.input_layernorm, layer.post_attention_layernorm]
-        weighted += [self.moe.gate] if self.moe is not None else []
-        self.weights = tuple((m, w, w.data_ptr()) for m in weighted if (w := weight_of(m)) is not None)
-        self.projections = projections  # keeps the addresses in the struct valid
+        # Checked before each token: a new storage for a norm or the router (param.data = ...) makes a new plan.
+        self.weights = tuple((w, w.data_ptr()) for w in (*norms, router) if w is not None)
+        # Holds every storage the struct points at, routed experts' too, so none is freed under it.
+        tensors = [*projections.tensors, *norms, router, *(mlp_kernel.weights.tensors if mlp_kernel else ())]
+        tensors += [t for kernel in experts for t in kernel.weights.tensors]
+        self.storages = [t.untyped_storage() for t in tensors if t is not None]
+        _live.add(self)
         self.top_k = self.moe.gate.top_k if self.moe is not None else 0
-        self.attention = _AttentionHalf(
-            lut=projections.table, input_norm=norms[0].data_ptr(), post_norm=norms[1].data_ptr(),  # type: ignore[union-attr]
-            proj=(ct.c_void_p * 8)(*projections.addresses), router=router.data_ptr() if router is not None else None,
-            blocksize=projections.blocksize, hidden=layer.input_layernorm.weight.shape[0], n_heads=attn.n_heads,
-            n_kv=attn.n_kv_heads, head_dim=attn.head_dim,
-            n_experts=self.moe.n_routed_experts if self.moe is not None else 0, top_k=self.top_k,
-            unit=projections.unit, eps=layer.input_layernorm.eps,
-            norm_topk=int(self.moe.gate.norm_topk_prob) if self.moe is not None else 0,
-        )
         # The MLP half's format: the experts' (a MoE layer), else the dense MLP's.
-        head = expert_kind if expert_kind is not None else mlp_kernel.kind  # type: ignore[union-attr]
-        self.table, self.unit, self.blocksize, self.hidden, self.inter = head  # type: ignore[misc]
-        self.mlp_inter = mlp_kernel.inter if mlp_kernel is not None else 0
-        self.mlp_pointers = (ct.c_void_p * 6)(*mlp_kernel.addresses) if mlp_kernel is not None else None
+        head = experts[0] if experts else mlp_kernel
+        assert head is not None
+        self.expert_table = (ct.c_void_p * (6 * len(experts)))(*(a for k in experts for a in k.addresses))
+        self.step = _LayerStep(
+            attn=_AttentionHalf(
+                lut=projections.table, input_norm=norms[0].data_ptr(), post_norm=norms[1].data_ptr(),  # type: ignore[union-attr]
+                proj=(ct.c_void_p * 8)(*projections.addresses), router=router.data_ptr() if router is not None else None,
+                blocksize=projections.blocksize, hidden=layer.input_layernorm.weight.shape[0], n_heads=attn.n_heads,
+                n_kv=attn.n_kv_heads, head_dim=attn.head_dim,
+                n_experts=self.moe.n_routed_experts if self.moe is not None else 0, top_k=self.top_k,
+                unit=projections.unit, eps=layer.input_layernorm.eps,
+                norm_topk=int(self.moe.gate.norm_topk_prob) if self.moe is not None else 0,
+            ),
+            mlp_lut=head.table, mlp_unit=head.unit, mlp_blocksize=head.blocksize, inter=head.inter,
+            shared_inter=mlp_kernel.inter if mlp_kernel is not None else 0,
+            experts=ct.addressof(self.expert_table) if experts else None,
+            shared=(ct.c_void_p * 6)(*mlp_kernel.addresses) if mlp_kernel is not None else (ct.c_void_p * 6)(),
+        )
 
     @staticmethod
     def for_layer(layer: DecoderLayer) -> LayerPlan | None:
@@ -118,7 +162,7 @@ class LayerPlan:
             return None
         if not isinstance(mlp, MoE):
             kernel = mlp.one_token_kernel()  # type: ignore[operator]
-            return LayerPlan(layer, projections, kernel, None) if kernel is not None else None
+            return LayerPlan(layer, projections, kernel, ()) if kernel is not None else None
         gate = weight_of(mlp.gate)
         if mlp.expert_runner is not None or gate is None or gate.dtype != torch.float32 or mlp.gate.top_k > 64:
             return None
@@ -126,68 +170,83 @@ class LayerPlan:
         if mlp.shared_experts is not None and shared is None:
             return None
         experts = [e.one_token_kernel() for e in mlp.experts]  # type: ignore[operator]
-        if any(k is None for k in experts):
+        if any(k is None for k in experts) or len({k.kind for k in experts}) != 1:  # type: ignore[union-attr]
             return None
-        kinds = {k.kind for k in experts}
-        if len(kinds) != 1:
-            return None
-        (kind,) = kinds
+        kind = experts[0].kind  # type: ignore[union-attr]
         if shared is not None and shared.kind[:3] != kind[:3]:  # one format for the whole MLP half
             return None
-        return LayerPlan(layer, projections, shared, kind)
+        return LayerPlan(layer, projections, shared, experts)  # type: ignore[arg-type]
 
     def current(self) -> bool:
-        """Whether the layer still holds the weights this plan was built from, with no hooks or store.
+        """Whether nothing changed the layer's weights since the build, and no hook or store needs its modules.
 
-        Runs before every layer of every decode step, right after the caches were swept by the
-        previous layer's weights, where nn.Module attribute lookups cost ~50 us per layer: only
-        dict lookups and identity checks here.
+        Runs before each step of a layer run alone (``StackPlan`` checks the same for all layers at
+        once), on caches swept by the previous layer's weights: a counter, dict lookups and address
+        checks only.
         """
-        if any(modules.get(name) is not child for modules, name, child in self.children):
-            return False
-        if any(weight_of(module) is not weight or weight.data_ptr() != address
-               for module, weight, address in self.weights) or not _no_hooks(self.parts):
-            return False
-        if self.moe is None:
-            return self.dense.one_token_kernel() is self.mlp_kernel  # type: ignore[operator]
-        shared = self.moe.shared_experts
-        return self.moe.expert_runner is None and (
-            shared.one_token_kernel() is self.mlp_kernel if shared is not None else self.mlp_kernel is None)
+        return (self.generation == _generation and _no_hooks(self.parts)
+                and (self.moe is None or self.moe.expert_runner is None)
+                and all(weight.data_ptr() == address for weight, address in self.weights))
+
+    def release(self) -> None:
+        """Stale for good: drop the references to the weights."""
+        self.generation, self.weights, self.storages = -1, (), []
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
                  cache: KVCache) -> torch.Tensor:
-        """The layer's output for one token x [1, 1, hidden] (bf16, contiguous) at ``start_pos``."""
-        lib = kernels.native_library()
-        assert lib is not None
-        keys, values = cache.layer_tensors(self.layer_idx, start_pos + 1)
-        if keys.dtype != torch.bfloat16 or keys.shape[0] != 1 or not (keys.is_contiguous() and values.is_contiguous()):
-            raise ValueError("the native decode step needs a bf16 cache of one sequence")
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()
-        middle, normed, out = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-        ids = torch.empty(1, self.top_k, dtype=torch.long)
-        mix = torch.empty(1, self.top_k, dtype=torch.float32)
-        status = lib.dsmoe_attention_half(ct.byref(self.attention), start_pos, keys.shape[2], cos.data_ptr(),
-                                          sin.data_ptr(), keys.data_ptr(), values.data_ptr(), x.data_ptr(),
-                                          middle.data_ptr(), normed.data_ptr(), ids.data_ptr(), mix.data_ptr())
-        if status != 0:
-            raise RuntimeError(f"native attention half failed with status {status}")
-        count, pointers = 0, None
-        if self.moe is not None:
-            if self.moe.routing_observer is not None:
-                self.moe.routing_observer(self.layer_idx, ids, mix)
-            experts = self.moe.experts._modules
-            chosen = [experts[str(i)].one_token_kernel() for i in ids[0].tolist()]  # type: ignore[union-attr,operator]
-            if not all(k is not None and k.kind == self.expert_kind for k in chosen):
-                # An expert changed since the plan was made: its module path, for this token.
-                return middle + self.moe.combine(normed.view(1, -1), ids, mix).view(x.shape)
-            count = len(chosen)
-            pointers = (ct.c_void_p * (6 * count))(*(a for k in chosen for a in k.addresses))
-        status = lib.dsmoe_mlp_half(self.table, self.unit, self.blocksize, self.hidden, count, self.inter, pointers,
-                                    mix.data_ptr(), self.mlp_inter, self.mlp_pointers, normed.data_ptr(),
-                                    middle.data_ptr(), out.data_ptr())
-        if status != 0:
-            raise RuntimeError(f"native MLP half failed with status {status}")
-        return out
+        """The layer's output for one token x [1, 1, hidden] (bf16) at ``start_pos``."""
+        return run_layers([self], x, cos, sin, start_pos, cache)
+
+
+class StackPlan:
+    """All decoder layers' plans, run as one native call per token."""
+
+    def __init__(self, layers: Sequence[DecoderLayer], plans: Sequence[LayerPlan]) -> None:
+        self.plans = tuple(plans)
+        self.generation = _generation  # the layers' plans were all current when this was made
+        # ``current``'s checks as flat tuples: one loop each, ~25 us per token at 28 layers.
+        self.hookable = tuple(layers) + tuple(part for plan in plans for part in plan.parts)
+        self.moes = tuple(plan.moe for plan in plans if plan.moe is not None)
+        self.weights = tuple(pair for plan in plans for pair in plan.weights)
+
+    def current(self) -> bool:
+        """``LayerPlan.current`` for every layer, and no hook on a layer (the call skips them all)."""
+        return (self.generation == _generation and _no_hooks(self.hookable)
+                and not any(moe.expert_runner for moe in self.moes)
+                and all(weight.data_ptr() == address for weight, address in self.weights))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                 cache: KVCache) -> torch.Tensor:
+        return run_layers(self.plans, x, cos, sin, start_pos, cache)
+
+
+def run_layers(plans: Sequence[LayerPlan], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+               cache: KVCache) -> torch.Tensor:
+    """Consecutive layers' output for one token x [1, 1, hidden] (bf16) at ``start_pos``, in one call;
+    then each MoE layer's routing observer sees the layer's choice, as in the module path."""
+    lib = kernels.native_library()
+    assert lib is not None
+    cache.reserve(start_pos + 1)
+    first = plans[0].layer_idx
+    keys, values = cache.keys[first: first + len(plans)], cache.values[first: first + len(plans)]
+    if keys[0].dtype != torch.bfloat16 or keys[0].shape[0] != 1 or not keys[0].is_contiguous():
+        raise ValueError("the native decode step needs a bf16 cache of one sequence")
+    cos, sin = cos[0].contiguous(), sin[0].contiguous()
+    out = x.contiguous().clone()
+    stride = max(1, max(plan.top_k for plan in plans))
+    ids = torch.empty(len(plans), stride, dtype=torch.long)
+    mix = torch.empty(len(plans), stride, dtype=torch.float32)
+    steps = (ct.c_void_p * len(plans))(*(ct.addressof(plan.step) for plan in plans))
+    status = lib.dsmoe_decode_layers(steps, len(plans), start_pos, keys[0].shape[2], cos.data_ptr(), sin.data_ptr(),
+                                     (ct.c_void_p * len(plans))(*(k.data_ptr() for k in keys)),
+                                     (ct.c_void_p * len(plans))(*(v.data_ptr() for v in values)),
+                                     out.data_ptr(), stride, ids.data_ptr(), mix.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"native decode step failed with status {status}")
+    for row, plan in enumerate(plans):
+        if plan.moe is not None and plan.moe.routing_observer is not None:
+            plan.moe.routing_observer(plan.layer_idx, ids[row: row + 1, : plan.top_k], mix[row: row + 1, : plan.top_k])
+    return out
 
 
 def _projections(layer: DecoderLayer) -> list[nn.Module]:

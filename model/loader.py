@@ -160,7 +160,7 @@ def _read_tensor(checkpoint: Checkpoint, model: nn.Module, name: str) -> torch.T
 
 def _set_parameter(model: nn.Module, module_name: str, attr: str, tensor: torch.Tensor) -> None:
     module = model.get_submodule(module_name) if module_name else model
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    module.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
 
 
 def _replace_module(model: nn.Module, module_name: str, new: nn.Module) -> None:

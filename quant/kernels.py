@@ -162,8 +162,7 @@ _NATIVE_SIGNATURES = {
     "dsmoe_experts": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_rmsnorm": [_i64, ct.c_float, _ptr, _ptr, _ptr],
     "dsmoe_router": [_i64, _i64, _i64, ct.c_int, _ptr, _ptr, _ptr, _ptr],
-    "dsmoe_attention_half": [_ptr, _i64, _i64] + [_ptr] * 9,
-    "dsmoe_mlp_half": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
+    "dsmoe_decode_layers": [_ptr, _i64, _i64, _i64] + [_ptr] * 5 + [_i64, _ptr, _ptr],
 }
 
 

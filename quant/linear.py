@@ -34,9 +34,9 @@ class QuantLinear(nn.Module, abc.ABC):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # model.to(torch.float16) must not round absmax or scales: only follow the device.
         device = fn(torch.empty(0)).device
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                self._buffers[name] = buf.to(device)
+        for name, buf in list(self._buffers.items()):
+            if buf is not None:  # register_buffer tells decode plans (model/layer_plan.py) the weights moved
+                self.register_buffer(name, buf.to(device), persistent=name not in self._non_persistent_buffers_set)
         self._on_device_change()
         return self
 

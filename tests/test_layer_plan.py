@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from dsmoe import load
 from dsmoe.demo import DEMO_MODEL_PATH
+from dsmoe.model import layer_plan
 from dsmoe.model.deepseek import DecoderLayer, DeepseekForCausalLM, MoE
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
@@ -122,3 +125,73 @@ def test_hooks_and_unquantized_layers_take_the_module_path(model: DeepseekForCau
     assert layer.decode_plan(probe) is not None
     bf16, _ = load(DEMO_MODEL_PATH, dtype=torch.bfloat16)
     assert bf16.model.layers[1].decode_plan(probe) is None
+
+
+def _decode_logits(model: DeepseekForCausalLM, native: bool, steps: int = 3) -> torch.Tensor:
+    """Logits of a few decode steps after a fixed prompt, by the native stack or by the modules."""
+    prompt = torch.randint(0, 2048, (1, 6), generator=torch.Generator().manual_seed(3))
+    off = mock.patch.object(DecoderLayer, "decode_plan", lambda self, x: None)
+    with torch.inference_mode(), (mock.MagicMock() if native else off):
+        cache = model.new_cache(1, 16)
+        logits = [model(prompt, cache=cache, last_only=True)]
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax(-1), cache=cache, last_only=True))
+    return torch.cat(logits, dim=1)
+
+
+def test_a_decode_step_is_one_native_call_on_the_same_plan(model: DeepseekForCausalLM) -> None:
+    lib = kernels.native_library()
+    real = lib.dsmoe_decode_layers
+    calls: list[int] = []
+    with mock.patch.object(lib, "dsmoe_decode_layers", lambda *a: calls.append(a[1]) or real(*a)):
+        _decode_logits(model, native=True, steps=1)
+        stack = model.model._stack
+        with mock.patch.object(layer_plan.LayerPlan, "for_layer", side_effect=AssertionError("rebuilt")):
+            _decode_logits(model, native=True, steps=4)
+    assert model.model._stack is stack
+    assert calls == [len(model.model.layers)] * 5  # one per decode step, none for the prompts
+
+
+def test_replaced_experts_make_a_new_plan(model: DeepseekForCausalLM) -> None:
+    moe = model.model.layers[1].mlp
+    first = model.model.layers[1].decode_plan(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
+    old = [expert.down_proj for expert in moe.experts]
+    spec = QuantSpec(bits=4) if old[0].__class__.__name__ == "Linear4bit" else INT8
+    before = _decode_logits(model, native=True)
+    for expert, down in zip(moe.experts, old):
+        expert.down_proj = quantize_linear(down.dequantized() * -1.5, spec, torch.bfloat16)
+    try:
+        after = _decode_logits(model, native=True)
+        assert model.model.layers[1]._plan is not first and first.storages == []  # the old one let go
+        assert torch.equal(after, _decode_logits(model, native=False)) and not torch.equal(after, before)
+    finally:
+        for expert, down in zip(moe.experts, old):
+            expert.down_proj = down
+
+
+def test_experts_changed_in_place_are_read_by_the_same_plan(model: DeepseekForCausalLM) -> None:
+    """The kernels read the weights where they are: an in-place change needs no new plan."""
+    before = _decode_logits(model, native=True)
+    stack = model.model._stack
+    weights = [expert.up_proj.weight for expert in model.model.layers[1].mlp.experts]
+    saved = [w.clone() for w in weights]
+    for w in weights:
+        w.copy_(w.flip(0))
+    try:
+        after = _decode_logits(model, native=True)
+        assert model.model._stack is stack
+        assert torch.equal(after, _decode_logits(model, native=False)) and not torch.equal(after, before)
+    finally:
+        for w, s in zip(weights, saved):
+            w.copy_(s)
+
+
+def test_a_hook_on_a_layer_takes_the_layer_by_layer_path(model: DeepseekForCausalLM) -> None:
+    seen: list[int] = []
+    handle = model.model.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        hooked = _decode_logits(model, native=True)
+    finally:
+        handle.remove()
+    assert seen == [6, 1, 1, 1]
+    assert torch.equal(hooked, _decode_logits(model, native=True))

@@ -16,6 +16,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -377,65 +378,102 @@ static int shape_ok(const wformat *f, int64_t n, int64_t k) {
     return dsmoe_native_4bit() && n % TILE_ROWS == 0 && f->blocksize % QBLOCK == 0;
 }
 
-/* count SwiGLU MLPs of one shape on one bf16 token x: y_e = down_e(silu(gate_e(x)) * up_e(x)).
- * weights holds 6 pointers per MLP (gate, its scale, up, its scale, down, its scale). Without mix,
- * y [count, hidden] gets the outputs in bf16; with mix, out = out + bf16(y_e * mix[e]) for each e in
+#define MAX_MLPS 65 /* a token's routed experts (at most 64) and the shared ones */
+
+/* This thread's share [*begin, *end) of `groups` runs of equal tasks (run g: tasks[g] tasks of cost
+ * cost[g] each, in order), split into contiguous runs of about equal total cost. Call it inside a
+ * parallel region. */
+static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *cost, int64_t *begin, int64_t *end) {
+    const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
+    int64_t total = 0;
+    for (int64_t g = 0; g < groups; g++) total += tasks[g] * cost[g];
+    int64_t bounds[2];
+    for (int64_t side = 0; side < 2; side++) {
+        const int64_t target = total * (id + side) / team;
+        int64_t before = 0, first = 0, at = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            if (target <= before + tasks[g] * cost[g]) {
+                at = first + (target - before + cost[g] / 2) / cost[g];
+                break;
+            }
+            before += tasks[g] * cost[g], first += tasks[g], at = first;
+        }
+        bounds[side] = at;
+    }
+    *begin = bounds[0], *end = bounds[1];
+}
+
+/* count SwiGLU MLPs on one bf16 token x: y_e = down_e(silu(gate_e(x)) * up_e(x)), MLP e inter[e]
+ * wide (at most MAX_MLPS). weights holds 6 pointers per MLP (gate, its scale, up, its scale, down,
+ * its scale). The first `mixed` MLPs are summed into out: out = out + bf16(y_e * mix[e]) for each in
  * order, with PyTorch's bf16 roundings of `out += expert(x) * weight`, so the result is a
- * per-expert loop's, bit for bit. One thread team for all of it: the gate and up rows of every MLP
- * are one task list split into contiguous runs, so each thread streams whole matrices (reading
- * that way measured ~31 GB/s against ~27 GB/s with each matrix split across the threads), then
- * the same for the down rows. silu(g) * u stays fp32 until it is rounded to int8 for down.
- * Returns 0, -1 for shapes the kernels cannot take, -2 when out of memory. */
-static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, int64_t inter, const uint16_t *x,
-                        const void *const *weights, uint16_t *y, const float *mix, uint16_t *out) {
-    if (!shape_ok(f, inter, hidden) || !shape_ok(f, hidden, inter)) return -1;
-    const int64_t step = rows_per_task(f);
-    const int64_t up_tasks = (inter + step - 1) / step, down_tasks = (hidden + step - 1) / step;
+ * per-expert loop's, bit for bit; the others' outputs go to y [count - mixed, hidden] in bf16. One
+ * thread team for all of it: the gate and up rows of every MLP are one task list split into
+ * contiguous runs, so each thread streams whole matrices (reading that way measured ~31 GB/s
+ * against ~27 GB/s with each matrix split across the threads), then the same for the down rows,
+ * split by their width so the threads read alike. silu(g) * u stays fp32 until it is rounded to
+ * int8 for down. Returns 0, -1 for shapes the kernels cannot take, -2 when out of memory. */
+static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const int64_t *inter, const uint16_t *x,
+                        const void *const *weights, int64_t mixed, const float *mix, uint16_t *out, uint16_t *y) {
+    if (count > MAX_MLPS || mixed > count) return -1;
+    const int64_t step = rows_per_task(f), down_tasks = (hidden + step - 1) / step;
+    int64_t first_up[MAX_MLPS + 1], at[MAX_MLPS + 1], up_tasks[MAX_MLPS], down_counts[MAX_MLPS], width = 0, tasks = 0;
+    for (int64_t e = 0; e < count; e++) {
+        if (!shape_ok(f, inter[e], hidden) || !shape_ok(f, hidden, inter[e])) return -1;
+        first_up[e] = tasks, at[e] = width;
+        up_tasks[e] = (inter[e] + step - 1) / step, down_counts[e] = down_tasks;
+        tasks += 2 * up_tasks[e], width += inter[e];
+    }
+    first_up[count] = tasks, at[count] = width;
     qacts xa, ha;
     float *tmp = malloc((size_t)hidden * sizeof(float));
-    float *gu = malloc((size_t)(count * 2 * inter) * sizeof(float));
+    float *gu = malloc((size_t)(2 * width) * sizeof(float));
     float *yf = malloc((size_t)(count * hidden) * sizeof(float));
-    uint16_t *scratch = mix ? malloc((size_t)(count * hidden) * sizeof(uint16_t)) : NULL;
-    const int ok = alloc_acts(&xa, 1, hidden) & alloc_acts(&ha, count, inter);
-    if (!ok || !tmp || !gu || !yf || (mix && !scratch)) {
-        free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(yf), free(scratch);
+    uint16_t *ys = malloc((size_t)(count * hidden) * sizeof(uint16_t));
+    const int ok = alloc_acts(&xa, 1, hidden) & alloc_acts(&ha, 1, width);
+    if (!ok || !tmp || !gu || !yf || !ys) {
+        free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(yf), free(ys);
         return -2;
     }
-    if (mix) y = scratch;
     quantize_bf16_rows(x, 1, hidden, &xa, tmp);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < count * 2 * up_tasks; t++) {
-            const int64_t e = t / (2 * up_tasks), which = (t / up_tasks) % 2, n0 = (t % up_tasks) * step;
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t e = 0;
+            while (t >= first_up[e + 1]) e++;
+            const int64_t local = t - first_up[e], which = local / up_tasks[e], n0 = (local % up_tasks[e]) * step;
             const void *const *w = weights + 6 * e + 2 * which;
-            matrix_rows(f, w[0], w[1], inter, hidden, n0, n0 + step < inter ? n0 + step : inter, &xa,
-                        gu + (2 * e + which) * inter);
+            matrix_rows(f, w[0], w[1], inter[e], hidden, n0, n0 + step < inter[e] ? n0 + step : inter[e], &xa,
+                        gu + 2 * at[e] + which * inter[e]);
         }
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < count; e++) {
-            float *g = gu + 2 * e * inter;
-            const float *u = g + inter;
-            for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-            quantize_row(g, inter, ha.q + e * inter, ha.scale + e * (inter / QBLOCK), ha.sum + e * (inter / QBLOCK));
+            float *g = gu + 2 * at[e];
+            const float *u = g + inter[e];
+            for (int64_t j = 0; j < inter[e]; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            quantize_row(g, inter[e], ha.q + at[e], ha.scale + at[e] / QBLOCK, ha.sum + at[e] / QBLOCK);
         }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < count * down_tasks; t++) {
+        int64_t begin, end;
+        costed_share(count, down_counts, inter, &begin, &end);
+        for (int64_t t = begin; t < end; t++) {
             const int64_t e = t / down_tasks, n0 = (t % down_tasks) * step, n1 = n0 + step < hidden ? n0 + step : hidden;
-            const qacts h = {ha.q + e * inter, ha.scale + e * (inter / QBLOCK), ha.sum + e * (inter / QBLOCK)};
-            matrix_rows(f, weights[6 * e + 4], weights[6 * e + 5], hidden, inter, n0, n1, &h, yf + e * hidden);
-            for (int64_t j = n0; j < n1; j++) y[e * hidden + j] = f32_to_bf16(yf[e * hidden + j]);
+            const qacts h = {ha.q + at[e], ha.scale + at[e] / QBLOCK, ha.sum + at[e] / QBLOCK};
+            matrix_rows(f, weights[6 * e + 4], weights[6 * e + 5], hidden, inter[e], n0, n1, &h, yf + e * hidden);
+            uint16_t *dst = e < mixed ? ys + e * hidden : y + (e - mixed) * hidden;
+            for (int64_t j = n0; j < n1; j++) dst[j] = f32_to_bf16(yf[e * hidden + j]);
         }
-        if (mix) {
+#pragma omp barrier
+        if (mixed > 0) {
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < hidden; j++)
-                for (int64_t e = 0; e < count; e++) {
-                    const float scaled = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[e * hidden + j]) * mix[e]));
+                for (int64_t e = 0; e < mixed; e++) {
+                    const float scaled = bf16_to_f32(f32_to_bf16(bf16_to_f32(ys[e * hidden + j]) * mix[e]));
                     out[j] = f32_to_bf16(bf16_to_f32(out[j]) + scaled);
                 }
         }
     }
-    free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(yf), free(scratch);
+    free_acts(&xa), free_acts(&ha), free(tmp), free(gu), free(yf), free(ys);
     return 0;
 }
 
@@ -445,7 +483,7 @@ int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const void 
                    const void *up, const void *up_scale, const void *down, const void *down_scale, uint16_t *out) {
     const wformat f = {NULL, 0.0f, 0};
     const void *weights[6] = {gate, gate_scale, up, up_scale, down, down_scale};
-    return swiglu_batch(&f, 1, hidden, inter, x, weights, out, NULL, NULL);
+    return swiglu_batch(&f, 1, hidden, &inter, x, weights, 0, NULL, NULL, out);
 }
 
 /* The same for 4-bit weights in bitsandbytes' CPU layout; lut and unit are the codebook's table (see above). */
@@ -454,7 +492,7 @@ int dsmoe_4bit_mlp(const uint8_t *lut, float unit, int64_t blocksize, int64_t hi
                    const void *down, const void *down_absmax, uint16_t *out) {
     const wformat f = {lut, unit, blocksize};
     const void *weights[6] = {gate, gate_absmax, up, up_absmax, down, down_absmax};
-    return swiglu_batch(&f, 1, hidden, inter, x, weights, out, NULL, NULL);
+    return swiglu_batch(&f, 1, hidden, &inter, x, weights, 0, NULL, NULL, out);
 }
 
 /* The routed experts of one token: out = out + bf16(y_e * mix[e]) for each expert e in order, all
@@ -463,7 +501,9 @@ int dsmoe_4bit_mlp(const uint8_t *lut, float unit, int64_t blocksize, int64_t hi
 int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t count, int64_t hidden, int64_t inter,
                   const uint16_t *x, const void *const *weights, const float *mix, uint16_t *out) {
     const wformat f = {lut, unit, blocksize};
-    return swiglu_batch(&f, count, hidden, inter, x, weights, NULL, mix, out);
+    int64_t inters[MAX_MLPS];
+    for (int64_t e = 0; e < count && e < MAX_MLPS; e++) inters[e] = inter;
+    return swiglu_batch(&f, count, hidden, inters, x, weights, count, mix, out, NULL);
 }
 
 /* y [m, n] = x [m, k] bf16 @ W.T for a 4-bit weight [n, k] in bitsandbytes' CPU layout with
@@ -686,7 +726,7 @@ typedef struct {
 /* x_out = x + o(attention(q, k, v of rmsnorm(x))), the token's keys and values written to the
  * caches at pos; normed = rmsnorm(x_out) for the MLP; with a router, ids [top_k] and mix [top_k]
  * (fp32) are its choice for normed. */
-int dsmoe_attention_half(const attention_half *L, int64_t pos, int64_t capacity, const uint16_t *cos,
+static int attention_half_step(const attention_half *L, int64_t pos, int64_t capacity, const uint16_t *cos,
                          const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache, const uint16_t *x,
                          uint16_t *x_out, uint16_t *normed, int64_t *ids, float *mix) {
     const wformat f = {L->lut, L->unit, L->blocksize};
@@ -735,21 +775,19 @@ int dsmoe_attention_half(const attention_half *L, int64_t pos, int64_t capacity,
  * dsmoe_experts, mix their router weights in fp32, rounded to bf16 here as the module path
  * rounds them) summed in order, plus the shared experts' MLP (shared_inter wide; NULL for none).
  * A dense layer is count 0 with its MLP as the shared one. */
-int dsmoe_mlp_half(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t count, int64_t inter,
-                   const void *const *experts, const float *mix, int64_t shared_inter, const void *const *shared,
-                   const uint16_t *normed, const uint16_t *x, uint16_t *x_out) {
-    const wformat f = {lut, unit, blocksize};
+static int mlp_half_step(const wformat *f, int64_t hidden, int64_t count, int64_t inter, const void *const *experts,
+                         const float *mix, int64_t shared_inter, const void *const *shared, const uint16_t *normed,
+                         const uint16_t *x, uint16_t *x_out) {
+    if (count > 64) return -1;
+    float rounded[64];
+    int64_t inters[64];
+    for (int64_t e = 0; e < count; e++) rounded[e] = bf16_to_f32(f32_to_bf16(mix[e])), inters[e] = inter;
     uint16_t *routed = calloc((size_t)(2 * hidden), sizeof(uint16_t));
     if (!routed) return -2;
     uint16_t *mlp = routed + hidden;
     int status = 0;
-    if (count > 0) {
-        float rounded[64];
-        if (count > 64) status = -1;
-        for (int64_t e = 0; e < count && status == 0; e++) rounded[e] = bf16_to_f32(f32_to_bf16(mix[e]));
-        if (status == 0) status = swiglu_batch(&f, count, hidden, inter, normed, experts, NULL, rounded, routed);
-    }
-    if (status == 0 && shared) status = swiglu_batch(&f, 1, hidden, shared_inter, normed, shared, mlp, NULL, NULL);
+    if (count > 0) status = swiglu_batch(f, count, hidden, inters, normed, experts, count, rounded, routed, NULL);
+    if (status == 0 && shared) status = swiglu_batch(f, 1, hidden, &shared_inter, normed, shared, 0, NULL, NULL, mlp);
     if (status == 0) {
         for (int64_t j = 0; j < hidden; j++) {
             /* The module path: out = route(...) then out + shared(...); a dense MLP's output as is. */
@@ -759,5 +797,55 @@ int dsmoe_mlp_half(const uint8_t *lut, float unit, int64_t blocksize, int64_t hi
         }
     }
     free(routed);
+    return status;
+}
+
+/* A decoder layer as the decode step runs it: its attention half, then its MLP half in the
+ * MLP's format, with the routed experts' weights for every expert id (experts [n_experts * 6],
+ * NULL for a dense layer) and the shared experts' or the dense MLP's (shared_inter 0: none).
+ * Python fills one per layer (ctypes Structure of the same fields). */
+typedef struct {
+    attention_half attn;
+    const uint8_t *mlp_lut;
+    float mlp_unit;
+    int64_t mlp_blocksize, inter, shared_inter;
+    const void *const *experts;
+    const void *shared[6];
+} layer_step;
+
+/* n_layers decoder layers for one bf16 token at position pos, in place on x [hidden]: each
+ * layer's attention half, the weights of the experts its router chose, its MLP half. k_caches and
+ * v_caches hold each layer's cache ([n_kv, capacity, head_dim] bf16). Each MoE layer's choice goes
+ * to ids and mix at row l (route_stride entries a row), for the routing observer. The result is
+ * the layer-by-layer module path's, bit for bit. Returns 0, or the first failing step's status. */
+int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64_t pos, int64_t capacity,
+                        const uint16_t *cos, const uint16_t *sin, uint16_t *const *k_caches,
+                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix) {
+    const int64_t hidden = n_layers > 0 ? layers[0]->attn.hidden : 0;
+    uint16_t *middle = malloc((size_t)(2 * hidden) * sizeof(uint16_t));
+    if (!middle) return -2;
+    uint16_t *normed = middle + hidden;
+    int status = 0;
+    for (int64_t l = 0; l < n_layers && status == 0; l++) {
+        const layer_step *L = layers[l];
+        const int moe = L->experts != NULL;
+        if (L->attn.hidden != hidden || (moe && (L->attn.top_k > route_stride || L->attn.top_k > 64))) {
+            status = -1;
+            break;
+        }
+        int64_t *chosen = ids + l * route_stride;
+        float *weights = mix + l * route_stride;
+        status = attention_half_step(&L->attn, pos, capacity, cos, sin, k_caches[l], v_caches[l], x, middle, normed,
+                                     moe ? chosen : NULL, moe ? weights : NULL);
+        if (status != 0) break;
+        const void *picked[6 * 64];
+        const int64_t count = moe ? L->attn.top_k : 0;
+        for (int64_t e = 0; e < count; e++)
+            for (int64_t i = 0; i < 6; i++) picked[6 * e + i] = L->experts[6 * chosen[e] + i];
+        const wformat f = {L->mlp_lut, L->mlp_unit, L->mlp_blocksize};
+        status = mlp_half_step(&f, hidden, count, L->inter, picked, weights, L->shared_inter,
+                               L->shared_inter ? L->shared : NULL, normed, middle, x);
+    }
+    free(middle);
     return status;
 }

@@ -779,15 +779,23 @@ static int mlp_half_step(const wformat *f, int64_t hidden, int64_t count, int64_
                          const float *mix, int64_t shared_inter, const void *const *shared, const uint16_t *normed,
                          const uint16_t *x, uint16_t *x_out) {
     if (count > 64) return -1;
+    /* The routed experts and the shared MLP in one thread team: one swiglu_batch. */
+    const void *weights[6 * 65];
+    int64_t inters[65];
     float rounded[64];
-    int64_t inters[64];
-    for (int64_t e = 0; e < count; e++) rounded[e] = bf16_to_f32(f32_to_bf16(mix[e])), inters[e] = inter;
+    for (int64_t e = 0; e < count; e++) {
+        rounded[e] = bf16_to_f32(f32_to_bf16(mix[e]));
+        inters[e] = inter;
+        memcpy(weights + 6 * e, experts + 6 * e, 6 * sizeof(void *));
+    }
+    if (shared) {
+        inters[count] = shared_inter;
+        memcpy(weights + 6 * count, shared, 6 * sizeof(void *));
+    }
     uint16_t *routed = calloc((size_t)(2 * hidden), sizeof(uint16_t));
     if (!routed) return -2;
     uint16_t *mlp = routed + hidden;
-    int status = 0;
-    if (count > 0) status = swiglu_batch(f, count, hidden, inters, normed, experts, count, rounded, routed, NULL);
-    if (status == 0 && shared) status = swiglu_batch(f, 1, hidden, &shared_inter, normed, shared, 0, NULL, NULL, mlp);
+    const int status = swiglu_batch(f, count + (shared != NULL), hidden, inters, normed, weights, count, rounded, routed, mlp);
     if (status == 0) {
         for (int64_t j = 0; j < hidden; j++) {
             /* The module path: out = route(...) then out + shared(...); a dense MLP's output as is. */

@@ -77,10 +77,12 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
         int_mm = _int_mm_dynamic(int8)
         from dsmoe.quant import kernels
 
+        bnb_weight = kernels.pack_4bit(nf4_std.weight, "cpu", out_f, in_f)  # its CPU layout
+
         candidates: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, float]] = {
             "bf16 F.linear": (lambda x: F.linear(x, w_bf16), None, 16.0),
             "nf4 bnb CPU kernel (repacked)": (
-                lambda x: kernels.gemv_4bit_cpu(x, nf4.weight, (out_f, in_f), bnb_absmax, nf4.quant_map,
+                lambda x: kernels.gemv_4bit_cpu(x, bnb_weight, (out_f, in_f), bnb_absmax, nf4.quant_map,
                                                 nf4.blocksize, kernels.cpu_4bit_entry("nf4")), nf4_ref,
                 _bits_per_weight(nf4)),
             "nf4 dequantize + bf16 matmul": (

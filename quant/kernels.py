@@ -2,12 +2,12 @@
 
 The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
 
-* 4-bit, bf16 compute, AVX512-BF16: the weight is repacked once at load into bitsandbytes' CPU
-  layout. With dsmoe's native library built, dsmoe's own C kernel runs at any row count: the block
+* 4-bit, bf16 compute, AVX512-BF16: the weight is repacked once at load. With dsmoe's native
+  library built, into dsmoe's layout (``pack_4bit``) for its own C kernel, at any row count: the block
   scales in tile-major order, the same int8 activations as the 8-bit kernel, the codebook through a
   16-entry byte table to integers so the dot products are integer ones, and for several rows each
   tile's codes unpacked once for all of them (1.85-2.3x bitsandbytes' kernel at one row, 2.0-2.2x
-  at 64). Without it, bitsandbytes' fused CPU kernel (``gemv_4bit``) with its own scale layout.
+  at 64). Without it, into bitsandbytes' CPU layout for its fused kernel (``gemv_4bit``).
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
 * 8-bit, bf16 compute, fewer than ``INT_MM_MIN_ROWS`` rows (decode): dsmoe's own C kernel
@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 CPU_BLOCK_N = 32
-"""Output rows per tile in bitsandbytes' CPU 4-bit layout."""
+"""Output rows per tile in the CPU 4-bit layouts (bitsandbytes' and dsmoe's)."""
 
 
 def cpu_4bit_kernel_available() -> bool:
@@ -54,27 +54,36 @@ def can_pack_for_cpu(out_features: int, in_features: int, blocksize: int) -> boo
     return out_features % CPU_BLOCK_N == 0 and in_features % blocksize == 0
 
 
-def pack_for_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Standard bitsandbytes nibbles (row-major, high nibble first) -> bitsandbytes' CPU layout.
+def pack_4bit(packed: torch.Tensor, layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """Standard bitsandbytes nibbles (row-major, high nibble first) -> a CPU kernel's layout, [out, in/2].
 
-    The CPU layout tiles 32 output rows: byte (tile, j, r, c) holds weight (tile*32 + 16 + r, 2j + c)
-    in its high nibble and (tile*32 + r, 2j + c) in its low nibble, giving [out, in/2] bytes.
-    It is a pure permutation of the 4-bit codes; ``unpack_from_cpu`` inverts it exactly.
+    Both tile 32 output rows, with rows r (low nibble) and 16 + r (high nibble) of a column in one
+    byte. ``"cpu"``, bitsandbytes' kernel's: byte (tile, j, r, c) holds column 2j + c. ``"native"``,
+    dsmoe's kernel's: byte (tile, q, r, i) holds column 4q + i, so each 4-byte word is four
+    consecutive columns of one row pair, what a VNNI dot product takes with no shuffle. Both are
+    pure permutations of the 4-bit codes; ``unpack_4bit`` inverts them exactly.
     """
     n, k = out_features, in_features
     flat = packed.reshape(-1)
     codes = torch.stack((flat >> 4, flat & 0xF), dim=-1)  # [n * k/2, 2]: columns 2j, 2j+1
     tiles = codes.view(n // CPU_BLOCK_N, 2, CPU_BLOCK_N // 2, k // 2, 2)
-    out = (tiles[:, 1] << 4) | tiles[:, 0]  # [tiles, 16, k/2, 2]
-    return out.permute(0, 2, 1, 3).contiguous().view(n, k // 2)
+    pairs = (tiles[:, 1] << 4) | tiles[:, 0]  # [tiles, r, j, c]
+    if layout == "cpu":
+        return pairs.permute(0, 2, 1, 3).contiguous().view(n, k // 2)
+    quads = pairs.view(n // CPU_BLOCK_N, CPU_BLOCK_N // 2, k // 4, 4)  # [tiles, r, q, i]
+    return quads.permute(0, 2, 1, 3).contiguous().view(n, k // 2)
 
 
-def unpack_from_cpu(cpu_packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Inverse of ``pack_for_cpu``: the standard layout, shaped [out*in/2, 1] as bitsandbytes stores it."""
+def unpack_4bit(weight: torch.Tensor, layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_4bit``: the standard layout, shaped [out*in/2, 1] as bitsandbytes stores it."""
     n, k = out_features, in_features
-    tiles = cpu_packed.view(n // CPU_BLOCK_N, k // 2, CPU_BLOCK_N // 2, 2)
-    halves = torch.stack((tiles & 0xF, tiles >> 4), dim=1)  # [tiles, 2, k/2, 16, 2]
-    codes = halves.permute(0, 1, 3, 2, 4).reshape(n * k // 2, 2)
+    if layout == "cpu":
+        pairs = weight.view(n // CPU_BLOCK_N, k // 2, CPU_BLOCK_N // 2, 2).permute(0, 2, 1, 3)
+    else:
+        quads = weight.view(n // CPU_BLOCK_N, k // 4, CPU_BLOCK_N // 2, 4).permute(0, 2, 1, 3)
+        pairs = quads.reshape(n // CPU_BLOCK_N, CPU_BLOCK_N // 2, k // 2, 2)
+    halves = torch.stack((pairs & 0xF, pairs >> 4), dim=1)  # [tiles, 2, r, j, c]
+    codes = halves.reshape(n * k // 2, 2)
     return ((codes[:, 0] << 4) | codes[:, 1]).view(-1, 1)
 
 

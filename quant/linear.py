@@ -111,18 +111,17 @@ class Linear4bit(QuantLinear):
             and kernels.can_pack_for_cpu(self.out_features, self.in_features, self.blocksize)
             and kernels.cpu_4bit_kernel_available()
         )
-        want = "cpu" if use_cpu_kernel else "standard"
-        if want != self.layout:
-            if want == "cpu":
-                self.weight = kernels.pack_for_cpu(self.weight, self.out_features, self.in_features)
-            else:
-                self.weight = kernels.unpack_from_cpu(self.weight, self.out_features, self.in_features)
-            self.layout = want
         # dsmoe's kernel: whole 64-wide activation blocks, each under one absmax.
-        native = (self.layout == "cpu" and self.in_features % kernels.NATIVE_BLOCK == 0
+        native = (use_cpu_kernel and self.in_features % kernels.NATIVE_BLOCK == 0
                   and self.blocksize % kernels.NATIVE_BLOCK == 0 and kernels.native_4bit_available())
+        want = "native" if native else "cpu" if use_cpu_kernel else "standard"
+        if want != self.layout:
+            n, k = self.out_features, self.in_features
+            standard = self.weight if self.layout == "standard" else kernels.unpack_4bit(self.weight, self.layout, n, k)
+            self.weight = standard if want == "standard" else kernels.pack_4bit(standard, want, n, k)
+            self.layout = want
         self.native_codebook = kernels.native_codebook(self.quant_type) if native else None
-        self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" and not native else None
+        self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" else None
         # Runtime scales: fp32 for the dequantize path; bf16 for the CPU kernels, tile-major for
         # dsmoe's, [in/blocksize, out] for bitsandbytes'.
         absmax = self._absmax_f32()
@@ -134,8 +133,8 @@ class Linear4bit(QuantLinear):
 
     def kernel(self, rows: int) -> str:
         """The kernel a call with ``rows`` input rows runs."""
-        if self.layout == "cpu":
-            return "4bit_native" if self.native_codebook is not None else "bnb_cpu_4bit"
+        if self.layout != "standard":
+            return "4bit_native" if self.layout == "native" else "bnb_cpu_4bit"
         if self.weight.device.type == "cuda":
             return "bnb_matmul_4bit"
         return "dequant_matmul"
@@ -143,8 +142,8 @@ class Linear4bit(QuantLinear):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as bitsandbytes' ``dequantize_4bit`` gives it, [out, in]."""
         weight = self.weight
-        if self.layout == "cpu":
-            weight = kernels.unpack_from_cpu(weight, self.out_features, self.in_features)
+        if self.layout != "standard":
+            weight = kernels.unpack_4bit(weight, self.layout, self.out_features, self.in_features)
         absmax = self.runtime_absmax if self.layout == "standard" else self._absmax_f32()
         shape = self.shape
         if weight.device.type == "cpu" and self.in_features % self.blocksize:
@@ -154,7 +153,7 @@ class Linear4bit(QuantLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "cpu" and x.dtype == torch.bfloat16:
+        if self.layout != "standard" and x.dtype == torch.bfloat16:
             # The hot path (decode runs ~5 per layer per token): no dispatch or casts around the C call.
             flat = x.reshape(-1, self.in_features)
             if self.native_codebook is not None:
@@ -183,8 +182,8 @@ class Linear4bit(QuantLinear):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         weight = self.weight
-        if self.layout == "cpu":
-            weight = kernels.unpack_from_cpu(weight, self.out_features, self.in_features)
+        if self.layout != "standard":
+            weight = kernels.unpack_4bit(weight, self.layout, self.out_features, self.in_features)
         tensors = {"weight": weight}
         for key, value in self._quant_state().as_dict(packed=True).items():
             tensors["weight." + key] = value

@@ -40,10 +40,12 @@ def test_direct_4bit_kernel_equals_the_bitsandbytes_op(quant_type: str) -> None:
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(2)) * 0.02
     layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type), torch.bfloat16)
     entry = kernels.cpu_4bit_entry(quant_type)  # what runs where dsmoe's native kernels are not built
-    assert layer.layout == "cpu" and entry is not None
-    absmax_t = layer._absmax_f32().view(96, -1).t().to(torch.bfloat16).contiguous()  # bitsandbytes' layout
+    assert entry is not None
+    # bitsandbytes' layouts, whichever the layer holds for dsmoe's kernel
+    weight = kernels.pack_4bit(kernels.unpack_4bit(layer.weight, layer.layout, 96, 128), "cpu", 96, 128)
+    absmax_t = layer._absmax_f32().view(96, -1).t().to(torch.bfloat16).contiguous()
     x = torch.randn(3, 128).bfloat16()
-    args = (layer.weight, (96, 128), absmax_t, layer.quant_map, layer.blocksize)
+    args = (weight, (96, 128), absmax_t, layer.quant_map, layer.blocksize)
     via_op = kernels.gemv_4bit_cpu(x, *args)
     for rows in (x[:1], x):
         assert torch.equal(kernels.gemv_4bit_cpu(rows, *args, entry=entry), via_op[: rows.shape[0]])

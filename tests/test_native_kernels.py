@@ -135,7 +135,7 @@ def lib4(lib):
 def _table_weight(layer: Linear4bit) -> torch.Tensor:
     """The weight the native kernel multiplies by: the codebook in the table's steps times the bf16 absmax."""
     out_features, in_features = layer.shape
-    packed = kernels.unpack_from_cpu(layer.weight, out_features, in_features).reshape(-1)
+    packed = kernels.unpack_4bit(layer.weight, layer.layout, out_features, in_features).reshape(-1)
     codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(out_features, in_features).long()
     codebook = layer.native_codebook
     values = (codebook.table.long()[codes] - 128).double() * codebook.unit

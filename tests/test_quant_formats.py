@@ -222,14 +222,19 @@ def test_dtype_cast_keeps_the_format() -> None:
 # ---- kernel choice ---------------------------------------------------------------------------
 
 
-def test_cpu_layout_equals_bitsandbytes_repack_and_inverts() -> None:
+def test_cpu_layouts_equal_bitsandbytes_repack_and_invert() -> None:
     import copy
 
     packed, state = BF.quantize_4bit(_weight(dtype=torch.float32), blocksize=64, quant_type="nf4")
     theirs, _ = BF._convert_weight_packed_for_cpu(packed.clone(), copy.deepcopy(state))
-    ours = kernels.pack_for_cpu(packed, OUT, IN)
+    ours = kernels.pack_4bit(packed, "cpu", OUT, IN)
     assert torch.equal(ours, theirs)
-    assert torch.equal(kernels.unpack_from_cpu(ours, OUT, IN), packed)
+    native = kernels.pack_4bit(packed, "native", OUT, IN)
+    # The native layout: bitsandbytes' with each row pair's four consecutive columns in one word.
+    pairs = theirs.view(OUT // 32, IN // 4, 2, 16, 2)  # [tile, q, j % 2, r, c]
+    assert torch.equal(native, pairs.permute(0, 1, 3, 2, 4).reshape(OUT, IN // 2))
+    for layout, weight in (("cpu", ours), ("native", native)):
+        assert torch.equal(kernels.unpack_4bit(weight, layout, OUT, IN), packed)
 
 
 def test_kernel_choice() -> None:
@@ -237,7 +242,7 @@ def test_kernel_choice() -> None:
     nf4_bf16 = quantize_linear(_weight(), SPECS["nf4"], torch.bfloat16)
     cpu_kernel = "4bit_native" if kernels.native_4bit_available() else "bnb_cpu_4bit"
     assert nf4_bf16.kernel(1) == nf4_bf16.kernel(64) == (cpu_kernel if fast_cpu else "dequant_matmul")
-    assert nf4_bf16.layout == ("cpu" if fast_cpu else "standard")
+    assert nf4_bf16.layout == (("native" if kernels.native_4bit_available() else "cpu") if fast_cpu else "standard")
     assert quantize_linear(_weight(), SPECS["nf4"], torch.float32).kernel(1) == "dequant_matmul"
     # 40 rows: not a multiple of the CPU tile, so the standard layout and dequantize + matmul.
     odd = quantize_linear(torch.randn(40, IN), SPECS["nf4"], torch.bfloat16)

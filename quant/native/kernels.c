@@ -9,7 +9,7 @@
  * has it, AVX2's vpmaddubsw otherwise. Both multiply unsigned by signed bytes, so the activation
  * goes in as |xq| and its sign moves onto the weight (vpsignb); |xq| <= 127 keeps vpmaddubsw's
  * 16-bit pair sums from saturating (2 * 127 * 127 < 32767), so both give the same integers.
- * 4-bit weights (bitsandbytes' NF4/FP4 in its CPU layout) use the same activations; see below.
+ * 4-bit weights (bitsandbytes' NF4/FP4 codes, repacked at load) use the same activations; see below.
  *
  * Plain C with no Python headers: dsmoe loads it with ctypes. Output rows are split across
  * OpenMP threads, which share libgomp with PyTorch, so torch.set_num_threads governs them too.
@@ -57,8 +57,9 @@ int dsmoe_native_isa(void) {
     return chosen_isa;
 }
 
-/* 1 when the 4-bit kernels can run: they are written for AVX512-VNNI only, since bitsandbytes'
- * CPU layout they read exists only on CPUs with AVX512-BF16, all of which have it. */
+/* 1 when the 4-bit kernels can run: they are written for AVX512-VNNI only, since dsmoe uses them
+ * where bitsandbytes' CPU 4-bit kernel would run otherwise: CPUs with AVX512-BF16, all of which
+ * have it. */
 int dsmoe_native_4bit(void) {
     static int known = -1;
     if (known < 0) known = detect_isa() == 1;
@@ -239,18 +240,19 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
     return 0;
 }
 
-/* ---- 4-bit weights: bitsandbytes' NF4/FP4 codes in its CPU layout ------------------------------
+/* ---- 4-bit weights: bitsandbytes' NF4/FP4 codes in dsmoe's native layout ----------------------
  *
- * The layout (quant/kernels.py, pack_for_cpu) tiles 32 output rows; in a tile, the 32 bytes of
- * column pair j hold rows r (low nibble) and 16 + r (high nibble) of columns 2j and 2j + 1 at byte
- * 2r + c. The block scales (absmax) are bf16 in tile-major order, [n / 32, k / blocksize, 32], so a
+ * The layout (quant/kernels.py, pack_4bit) tiles 32 output rows like bitsandbytes' CPU layout, with
+ * rows r (low nibble) and 16 + r (high nibble) in one byte, but each 4-byte word holds four
+ * consecutive columns of one row pair: a 64-byte load is 16 row pairs x 4 columns, which vpdpbusd
+ * takes as it is (on bitsandbytes' order a vpermw per load cost ~20% of the kernel's in-cache
+ * speed). The block scales (absmax) are bf16 in tile-major order, [n / 32, k / blocksize, 32], so a
  * tile's scales are one contiguous run beside its weights (in bitsandbytes' [k / blocksize, n] a
  * tile reads 32 lines kilobytes apart; a decode step's experts read 10% slower that way in a
- * harness, though whole decode steps did not measurably move). bitsandbytes' kernel reads only
- * its own order, so prefill runs here too. Each code goes through a vpshufb table to
- * round(codebook value / unit) + 128, an unsigned byte, so vpdpbusd multiplies it by the int8
- * activations directly; the +128 comes back out per block as 128 * sum(q), which depends on the
- * activations only. The caller picks unit (1/112 for NF4, 1/120 for FP4, whose values it then
+ * harness, though whole decode steps did not measurably move). Each code goes through a vpshufb
+ * table to round(codebook value / unit) + 128, an unsigned byte, so vpdpbusd multiplies it by the
+ * int8 activations directly; the +128 comes back out per block as 128 * sum(q), which depends on
+ * the activations only. The caller picks unit (1/112 for NF4, 1/120 for FP4, whose values it then
  * holds exactly): the rounded codebook moves a weight by at most 0.4% of its block's absmax, far
  * below the 4-bit step. */
 
@@ -263,16 +265,10 @@ __attribute__((target(TARGET_4BIT))) static inline __m512 load16_bf16(const uint
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* Word 2r <- word r (pair j), word 2r + 1 <- word 16 + r (pair j + 1): dword r then holds four
- * consecutive columns of row r (low nibbles) and of row 16 + r (high nibbles). */
-static const uint16_t pair_order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-
 /* out[0..32) = the 32 rows of one tile times the activations a, fp32; scales is the tile's. */
 __attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, const uint16_t *scales, int64_t k,
                                                            int64_t blocksize, const uint8_t *lut, float unit,
                                                            const qacts *a, float *out) {
-    const __m512i perm = _mm512_loadu_si512(pair_order);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512 acc_lo = _mm512_setzero_ps(), acc_hi = _mm512_setzero_ps();
@@ -281,7 +277,7 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, 
         const int8_t *xb = a->q + b * QBLOCK;
         __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
         for (int j = 0; j < QBLOCK / 2; j += 2) {
-            const __m512i v = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(p + j * TILE_ROWS));
+            const __m512i v = _mm512_loadu_si512(p + j * TILE_ROWS);
             int32_t four;
             memcpy(&four, xb + 2 * j, sizeof four);
             const __m512i xv = _mm512_set1_epi32(four);
@@ -307,7 +303,6 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows(const uint8_t *t
                                                                 int64_t k, int64_t blocksize, const uint8_t *lut,
                                                                 float unit, const qacts *a, int64_t m, float *out,
                                                                 int64_t ld) {
-    const __m512i perm = _mm512_loadu_si512(pair_order);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512i bytes[QBLOCK / 2]; /* one block: 16 column quads x (rows 0-15, rows 16-31) */
@@ -316,7 +311,7 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows(const uint8_t *t
     for (int64_t b = 0; b < k / QBLOCK; b++) {
         const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
         for (int j = 0; j < QBLOCK / 2; j += 2) {
-            const __m512i v = _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(p + j * TILE_ROWS));
+            const __m512i v = _mm512_loadu_si512(p + j * TILE_ROWS);
             bytes[j] = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
             bytes[j + 1] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
         }
@@ -370,8 +365,8 @@ static void matrix_rows(const wformat *f, const void *w, const void *scale, int6
                   f->unit, a, out + r);
 }
 
-/* The 4-bit kernels need AVX512-VNNI (every CPU with AVX512-BF16, which bitsandbytes' CPU layout
- * needs, has it), widths in whole activation blocks, and whole absmax blocks per activation block. */
+/* The 4-bit kernels need AVX512-VNNI (every CPU with AVX512-BF16, where dsmoe uses them, has it),
+ * widths in whole activation blocks, and whole absmax blocks per activation block. */
 static int shape_ok(const wformat *f, int64_t n, int64_t k) {
     if (k % QBLOCK) return 0;
     if (!f->lut) return dsmoe_native_isa() != 0;
@@ -486,7 +481,7 @@ int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const void 
     return swiglu_batch(&f, 1, hidden, &inter, x, weights, 0, NULL, NULL, out);
 }
 
-/* The same for 4-bit weights in bitsandbytes' CPU layout; lut and unit are the codebook's table (see above). */
+/* The same for 4-bit weights in the native layout; lut and unit are the codebook's table (see above). */
 int dsmoe_4bit_mlp(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, const uint16_t *x,
                    const void *gate, const void *gate_absmax, const void *up, const void *up_absmax,
                    const void *down, const void *down_absmax, uint16_t *out) {
@@ -506,7 +501,7 @@ int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t cou
     return swiglu_batch(&f, count, hidden, inters, x, weights, count, mix, out, NULL);
 }
 
-/* y [m, n] = x [m, k] bf16 @ W.T for a 4-bit weight [n, k] in bitsandbytes' CPU layout with
+/* y [m, n] = x [m, k] bf16 @ W.T for a 4-bit weight [n, k] in the native layout with
  * tile-major scales, bf16 out: one row (decode's projections) or many (prefill). Tiles are split
  * across the threads. */
 int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m, int64_t n, int64_t k,

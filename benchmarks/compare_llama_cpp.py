@@ -10,6 +10,10 @@ Steps: write the synthetic checkpoint once in the official HF layout (`dsmoe ben
 with `dsmoe quantize` to our 4/8-bit, lm_head in 8-bit as llama.cpp also quantizes it), then
 alternate `llama-bench` and `dsmoe bench` runs (2 threads each, 64-token prefill, 32-token decode)
 and report medians and the ratio dsmoe / llama.cpp. Prints a markdown table and writes JSON.
+
+28 layers at 8-bit, where the disk holds the bf16 source and one 8-bit copy but not two:
+
+    python benchmarks/compare_llama_cpp.py --llama-cpp /tmp/llamacpp --layers 28 --bits 8 --runs 3 --from-source
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
     """One GGUF and one dsmoe checkpoint per bit width, made once and reused.
 
     The bf16 HF checkpoint (33 GB at 28 layers) and the Q8_0 file Q4_0 is made from are written
-    only while something made from them is missing, so deleting them afterwards frees the disk.
+    only while something made from them is missing, so deleting them afterwards frees the disk
+    (with --from-source dsmoe loads the bf16 checkpoint itself, so it stays).
     """
     hf = work / f"hf-16b-L{args.layers}"
     src = args.llama_cpp / "src"
@@ -53,8 +58,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
     q8 = work / f"16b-L{args.layers}-Q8_0.gguf"
     ggufs = {bits: work / f"16b-L{args.layers}-{LLAMA_TYPES[bits]}.gguf" for bits in args.bits}
     missing = [path for bits in args.bits for path in (ggufs[bits], dsmoe_checkpoint(work, args, bits))
-               if not path.exists()]
-    if missing and not hf.exists():
+               if not path.exists() and path != hf]
+    if (missing or args.from_source) and not hf.exists():
         run(["dsmoe", "bench", "--synthetic", f"16b:layers={args.layers}", "--save", str(hf)])
     if any(not path.exists() for path in ggufs.values()) and not q8.exists():
         run([str(args.llama_cpp / "venv" / "bin" / "python"), "-c", CONVERT_WRAPPER, str(src), str(hf),
@@ -64,7 +69,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
             # Q4_0 from the Q8_0 file: speed depends on the format, not on rounding twice.
             run([str(bins / "llama-quantize"), "--allow-requantize", str(q8), str(ggufs[bits]), "Q4_0", "2"])
         ours = dsmoe_checkpoint(work, args, bits)
-        if not ours.exists():
+        if not args.from_source and not ours.exists():
             # Our own quantized copy of the same weights, so each run loads without re-quantizing.
             cmd = ["dsmoe", "quantize", str(hf), str(ours), "--bits", str(bits)]
             done = run(cmd + (["--quantize-lm-head"] if args.quantize_lm_head else []))
@@ -73,6 +78,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
 
 
 def dsmoe_checkpoint(work: Path, args: argparse.Namespace, bits: int) -> Path:
+    """dsmoe's quantized copy, or with --from-source the bf16 checkpoint it quantizes while loading."""
+    if args.from_source:
+        return work / f"hf-16b-L{args.layers}"
     head = "-lmhead8" if args.quantize_lm_head else ""
     return work / f"dsmoe-16b-L{args.layers}-{bits}bit{head}"
 
@@ -87,9 +95,11 @@ def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, f
     return {"prefill": prefill, "decode": decode, "peak_rss_gib": rss_kb / 2**20}
 
 
-def dsmoe_bench(checkpoint: Path, args: argparse.Namespace) -> dict[str, float]:
+def dsmoe_bench(checkpoint: Path, args: argparse.Namespace, bits: int) -> dict[str, float]:
     cmd = ["dsmoe", "bench", "--model", str(checkpoint), "--threads", "2", "--json",
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    if args.from_source:
+        cmd += ["--bits", str(bits)] + (["--quantize-lm-head"] if args.quantize_lm_head else [])
     result = json.loads(run(cmd).stdout)
     return {"prefill": result["prefill_tokens_per_s"], "decode": result["decode_tokens_per_s"],
             "peak_rss_gib": result["peak_rss_bytes"] / 2**30, "roofline": result["roofline_fraction"],
@@ -119,6 +129,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dsmoe-llama-compare"))
     parser.add_argument("--output", type=Path, default=None, help="JSON results file")
     parser.add_argument("--prepare-only", action="store_true", help="write the checkpoints and stop")
+    parser.add_argument("--from-source", action="store_true",
+                        help="dsmoe quantizes the bf16 checkpoint while loading, each run, instead of writing its "
+                             "own copy (the same weights; for when the disk cannot hold both copies)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ggufs = prepare(args, args.work)
@@ -129,7 +142,7 @@ def main() -> None:
     for bits in args.bits:
         ours, theirs = [], []
         for _ in range(args.runs):  # alternate, so drift in the machine hits both alike
-            ours.append(dsmoe_bench(dsmoe_checkpoint(args.work, args, bits), args))
+            ours.append(dsmoe_bench(dsmoe_checkpoint(args.work, args, bits), args, bits))
             theirs.append(llama_bench(bins, ggufs[bits], args))
         results[bits] = {"dsmoe": ours, "llama.cpp": theirs}
     print(f"\n16B geometry, {args.layers} layers, 2 threads, median of {args.runs} alternated runs; "

@@ -15,11 +15,12 @@ from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
-from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of
+from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of, weights_changed
 from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+ExpertRunner = Callable[[int, int, torch.Tensor], torch.Tensor]
 """Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
 
 
@@ -226,7 +227,17 @@ class MoE(nn.Module):
             else None
         )
         self.routing_observer: RoutingObserver | None = None
-        self.expert_runner: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+        self.expert_runner = None
+
+    @property
+    def expert_runner(self) -> ExpertRunner | None:
+        """Who runs the routed experts: None for the layer's own modules, else an expert store's."""
+        return self._expert_runner
+
+    @expert_runner.setter
+    def expert_runner(self, runner: ExpertRunner | None) -> None:
+        self._expert_runner = runner
+        weights_changed()  # decode plans read the layer's own experts: they must step aside or rebuild
 
     def run_expert(self, expert_idx: int, x: torch.Tensor) -> torch.Tensor:
         """One routed expert on its tokens; an expert store may take this over (``expert_runner``)."""

@@ -195,3 +195,33 @@ def test_a_hook_on_a_layer_takes_the_layer_by_layer_path(model: DeepseekForCausa
         handle.remove()
     assert seen == [6, 1, 1, 1]
     assert torch.equal(hooked, _decode_logits(model, native=True))
+    called: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: called.append(type(module).__name__))
+    try:
+        assert torch.equal(_decode_logits(model, native=True), hooked)
+    finally:
+        handle.remove()
+    assert called.count("DecoderLayer") == 4 * len(model.model.layers)  # a global hook sees every step
+
+
+def test_an_expert_runner_takes_over_from_the_plan(model: DeepseekForCausalLM) -> None:
+    _decode_logits(model, native=True)
+    moe = model.model.layers[1].mlp
+    ran: list[int] = []
+
+    def runner(layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        ran.append(layer)
+        return moe.experts[expert](x)
+
+    moe.expert_runner = runner
+    try:
+        assert torch.equal(_decode_logits(model, native=True), _decode_logits(model, native=False))
+        with torch.inference_mode():
+            cache = model.new_cache(1, 8)
+            model(torch.tensor([[5, 6]]), cache=cache)
+            ran.clear()
+            model(torch.tensor([[7]]), cache=cache)  # a decode step
+    finally:
+        moe.expert_runner = None
+    assert len(ran) == moe.gate.top_k

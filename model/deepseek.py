@@ -51,14 +51,20 @@ class RotaryEmbedding(nn.Module):
         scaling = config.rope_scaling or {}
         self.kind = scaling.get("type", scaling.get("rope_type"))
         self.factor = float(scaling.get("factor", 1.0))
+        self._inv_freq_for: tuple[float, torch.device, torch.Tensor] | None = None
 
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Kept between calls while the base stays (always, but for dynamic scaling past the
+        trained length): a decode step's Python runs on cold caches, ~10 us per PyTorch op."""
         base = self.base
         if self.kind == "dynamic" and seq_len > self.max_positions:
             ratio = self.factor * seq_len / self.max_positions - (self.factor - 1)
             base = base * ratio ** (self.dim / (self.dim - 2))
-        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-        return 1.0 / (base**exponent)
+        kept = self._inv_freq_for
+        if kept is None or kept[0] != base or kept[1] != device:
+            exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+            kept = self._inv_freq_for = (base, device, 1.0 / (base**exponent))
+        return kept[2]
 
     def forward(self, positions: torch.Tensor, total_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape [T, head_dim] for the given absolute positions."""

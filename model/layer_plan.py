@@ -11,9 +11,9 @@ is theirs, bit for bit.
 A plan is kept while nothing could have changed its weights. Replacing a module, parameter or
 buffer anywhere (torch's global registration hooks) or moving a quantized layer (``QuantLinear``)
 calls ``weights_changed``, and so does giving a MoE layer an expert store; a plan also checks its
-layer's hooks and the addresses of its norm and router weights before each token. Changing a quantized weight in place is seen (the
-kernels read it); giving one new storage with ``.data = ...`` is not, and the plan keeps the old
-storage alive so it never reads freed memory.
+layer's hooks and the addresses of its norm and router weights before each token. Changing a
+quantized weight in place is seen (the kernels read it); giving one new storage with
+``.data = ...`` is not, and the plan keeps the old storage alive so it never reads freed memory.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, 
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
-ExpertRunner = Callable[[int, int, torch.Tensor], torch.Tensor]
 """Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
+ExpertRunner = Callable[[int, int, torch.Tensor], torch.Tensor]
+"""Called as ``runner(layer_idx, expert_idx, x)`` for one routed expert's output on its tokens."""
 
 
 class RMSNorm(nn.Module):

@@ -258,14 +258,10 @@ class MoE(nn.Module):
         ids, weights = self.gate(flat)
         if self.routing_observer is not None:
             self.routing_observer(self.layer_idx, ids, weights)
-        return self.combine(flat, ids, weights).view(shape)
-
-    def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The chosen experts' weighted sum plus the shared experts, for tokens x [N, hidden] already routed."""
-        out = self.route(x, ids, weights)
+        out = self.route(flat, ids, weights)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Group tokens by expert and run each chosen expert once, in ascending expert order."""

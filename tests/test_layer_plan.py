@@ -11,6 +11,7 @@ import torch
 from dsmoe import load
 from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.model import layer_plan
+from dsmoe.model.layer_plan import LayerPlan
 from dsmoe.model.deepseek import DecoderLayer, DeepseekForCausalLM, MoE
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
@@ -28,6 +29,11 @@ def model(request) -> DeepseekForCausalLM:  # type: ignore[no-untyped-def]
     _native_or_skip(request.param)
     loaded, _ = load(DEMO_MODEL_PATH, bits=request.param)
     return loaded
+
+
+def _plan_of(layer: DecoderLayer) -> LayerPlan | None:
+    """The layer's decode plan for a bf16 token (the probe's shape and dtype are all that matter)."""
+    return layer.decode_plan(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
 
 
 def _module_path(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, cache) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -48,7 +54,7 @@ def test_each_layer_gives_the_module_paths_bits(model: DeepseekForCausalLM) -> N
         model(prompt, cache=planned), model(prompt, cache=moduled)
         pos = planned.length
         for i, layer in enumerate(model.model.layers):
-            assert layer.decode_plan(torch.zeros(1, 1, 1, dtype=torch.bfloat16)) is not None
+            assert _plan_of(layer) is not None
             x, cos, sin = _step_inputs(model, pos, seed=i)
             got = layer(x, cos, sin, pos, planned)
             want = _module_path(layer, x, cos, sin, pos, moduled)
@@ -79,7 +85,7 @@ def test_generation_and_routing_are_the_module_paths(model: DeepseekForCausalLM,
 def _assert_new_plan_gives_module_bits(model: DeepseekForCausalLM, layer: DecoderLayer, old_plan: object,
                                        seed: int) -> None:
     """After a weight change: the layer has rebuilt its plan, and the plan gives the module path's bits."""
-    plan = layer.decode_plan(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
+    plan = _plan_of(layer)
     assert plan is not None and plan is not old_plan
     with torch.inference_mode():
         planned, moduled = model.new_cache(1, 4), model.new_cache(1, 4)
@@ -89,9 +95,8 @@ def _assert_new_plan_gives_module_bits(model: DeepseekForCausalLM, layer: Decode
 
 def test_a_replaced_weight_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
     layer = model.model.layers[1]
-    probe = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
-    first = layer.decode_plan(probe)
-    assert first is not None and layer.decode_plan(probe) is first
+    first = _plan_of(layer)
+    assert first is not None and _plan_of(layer) is first
     old = layer.self_attn.o_proj
     spec = QuantSpec(bits=4) if old.__class__.__name__ == "Linear4bit" else INT8
     layer.self_attn.o_proj = quantize_linear(old.dequantized() * 0.5, spec, torch.bfloat16)
@@ -104,8 +109,7 @@ def test_a_replaced_weight_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
 def test_a_norm_given_new_storage_makes_a_new_plan(model: DeepseekForCausalLM) -> None:
     """``param.data = ...`` keeps the Parameter but frees the storage the plan pointed at."""
     layer = model.model.layers[2]
-    probe = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
-    first = layer.decode_plan(probe)
+    first = _plan_of(layer)
     norm = layer.post_attention_layernorm
     old = norm.weight.data
     norm.weight.data = old.clone() * 2
@@ -117,15 +121,14 @@ def test_a_norm_given_new_storage_makes_a_new_plan(model: DeepseekForCausalLM) -
 
 def test_hooks_and_unquantized_layers_take_the_module_path(model: DeepseekForCausalLM) -> None:
     layer = model.model.layers[1]
-    probe = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
     handle = layer.mlp.register_forward_hook(lambda module, args, out: None)
     try:
-        assert layer.decode_plan(probe) is None
+        assert _plan_of(layer) is None
     finally:
         handle.remove()
-    assert layer.decode_plan(probe) is not None
+    assert _plan_of(layer) is not None
     bf16, _ = load(DEMO_MODEL_PATH, dtype=torch.bfloat16)
-    assert bf16.model.layers[1].decode_plan(probe) is None
+    assert _plan_of(bf16.model.layers[1]) is None
 
 
 def _decode_logits(model: DeepseekForCausalLM, native: bool, steps: int = 3) -> torch.Tensor:
@@ -155,7 +158,7 @@ def test_a_decode_step_is_one_native_call_on_the_same_plan(model: DeepseekForCau
 
 def test_replaced_experts_make_a_new_plan(model: DeepseekForCausalLM) -> None:
     moe = model.model.layers[1].mlp
-    first = model.model.layers[1].decode_plan(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
+    first = _plan_of(model.model.layers[1])
     old = [expert.down_proj for expert in moe.experts]
     spec = QuantSpec(bits=4) if old[0].__class__.__name__ == "Linear4bit" else INT8
     before = _decode_logits(model, native=True)

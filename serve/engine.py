@@ -99,6 +99,9 @@ class Engine:
         self.cached_ids: list[int] = []
         self._history_text = ""
         self._history_ids: list[int] = []
+        self._scores: list[TokenLogprob] = []  # the last echo request's prompt entries, for its prefix
+        self._scored_ids: list[int] = []
+        self._scored_top = 0
 
     # ------------------------------------------------------------------ preparing (request thread)
 
@@ -146,8 +149,7 @@ class Engine:
             prompt = self._chat_ids(job.messages, prompt, job.settings.max_new_tokens)
         prompt_logprobs = None
         if job.echo and job.logprobs is not None:
-            prompt_logprobs = self._score_prompt(prompt, job.logprobs)
-            reused = 0
+            prompt_logprobs, reused = self._score_prompt(prompt, job.logprobs)
         else:
             reused = common_prefix(self.cached_ids, prompt)
             self.cache.truncate(reused)
@@ -213,22 +215,33 @@ class Engine:
         self._history_text = text if self._history_ids else ""
 
     @torch.inference_mode()
-    def _score_prompt(self, prompt: list[int], top: int) -> list[TokenLogprob]:
-        """Every prompt token's log-probability from one forward pass, which also fills the cache."""
-        self.cache.truncate(0)
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+    def _score_prompt(self, prompt: list[int], top: int) -> tuple[list[TokenLogprob], int]:
+        """Every prompt token's log-probability, and how many positions came from the cache (which then holds the prompt).
+
+        Token i's entry depends on the tokens before it only, so entries of a prefix scored by the
+        last echo request are kept: lm-eval's choices of one question differ in their last tokens,
+        and only those are computed again.
+        """
+        known = common_prefix(self._scored_ids, prompt) if top == self._scored_top else 0
+        known = min(known, common_prefix(self.cached_ids, prompt) + 1, len(prompt) - 1)
+        start = max(known - 1, 0)  # token i's log-probability comes from the logits at position i - 1
+        self.cache.truncate(start)
+        ids = torch.tensor([prompt[start:]], dtype=torch.long, device=self.model.device)
         logits = self.model(ids, cache=self.cache)[0]
         self.cached_ids = list(prompt)
-        entries = [TokenLogprob(self._token(prompt[0]), None, None)]
-        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-        chosen = logprobs.gather(-1, torch.tensor(prompt[1:], device=logprobs.device)[:, None])[:, 0].tolist()
-        tops = torch.topk(logprobs, max(top, 1), dim=-1) if top else None
-        for i, token in enumerate(prompt[1:]):
+        entries = self._scores[:known] or [TokenLogprob(self._token(prompt[0]), None, None)]
+        first = len(entries)
+        logprobs = torch.log_softmax(logits[first - 1 - start:-1].float(), dim=-1)
+        targets = torch.tensor(prompt[first:], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+        tops = torch.topk(logprobs, top, dim=-1) if top else None
+        for i, token in enumerate(prompt[first:]):
             alternatives = None
             if tops is not None:
                 alternatives = {self._token(int(t)): float(v) for t, v in zip(tops.indices[i], tops.values[i])}
             entries.append(TokenLogprob(self._token(token), chosen[i], alternatives))
-        return entries
+        self._scores, self._scored_ids, self._scored_top = entries, list(prompt), top
+        return list(entries), start
 
     def _entry(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)

@@ -38,7 +38,7 @@ TINY = SHARED / "fixtures" / "tiny-deepseek"
 DATA = SHARED / "evaldata"
 DSMOE = Path(sys.executable).with_name("dsmoe")
 START_TIMEOUT = 120  # the shared test machine can be slow to start torch
-CONTEXT = 512  # the tiny fixture's max_position_embeddings: the server's default context
+CONTEXT = 256  # the module server's --ctx-size (the tiny fixture has 512 positions): half the work for lm-eval
 
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
@@ -81,7 +81,8 @@ class CliServer:
 @pytest.fixture(scope="module")
 def server() -> Iterator[CliServer]:
     # One thread: on a shared two-core machine a second one mostly waits at OpenMP's barriers.
-    running = CliServer("--model", str(TINY), "--dtype", "fp32", "--max-queue", "32", "--threads", "1")
+    running = CliServer("--model", str(TINY), "--dtype", "fp32", "--max-queue", "32", "--threads", "1",
+                        "--ctx-size", str(CONTEXT))
     yield running
     running.stop()
 
@@ -139,20 +140,26 @@ def test_streamed_chat_assembles_to_the_non_streamed_reply(server):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it really streamed
 
 
-def test_completion_echo_logprobs_are_the_models(server, tiny):
+@pytest.mark.parametrize("top", [1, 3])
+def test_completion_echo_logprobs_are_the_models(server, tiny, top):
     model, tokenizer = tiny
-    prompt = "The capital of France is Paris."
-    out = _client(server.url).completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
-    (choice,) = out.choices
-    ids = tokenizer.encode(prompt)
-    direct = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)  # one plain forward pass, no cache
-    got = choice.logprobs.token_logprobs
-    assert choice.text == prompt and len(got) == len(ids) and got[0] is None
-    for i in range(1, len(ids)):
-        assert got[i] == pytest.approx(float(direct[i - 1, ids[i]]), abs=1e-4)
-        (best,) = choice.logprobs.top_logprobs[i].values()
-        assert best == pytest.approx(float(direct[i - 1].max()), abs=1e-4)
-    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 0
+    # The second prompt shares the first's start: the server reuses what it scored, and must still be exact.
+    for prompt in ("The capital of France is Paris.", "The capital of France is Rome, not Paris."):
+        out = _client(server.url).completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                                     logprobs=top)
+        (choice,) = out.choices
+        ids = tokenizer.encode(prompt)
+        direct = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)  # one plain forward pass, no cache
+        got = choice.logprobs.token_logprobs
+        assert choice.text == prompt and len(got) == len(ids) and got[0] is None
+        for i in range(1, len(ids)):
+            assert got[i] == pytest.approx(float(direct[i - 1, ids[i]]), abs=1e-4)
+            # A dict keyed by token text: two ids that decode alike (an unfinished UTF-8 byte) share one key.
+            best = sorted(choice.logprobs.top_logprobs[i].values(), reverse=True)
+            expected = direct[i - 1].topk(top).values.tolist()
+            assert best[0] == pytest.approx(expected[0], abs=1e-4) and 1 <= len(best) <= top
+            assert all(any(abs(b - e) < 1e-4 for e in expected) for b in best)
+        assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 0
 
 
 def test_completion_from_token_ids_greedy_equals_the_model(server, tiny):
@@ -215,7 +222,8 @@ def test_lm_eval_local_completions_scores_mmlu_as_dsmoe_eval_does(server, tiny):
 
     Its windows are one token shorter than its max_length (one is kept for the token it asks
     for), and ours one longer than max_length (the last token is predicted, not fed): the pair
-    max_length=512 for it and 510 for ours reads the very same tokens, and fits the context.
+    max_length=CONTEXT for it and CONTEXT - 2 for ours reads the very same tokens, and fits the context.
+    It sends 16 prompts per request, as a list of token lists.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.openai_completions import LocalCompletionsAPI
@@ -231,7 +239,7 @@ def test_lm_eval_local_completions_scores_mmlu_as_dsmoe_eval_does(server, tiny):
     ours = run(DsmoeLM(model=model, tokenizer=tokenizer, max_length=CONTEXT - 2), settings, rows, manager)
     peer_model = LocalCompletionsAPI(
         model="tiny", base_url=f"{server.url}/v1/completions", tokenizer=str(TINY), tokenizer_backend="huggingface",
-        add_bos_token=True, max_length=CONTEXT, max_retries=1,
+        add_bos_token=True, max_length=CONTEXT, max_retries=1, batch_size=16,
     )
     peer = simple_evaluate(model=peer_model, tasks=[r.built for r in rows], limit=2, log_samples=True,
                            bootstrap_iters=0, task_manager=manager)
@@ -276,7 +284,7 @@ def test_sixteen_concurrent_streams_all_get_their_own_answer(server, tiny):
 
 CLIENT = """
 import sys, httpx
-body = {"prompt": "Once", "max_tokens": 500, "temperature": 0, "stream": True}
+body = {"prompt": "Once", "max_tokens": 250, "temperature": 0, "stream": True}
 with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=120) as response:
     for line in response.iter_lines():
         if line.startswith("data: "):
@@ -295,7 +303,7 @@ def test_a_killed_client_frees_the_server_within_a_second(server):
         client.wait()
     killed = time.perf_counter()
     out = nxt.post("/v1/completions", json={"prompt": "Next", "max_tokens": 1})
-    # Had it run on, the 500-token generation would hold the worker for many seconds.
+    # Had it run on, the 250-token generation would hold the worker for seconds.
     assert time.perf_counter() - killed < 1.0, "".join(server.err[-3:])
     assert out.json()["choices"][0]["finish_reason"] == "length"
     assert _metric(server.url, "dsmoe_requests_total", endpoint="/v1/completions", status="499") >= 1
@@ -345,23 +353,6 @@ def test_a_full_queue_answers_429_and_shutdown_ends_what_is_in_flight(tiny):
     _assert_error_shape(waiting["body"], "shutting down")
 
 
-def test_sigterm_stops_the_server_and_releases_the_port():
-    demo = CliServer("--threads", "1")
-    lines: list[str] = []
-    body = {"prompt": "a", "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", f"{demo.url}/v1/completions", json=body, timeout=60) as response:
-        for line in response.iter_lines():
-            if not lines and line.startswith("data: "):
-                demo.proc.send_signal(signal.SIGTERM)
-            if line:
-                lines.append(line)
-    code = demo.stop()
-    assert code in (0, -signal.SIGTERM), "".join(demo.err)
-    assert "data: [DONE]" not in lines and "shutting down" in lines[-1]
-    with socket.create_server(("127.0.0.1", demo.port)):
-        pass  # the port is free again
-
-
 # ---------------------------------------------------------------------- errors
 
 
@@ -379,7 +370,7 @@ def _assert_error_shape(body: dict, fragment: str) -> None:
     ("/v1/chat/completions", b'{"messages": "hi"}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', 400, "role"),
     ("/v1/completions", json.dumps({"prompt": "word " * 600}).encode(), 400, "context"),
-    ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000}', 400, "exceeds the context of 512"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000}', 400, f"exceeds the context of {CONTEXT}"),
     ("/v1/completions", b'{"prompt": [1, 2, 99999]}', 400, "vocabulary"),
     ("/v1/completions", b'{"prompt": "x", "n": 2}', 400, "n=1"),
     ("/v1/completions", b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
@@ -459,3 +450,23 @@ def test_metrics_show_the_expert_cache(tiny):
         server.stop()
     stats = store_of(model).stats
     assert (hits, misses) == (stats.hits(), stats.misses()) and misses > 0
+
+
+# ---------------------------------------------------------------------- last: stopping the module's server
+
+
+def test_sigterm_stops_the_server_and_releases_the_port(server):
+    """Runs last in this file: it stops the module's server (the fixture's own stop then finds it gone)."""
+    lines: list[str] = []
+    body = {"prompt": "a", "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if not lines and line.startswith("data: "):
+                server.proc.send_signal(signal.SIGTERM)
+            if line:
+                lines.append(line)
+    code = server.stop()
+    assert code in (0, -signal.SIGTERM), "".join(server.err)
+    assert "data: [DONE]" not in lines and "shutting down" in lines[-1]
+    with socket.create_server(("127.0.0.1", server.port)):
+        pass  # the port is free again

@@ -292,8 +292,6 @@ def create_app(worker: Worker, options: ServerOptions, metrics: Metrics) -> Fast
 
     def _log(rid: str, request: Request, job: Job, done: list[Finished], status: int) -> None:
         metrics.requests.labels(request.url.path, str(status)).inc()
-        for end in done:
-            metrics.finished(end)
         prompt = sum(d.prompt_tokens for d in done)
         reused = sum(d.reused_tokens for d in done)
         new = sum(d.completion_tokens for d in done)

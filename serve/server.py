@@ -77,8 +77,8 @@ class Server:
         on_listening: Callable[[str, int], None] = lambda host, port: None,
     ) -> None:
         engine = Engine(model, tokenizer, context=context, default_max_tokens=default_max_tokens)
-        self.worker = Worker(engine, max_queue)
         metrics = Metrics(lambda: self.worker.depth, lambda: int(self.worker.running is not None), store)
+        self.worker = Worker(engine, max_queue, on_finished=metrics.finished)
         app = create_app(self.worker, ServerOptions(model_name=model_name, api_key=api_key), metrics)
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)

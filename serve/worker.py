@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -65,9 +66,12 @@ class Job:
 class Worker:
     """Runs jobs one at a time; at most ``max_queue`` wait behind the running one."""
 
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int,
+                 on_finished: Callable[[Finished], None] = lambda done: None) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        self.on_finished = on_finished
+        """Called for every generation that ends, cancelled ones too: the work was done either way."""
         self.running: Job | None = None
         self.closed = False
         self._waiting: deque[Job] = deque()
@@ -140,8 +144,10 @@ class Worker:
             for index, generation in enumerate(job.generations):
                 for event in self.engine.run(index, generation, job.stopping):
                     job.emit(event)
-                    if isinstance(event, Finished) and event.finish_reason == "cancelled":
-                        return
+                    if isinstance(event, Finished):
+                        self.on_finished(event)
+                        if event.finish_reason == "cancelled":
+                            return
         except ApiError as exc:
             job.emit(Failed(exc))
         except DsmoeError as exc:

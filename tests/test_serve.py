@@ -295,6 +295,7 @@ with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=12
 def test_a_killed_client_frees_the_server_within_a_second(server):
     nxt = httpx.Client(base_url=server.url, timeout=60)
     nxt.get("/health")  # connected before the clock starts
+    generated = _metric(server.url, "dsmoe_completion_tokens_total")
     client = subprocess.Popen([sys.executable, "-c", CLIENT, server.url], stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "streaming"
@@ -307,6 +308,8 @@ def test_a_killed_client_frees_the_server_within_a_second(server):
     assert time.perf_counter() - killed < 1.0, "".join(server.err[-3:])
     assert out.json()["choices"][0]["finish_reason"] == "length"
     assert _metric(server.url, "dsmoe_requests_total", endpoint="/v1/completions", status="499") >= 1
+    # What the worker decoded for the killed client, cancelled generations included: a few, not 250.
+    assert _metric(server.url, "dsmoe_completion_tokens_total") - generated - 1 < 125
 
 
 @pytest.mark.threads(1)

@@ -130,7 +130,8 @@ def create_app(worker: Worker, options: ServerOptions, metrics: Metrics) -> Fast
     def _settings(body: ChatRequest | CompletionRequest, prompt_tokens: int, limit: int | None) -> Any:
         max_new = engine.max_new_tokens(prompt_tokens, limit)
         try:
-            return engine.sampling(max_new, body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed)
+            return engine.sampling(max_new, body.temperature, body.top_p, body.top_k, body.repetition_penalty,
+                                   body.seed, ignore_eos=body.ignore_eos)
         except DsmoeError as exc:
             raise ApiError(400, str(exc)) from None
 

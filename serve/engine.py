@@ -135,9 +135,10 @@ class Engine:
         return requested
 
     def sampling(self, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                 repetition_penalty: float, seed: int | None) -> SamplingSettings:
+                 repetition_penalty: float, seed: int | None, ignore_eos: bool = False) -> SamplingSettings:
         return SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed, stop_ids=self.stop_ids)
+                                repetition_penalty=repetition_penalty, seed=seed,
+                                stop_ids=[] if ignore_eos else self.stop_ids)
 
     # ------------------------------------------------------------------ running (worker thread)
 

@@ -50,6 +50,8 @@ class _Request(BaseModel):
     stream_options: dict[str, object] | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    ignore_eos: bool = False
+    """llama-server's and vLLM's extension: decode all of max_tokens (benchmarks want a fixed length)."""
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

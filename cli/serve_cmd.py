@@ -46,6 +46,7 @@ def serve_command(
     Requests are answered one at a time in the order they came; Ctrl-C or SIGTERM stops the server.
     """
     from dsmoe.serve import Server, check_exposure
+    from dsmoe.serve.server import is_loopback
 
     check_exposure(host, api_key, insecure_no_key)
     for flag, value, least in (("--max-queue", max_queue, 0), ("--max-new-tokens", max_new_tokens, 0),
@@ -63,7 +64,7 @@ def serve_command(
         err_console.print(plan_table(store.plan))
     _log_to_stderr()
     name = model or "dsmoe-demo"
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving {escape(host)} without an API key (--insecure-no-key)")
 
     def listening(bound_host: str, bound_port: int) -> None:

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from dsmoe.cli import bench_cmd, chat_cmd, eval_cmd, generate_cmd, info_cmd, quantize_cmd, simulate_cmd  # noqa: F401  (registers the commands)
+from dsmoe.cli import serve_cmd  # noqa: F401  (registers the command)
 from dsmoe.cli.app import app
 from dsmoe.cli.common import err_console, set_debug
 

@@ -88,6 +88,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def encode_after(tokenizer: "Tokenizer", text: str, history_text: str, history_ids: list[int]) -> list[int]:
+    """The ids of a rendered conversation, reusing ``history_ids`` where ``text`` extends ``history_text``."""
+    if history_ids and text.startswith(history_text):
+        return history_ids + tokenizer.encode(text[len(history_text):], add_bos=False)
+    return tokenizer.encode(text, add_bos=False)
+
+
+def ids_spelling(tokenizer: "Tokenizer", ids: list[int], text: str) -> list[int]:
+    """``ids`` (or ``ids`` plus eos, for a reply cut before it) if they decode to exactly ``text``, else []."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for candidate in (ids, ids + eos):
+        if tokenizer.decode(candidate, skip_special_tokens=False) == text:
+            return candidate
+    return []
+
+
 def rss_bytes() -> int:
     """Resident memory of this process: what the machine is really giving the model."""
     return int(psutil.Process().memory_info().rss)
@@ -271,9 +287,7 @@ class ChatSession:
     def _encode(self) -> list[int]:
         """The prompt ids for the conversation plus a generation prompt, reusing the history's ids."""
         text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True)
-        if self._history_ids and text.startswith(self._history_text):
-            return self._history_ids + self.tokenizer.encode(text[len(self._history_text):], add_bos=False)
-        return self.tokenizer.encode(text, add_bos=False)
+        return encode_after(self.tokenizer, text, self._history_text, self._history_ids)
 
     def _drop_oldest_turn(self) -> None:
         """Drop the first user message and the replies that follow it."""
@@ -299,12 +313,8 @@ class ChatSession:
         so that is tried too. Otherwise the next prompt is encoded from text alone.
         """
         text = self.tokenizer.render_chat(self.messages, add_generation_prompt=False)
-        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
-        for candidate in (ids, ids + eos):
-            if self.tokenizer.decode(candidate, skip_special_tokens=False) == text:
-                self._history_ids, self._history_text = candidate, text
-                return
-        self._history_ids, self._history_text = [], ""
+        self._history_ids = ids_spelling(self.tokenizer, ids, text)
+        self._history_text = text if self._history_ids else ""
 
     def reset(self) -> None:
         """Forget every turn (the system prompt stays) and empty the cache."""

@@ -74,7 +74,6 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-@torch.inference_mode()
 def generate_ids(
     model: "DeepseekForCausalLM",
     prompt_ids: list[int],
@@ -86,6 +85,22 @@ def generate_ids(
     With a ``cache`` that already holds a prefix of ``prompt_ids``, only the rest is prefilled:
     a chat keeps its cache across turns this way.
     """
+    steps = generate_steps(model, prompt_ids, settings, cache)
+    try:
+        for token, _ in steps:
+            yield token
+    finally:
+        steps.close()
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: "DeepseekForCausalLM",
+    prompt_ids: list[int],
+    settings: SamplingSettings,
+    cache: KVCache | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``generate_ids`` with the logits each token was chosen from (a server's ``logprobs``)."""
     if not prompt_ids:
         raise UsageError("the prompt is empty")
     if settings.max_new_tokens == 0:
@@ -102,7 +117,7 @@ def generate_ids(
         logits = model(pending, cache=cache, last_only=True)[0, -1]
         token = sampler(logits, history)
         history.append(token)
-        yield token
+        yield token, logits
         if token in settings.stop_ids:
             return
         pending = torch.tensor([[token]], dtype=torch.long, device=device)

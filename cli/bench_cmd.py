@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -14,7 +13,10 @@ from rich.table import Table
 from dsmoe.bench.runner import BenchResult, measure_bandwidth, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
-from dsmoe.cli.common import DtypeOption, QuantTypeOption, console, default_model, err_console, guarded
+from dsmoe.cli.common import (
+    DtypeOption, QuantTypeOption, ThreadsOption, check_bits, console, default_model, err_console, guarded, human_bytes,
+    use_threads,
+)
 from dsmoe.cli.offload_view import (
     ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
 )
@@ -37,9 +39,9 @@ def _render(result: BenchResult) -> None:
         (f"prefill ({result.prompt_tokens} tokens)", f"{result.prefill_tokens_per_s:.1f} tok/s"),
         (f"decode ({result.new_tokens} tokens)", f"{result.decode_tokens_per_s:.2f} tok/s"),
         ("time to first token", f"{result.time_to_first_token_s * 1000:.0f} ms"),
-        ("peak RSS", f"{result.peak_rss_bytes / 2**30:.2f} GiB"),
-        ("weight bytes per token", f"{result.bytes_per_token / 1e9:.3f} GB"),
-        ("memory bandwidth (measured)", f"{result.bandwidth_bytes_per_s / 1e9:.1f} GB/s"),
+        ("peak RSS", human_bytes(result.peak_rss_bytes)),
+        ("weight bytes per token", human_bytes(result.bytes_per_token)),
+        ("memory bandwidth (measured)", f"{human_bytes(result.bandwidth_bytes_per_s)}/s"),
         ("roofline fraction", f"{result.roofline_fraction:.1%}"),
         ("expert-cache hit rate", hit),
         ("native decode kernels", result.native_kernels),
@@ -61,12 +63,14 @@ def _save_synthetic(checkpoint: SyntheticCheckpoint, dst: Path) -> None:
 def bench(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or repo id (default: the demo model)."),
     synthetic: str = typer.Option(None, "--synthetic", help="Random weights at a real geometry: 16b or 16b:layers=N."),
-    bits: int = typer.Option(None, "--bits", help="4, 8 or 16 (bf16; default, or the stored format of a quantized checkpoint)."),
+    bits: int = typer.Option(None, "--bits", callback=lambda value: check_bits(value),
+                             help="4, 8 or 16 (bf16; default, or the stored format of a quantized checkpoint)."),
     quant_type: str = QuantTypeOption,
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit too."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
-    new_tokens: int = typer.Option(32, "--new-tokens", min=2),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's choice)."),
+    new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=2, help="Tokens to decode."),
+    old_new_tokens: int = typer.Option(None, "--new-tokens", min=2, hidden=True),  # the name before -n
+    threads: int = ThreadsOption,
     seed: int = typer.Option(0, "--seed"),
     dtype: str = DtypeOption,
     save: Path = typer.Option(None, "--save", help="With --synthetic: write the weights as a bf16 HF checkpoint and exit."),
@@ -78,12 +82,10 @@ def bench(
     prefetch: bool = PrefetchOption,
 ) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and roofline fraction."""
-    if bits is not None and bits not in (4, 8, 16):
-        raise UsageError(f"--bits must be 4, 8 or 16, got {bits}")
     if model and synthetic:
         raise UsageError("give --model or --synthetic, not both")
-    if threads:
-        torch.set_num_threads(threads)
+    new_tokens = old_new_tokens or new_tokens
+    use_threads(threads)
     source = SyntheticCheckpoint(synthetic, seed=seed) if synthetic else open_checkpoint(model or default_model())
     if save is not None:
         if not synthetic:

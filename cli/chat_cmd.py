@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded, is_interactive,
+    BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, TemperatureOption, ThreadsOption, console,
+    err_console, guarded, is_interactive, max_new_tokens_option, use_threads,
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import (
@@ -53,6 +55,19 @@ def _size(n: int) -> str:
     return f"{value:.1f} GiB"
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _kv_note(context: int, cached: int) -> str:
+    """Why the KV cache and the conversation differ in length, when they do."""
+    if cached < context:
+        return f" ({_count(context - cached, 'token')} of the conversation go in with the next message)"
+    if cached > context:
+        return " (the next message reuses only the part that still matches)"
+    return ""
+
+
 def _hit_rate(rate: float | None) -> str:
     return "cache n/a" if rate is None else f"cache {rate:.0%} hits"
 
@@ -78,10 +93,12 @@ def _stats_table(stats: SessionStats) -> Table:
     rows = [
         ("turns", str(stats.turns)),
         ("context", f"{stats.context_tokens} / {stats.context_limit} tokens"),
-        ("KV cache", f"{stats.cached_tokens} tokens, {_size(stats.kv_cache_bytes)}"),
-        ("generated", f"{stats.generated_tokens} tokens in {stats.replies} replies"),
+        ("KV cache", f"{_count(stats.cached_tokens, 'token')}, {_size(stats.kv_cache_bytes)}"
+                     + _kv_note(stats.context_tokens, stats.cached_tokens)),
+        ("generated", f"{_count(stats.generated_tokens, 'token')} in {_count(stats.replies, 'reply', 'replies')}"),
         ("sampling", f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, "
-                     f"repetition_penalty {s.repetition_penalty}, max_new_tokens {s.max_new_tokens}"),
+                     f"repetition_penalty {s.repetition_penalty}, max_new_tokens {s.max_new_tokens}, "
+                     f"seed {'random' if s.seed is None else s.seed}"),
         ("experts", _hit_rate(stats.cache_hit_rate)),
         ("memory", f"RSS {_size(stats.rss_bytes)}"),
     ]
@@ -90,7 +107,16 @@ def _stats_table(stats: SessionStats) -> Table:
     return table
 
 
-def _stream(reply: Reply, decorated: bool) -> None:
+def cut_off_notice(reply: Reply, limit: int) -> str | None:
+    """What to say when the reply stopped at its token limit rather than at its end."""
+    if reply.stats is None or not reply.stats.cut_off:
+        return None
+    if reply.stats.new_tokens >= limit:
+        return f"[cut off at max_new_tokens = {limit}; /set max_new_tokens N for longer replies]"
+    return f"[cut off: the context is full at {reply.stats.prompt_tokens + reply.stats.new_tokens} tokens]"
+
+
+def _stream(reply: Reply, decorated: bool, limit: int) -> None:
     """Print the reply as it comes; Ctrl-C ends it early and the session goes on."""
     try:
         for piece in reply:
@@ -100,9 +126,16 @@ def _stream(reply: Reply, decorated: bool) -> None:
     finally:
         reply.close()
     console.out("")
-    if decorated and reply.stats is not None:
+    cut = cut_off_notice(reply, limit)
+    if not decorated:
+        if cut:
+            err_console.print(cut, markup=False, highlight=False, soft_wrap=True)
+        return
+    if reply.stats is not None:
         if reply.stats.interrupted:
             console.print("[yellow]interrupted[/] [dim](the partial reply is kept)[/]")
+        if cut:
+            console.print(f"[yellow]{escape(cut)}[/]", soft_wrap=True)
         console.print(f"[dim]{stats_line(reply.stats)}[/]")
 
 
@@ -113,34 +146,34 @@ def _dropped_notice(reply: Reply) -> str | None:
     return f"context nearly full: dropped the {reply.dropped_turns} oldest {turns}"
 
 
-def _command(session: ChatSession, line: str) -> bool:
-    """Run one slash command; False means leave."""
+def _command(session: ChatSession, line: str, out: Console = console) -> bool:
+    """Run one slash command, printing to ``out``; False means leave."""
     name, _, rest = line[1:].strip().partition(" ")
     arg = rest.strip()
     if name in ("exit", "quit"):
         return False
     if name == "help":
-        console.print(HELP.format(settings=", ".join(SETTABLE)), soft_wrap=True)
+        out.print(HELP.format(settings=", ".join(SETTABLE)), soft_wrap=True)
     elif name == "reset":
         session.reset()
-        console.print("[dim]conversation cleared[/]")
+        out.print("[dim]conversation cleared[/]")
     elif name == "stats":
-        console.print(_stats_table(session.stats()))
+        out.print(_stats_table(session.stats()))
     elif name in ("save", "load"):
         if not arg:
             raise UsageError(f"/{name} needs a file name")
         if name == "save":
             path = session.save(arg)
-            console.print(f"[dim]saved {len(session.messages)} messages to {escape(str(path))}[/]")
+            out.print(f"[dim]saved {len(session.messages)} messages to {escape(str(path))}[/]")
         else:
             count = session.load(arg)
-            console.print(f"[dim]loaded {count} messages from {escape(str(Path(arg).expanduser()))}[/]")
+            out.print(f"[dim]loaded {count} messages from {escape(str(Path(arg).expanduser()))}[/]")
     elif name == "set":
         key, _, value = arg.partition(" ")
         if not key or not value.strip():
             raise UsageError(f"usage: /set NAME VALUE (NAME: {', '.join(SETTABLE)})")
         session.set(key, value.strip())
-        console.print(f"[dim]{escape(key)} = {getattr(session.settings, key)}[/]")
+        out.print(f"[dim]{escape(key)} = {getattr(session.settings, key)}[/]")
     else:
         raise UsageError(f"unknown command /{name} (/help lists them)")
     return True
@@ -184,19 +217,30 @@ def _interactive(session: ChatSession, name: str) -> None:
         notice = _dropped_notice(reply)
         if notice:
             console.print(f"[yellow]{notice}[/]")
-        _stream(reply, decorated=True)
+        _stream(reply, decorated=True, limit=session.settings.max_new_tokens)
 
 
-def _plain(session: ChatSession, messages: Iterable[str]) -> None:
-    """Piped input: each message gets its reply as bare text, notices go to stderr."""
+def _plain(session: ChatSession, messages: Iterable[str], commands: bool = True) -> bool:
+    """Piped input: each message gets its reply as bare text; slash commands run as at the
+    terminal (their output and every notice on stderr). False when a command failed."""
+    ok = True
     for text in messages:
         if not text.strip():
+            continue
+        if commands and text.startswith("/"):
+            try:
+                if not _command(session, text, out=err_console):
+                    break
+            except DsmoeError as exc:
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                ok = False
             continue
         reply = session.ask(text)
         notice = _dropped_notice(reply)
         if notice:
             err_console.print(notice)
-        _stream(reply, decorated=False)
+        _stream(reply, decorated=False, limit=session.settings.max_new_tokens)
+    return ok
 
 
 @app.command("chat")
@@ -205,12 +249,14 @@ def chat(
     model: str = ModelOption,
     system: str = typer.Option(None, "--system", "-s", help="A system prompt that opens the conversation."),
     single: bool = typer.Option(False, "--single", help="Piped input: the whole input is one message (default: one per line)."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Most tokens per reply."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy."),
+    max_new_tokens: int = max_new_tokens_option(512),
+    temperature: float = TemperatureOption,
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest (0: all)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+    ctx_size: int = CtxSizeOption,
+    threads: int = ThreadsOption,
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
@@ -229,6 +275,7 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, seed=seed,
     )
+    use_threads(threads)
     offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
     loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
     if tokenizer is None:
@@ -236,11 +283,11 @@ def chat(
     store = store_of(loaded)
     if store is not None and is_interactive():
         err_console.print(plan_table(store.plan))
-    session = ChatSession(loaded, tokenizer, settings, system=system,
+    session = ChatSession(loaded, tokenizer, settings, system=system, context_limit=ctx_size,
                           cache_stats=(lambda: store.stats.hit_rate()) if store is not None else None)
     if is_interactive():
         _interactive(session, model or "the demo model")
     elif single:
-        _plain(session, [sys.stdin.read()])
-    else:
-        _plain(session, (line.rstrip("\n") for line in sys.stdin))
+        _plain(session, [sys.stdin.read()], commands=False)
+    elif not _plain(session, (line.rstrip("\n") for line in sys.stdin)):
+        raise typer.Exit(1)

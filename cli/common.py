@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Any, Callable, TypeVar
+import time
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 
-from dsmoe.errors import DsmoeError
+from dsmoe.errors import DsmoeError, UsageError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+# Piped or redirected stdout gets lines as long as they need: a table cut at 80 columns is useless
+# to a script or a file (rich's default width off a terminal).
+PLAIN_WIDTH = 10_000
 
 _debug = False
 
@@ -45,10 +53,55 @@ def guarded(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_bits(value: int | None, allowed: tuple[int, ...] = (4, 8, 16)) -> int | None:
+    """The one wording for a bad ``--bits``, whichever command took it."""
+    if value is not None and value not in allowed:
+        extra = " (or 16: no quantization)" if 16 in allowed else ""
+        raise UsageError(f"--bits must be 4 or 8{extra}, got {value}")
+    return value
+
+
+def _check_load_bits(value: int | None) -> int | None:
+    return check_bits(value)
+
+
+def check_quant_type(value: str | None) -> str | None:
+    if value is not None and value.lower() not in ("nf4", "fp4"):
+        raise UsageError(f"--quant-type must be nf4 or fp4, got {value!r}")
+    return None if value is None else value.lower()
+
+
+# The flags shared by the commands that load a model or compute, declared once so they read the same.
 ModelOption = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hugging Face repo id (default: the bundled demo model).")
 DtypeOption = typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32.")
-BitsOption = typer.Option(None, "--bits", help="Quantize while loading: 4 or 8 (16 = no quantization).")
-QuantTypeOption = typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4.")
+BitsOption = typer.Option(None, "--bits", callback=_check_load_bits, help="Quantize while loading: 4 or 8 (16 = no quantization).")
+QuantTypeOption = typer.Option(None, "--quant-type", callback=check_quant_type, help="4-bit format: nf4 (default) or fp4.")
+ThreadsOption = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: torch's choice).")
+CtxSizeOption = typer.Option(None, "--ctx-size", "-c", min=2, help="Context length in tokens (default: the model's max_position_embeddings).")
+TemperatureOption = typer.Option(0.0, "--temperature", "--temp", help="0 is greedy.")
+
+
+def max_new_tokens_option(default: int) -> Any:
+    """``-n/--max-new-tokens``: the same flag on every command that generates."""
+    return typer.Option(default, "--max-new-tokens", "-n", min=0, help="Most tokens to generate.")
+
+
+def use_threads(threads: int | None) -> None:
+    """Apply ``--threads`` before any computation."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units with three significant digits, so a 7 MB model does not read 0.01 GB."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{value:.3g} TB"
 
 
 def default_model() -> str:
@@ -62,3 +115,38 @@ def default_model() -> str:
 
 def is_interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+Report = Callable[[int, int], None]
+
+# Off a terminal, work that ends sooner than this prints no progress lines (a small model loads in
+# a blink; its log should not fill with percentages).
+QUIET_PROGRESS_S = 1.0
+
+
+@contextlib.contextmanager
+def progress_report(label: str, columns: tuple[ProgressColumn, ...] = (), unit: str = "") -> Iterator[Report]:
+    """A ``report(done, total)`` callback: a bar on a terminal, else a line at every tenth of the work.
+
+    Off a terminal (a log, CI, a pipe) rich draws nothing, so a long load would look hung.
+    """
+    if err_console.is_terminal:
+        bar = Progress(TextColumn(escape(label)), BarColumn(), *(columns or (MofNCompleteColumn(),)),
+                       TimeElapsedColumn(), console=err_console, transient=True)
+        with bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    started = time.perf_counter()
+    shown = -1
+
+    def report(done: int, total: int) -> None:
+        nonlocal shown
+        tenth = 10 * done // total if total else 0
+        if tenth > shown and time.perf_counter() - started >= QUIET_PROGRESS_S:
+            shown = tenth
+            amount = f"{human_bytes(done)} of {human_bytes(total)}" if unit == "bytes" else f"{done}/{total}{unit}"
+            err_console.print(f"{label}: {10 * tenth}% ({amount}, {time.perf_counter() - started:.1f} s)",
+                              markup=False, highlight=False, soft_wrap=True)
+
+    yield report

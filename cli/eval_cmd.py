@@ -9,7 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, default_model, err_console, guarded
+from dsmoe.cli.common import (
+    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model, err_console, guarded,
+    use_threads,
+)
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
 from dsmoe.errors import UsageError
@@ -19,7 +22,7 @@ from dsmoe.offload import requested_offload
 @app.command("eval")
 @guarded
 def eval_command(
-    task: str = typer.Option(None, "--task", "-t", help="Benchmarks, comma-separated: report names (MMLU, GSM8K) or lm-eval task names."),
+    task: str = typer.Option(None, "--task", help="Benchmarks, comma-separated: report names (MMLU, GSM8K) or lm-eval task names."),
     suite: str = typer.Option(None, "--suite", help="report (base model, table 4) or report-chat (chat model, table 5)."),
     model: str = ModelOption,
     shots: int = typer.Option(None, "--shots", help="Few-shot examples (default: the report's for suite rows, else the task's)."),
@@ -32,6 +35,7 @@ def eval_command(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where answers are kept so an interrupted run resumes (default ~/.cache/dsmoe/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor keep answers."),
     no_shared_context: bool = typer.Option(False, "--no-shared-context", help="Recompute a question's context for every choice."),
+    threads: int = ThreadsOption,
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
@@ -46,6 +50,7 @@ def eval_command(
     from dsmoe.evals.quiet import quiet_libraries
     from dsmoe.evals.runner import DEFAULT_CACHE_DIR, EvalSettings, build, plan, run, task_manager, write_json_atomic, write_samples_atomic
 
+    use_threads(threads)
     offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
     names = [n.strip() for n in (task or "").split(",") if n.strip()]
     if not names and not suite:

@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import BitsOption, DtypeOption, console, default_model, guarded
+from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, console, default_model, guarded, human_bytes
 from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, plan_table
+from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
 from dsmoe.offload import plan_for, requested_offload
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+from dsmoe.quant import spec_from_config
 
 
 def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def stored_format(quant: dict[str, Any] | None) -> str:
+    """How the weights are stored: floats, or the bitsandbytes format with its options."""
+    if quant is None:
+        return "bf16/fp32 as stored"
+    try:
+        spec = spec_from_config(quant)
+    except DsmoeError:
+        return f"quantized ({quant.get('quant_method', 'unknown method')})"
+    name = "int8 (LLM.int8)" if spec.bits == 8 else spec.quant_type
+    extras = [f"{spec.bits}-bit"]
+    if spec.double_quant:
+        extras.append("double quant")
+    extras.append("lm_head int8" if spec.quantize_lm_head else "lm_head unquantized")
+    return f"quantized: {name}, {', '.join(extras)}"
+
+
 @app.command("info")
 @guarded
 def info(
     model: str = typer.Argument(None, help="Checkpoint folder or Hugging Face repo id (default: the demo model)."),
+    model_flag: str = ModelOption,
     plan: bool = typer.Option(False, "--plan", help="Also show where the experts would live under these budgets."),
     expert_cache: int = ExpertCacheOption,
     gpu_mem: float = GpuMemOption,
@@ -33,7 +50,9 @@ def info(
     bits: int = BitsOption,
 ) -> None:
     """Architecture, experts, parameters (total and per token) and weight bytes at each precision."""
-    checkpoint = open_checkpoint(model or default_model())
+    if model is not None and model_flag is not None:
+        raise UsageError("give MODEL or --model, not both")
+    checkpoint = open_checkpoint(model or model_flag or default_model())
     config = checkpoint.config
     counts = parameter_counts(config)
     table = Table(title=str(checkpoint.path), show_header=False, title_justify="left")
@@ -51,11 +70,9 @@ def info(
     table.add_row("context", str(config.max_position_embeddings))
     table.add_row("vocabulary", str(config.vocab_size))
     table.add_row("parameters", f"{_params(counts['total'])} total, {_params(counts['active'])} active per token")
-    table.add_row("weights", f"bf16 {_gb(weight_bytes(config, 16))}, 8-bit {_gb(weight_bytes(config, 8))}, "
-                  f"4-bit {_gb(weight_bytes(config, 4))}")
-    quant = config.quantization_config
-    stored = "bf16/fp32 as stored" if quant is None else f"quantized ({quant.get('quant_method', '?')})"
-    table.add_row("checkpoint", f"{stored}, {_gb(checkpoint.total_bytes())} on disk")
+    table.add_row("weights", f"bf16 {human_bytes(weight_bytes(config, 16))}, 8-bit {human_bytes(weight_bytes(config, 8))}, "
+                  f"4-bit {human_bytes(weight_bytes(config, 4))}")
+    table.add_row("checkpoint", f"{stored_format(config.quantization_config)}, {human_bytes(checkpoint.total_bytes())} on disk")
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(table)
     if plan:

@@ -1,10 +1,8 @@
-"""Loading a model from the CLI with a progress bar on stderr."""
+"""Loading a model from the CLI with progress on stderr (a bar on a terminal, lines otherwise)."""
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from dsmoe.cli.common import default_model, err_console
+from dsmoe.cli.common import default_model, progress_report
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import load
 from dsmoe.model.tokenizer import Tokenizer
@@ -14,17 +12,10 @@ from dsmoe.offload import OffloadOptions, load_offloaded
 def load_with_progress(
     model: str | None, dtype: str, bits: int | None, quant_type: str | None, offload: OffloadOptions | None = None,
 ) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
-    """Load with a progress bar; with ``offload`` the routed experts go to an expert store (``store_of``)."""
+    """Load with progress; with ``offload`` the routed experts go to an expert store (``store_of``)."""
     path = model or default_model()
-    with Progress(
-        TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    ) as progress:
-        task = progress.add_task(path, total=None)
-
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    action = f"loading {path}" + (f" and quantizing to {bits}-bit" if bits in (4, 8) else "")
+    with progress_report(action, unit=" tensors") as report:
         if offload is not None:
             loaded, tokenizer, _ = load_offloaded(path, offload, dtype=dtype, bits=bits, quant_type=quant_type,
                                                   progress=report)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from dsmoe.cli.common import human_bytes
 from dsmoe.offload import Plan, StoreStats
-
-GB = 1e9
 
 ExpertCacheOption = typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.")
 GpuMemOption = typer.Option(None, "--gpu-mem", help="GB of GPU memory for the model; experts that do not fit stay in RAM.")
@@ -17,7 +16,7 @@ PrefetchOption = typer.Option(True, "--prefetch/--no-prefetch", help="Guess the 
 
 
 def mb(n: float) -> str:
-    return f"{n / 1e6:,.2f} MB"
+    return human_bytes(n)
 
 
 def plan_table(plan: Plan) -> Table:
@@ -29,8 +28,8 @@ def plan_table(plan: Plan) -> Table:
     for tier in plan.tiers:
         experts = "all routed experts" if tier.slots >= n else f"{tier.slots} of {n} experts per layer"
         holds = f"{experts} + everything else" if tier.holds_rest else experts
-        budget = f"{tier.budget / GB:.2f} GB" if tier.budget is not None else ""
-        table.add_row(tier.name, holds, f"{plan.tier_bytes(tier) / GB:.3f} GB", budget)
+        budget = human_bytes(tier.budget) if tier.budget is not None else ""
+        table.add_row(tier.name, holds, human_bytes(plan.tier_bytes(tier)), budget)
     parts = [f"{layers} MoE layers x {n} experts of {mb(plan.expert_bytes)}, top-{plan.top_k}"]
     parts += [f"{link}: ~{mb(b)}/token (even routing)" for link, b in plan.expected_link_bytes().items()]
     table.caption = "; ".join(parts + plan.notes)

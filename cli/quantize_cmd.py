@@ -3,51 +3,64 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import typer
-from rich.progress import (
-    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-)
+from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import console, err_console, guarded
+from dsmoe.cli.common import QuantTypeOption, ThreadsOption, check_bits, console, guarded, human_bytes, progress_report, use_threads
+from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import resolve_model_path
 from dsmoe.quant import QuantSpec
 from dsmoe.quant.convert import DEFAULT_SHARD_BYTES, quantize_checkpoint
+
+T = TypeVar("T")
+
+
+def _one_of(name: str, positional: T | None, flag: str, flagged: T | None) -> T:
+    if positional is not None and flagged is not None:
+        raise UsageError(f"give {name} or {flag}, not both")
+    value = positional if positional is not None else flagged
+    if value is None:
+        raise UsageError(f"missing {name} (or {flag})")
+    return value
 
 
 @app.command("quantize")
 @guarded
 def quantize(
-    src: str = typer.Argument(..., help="Source checkpoint folder or Hugging Face repo id (unquantized)."),
-    dst: Path = typer.Argument(..., help="Output folder (created; must not exist unless --force)."),
-    bits: int = typer.Option(4, "--bits", help="4 (nf4/fp4) or 8 (LLM.int8)."),
-    quant_type: str = typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4."),
+    src: str = typer.Argument(None, help="Source checkpoint folder or Hugging Face repo id (unquantized)."),
+    dst: Path = typer.Argument(None, help="Output folder (created; must not exist unless --force)."),
+    model: str = typer.Option(None, "--model", "-m", help="The source, as a flag (instead of SRC)."),
+    output: Path = typer.Option(None, "--output", "-o", help="The output folder, as a flag (instead of DST)."),
+    bits: int = typer.Option(4, "--bits", callback=lambda value: check_bits(value, (4, 8)), help="4 (nf4/fp4) or 8 (LLM.int8)."),
+    quant_type: str = QuantTypeOption,
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the 4-bit absmax scales too."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit."),
     shard_gb: float = typer.Option(DEFAULT_SHARD_BYTES / 1000**3, "--shard-size", help="Largest output shard, GB."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    threads: int = ThreadsOption,
 ) -> None:
     """Write SRC quantized to DST in the layout transformers uses for bitsandbytes checkpoints."""
+    if model is not None and src is not None and dst is None and output is None:
+        src, dst = None, Path(src)  # ``-m SRC DST``: the one positional is the output
+    src, dst = _one_of("SRC", src, "--model", model), _one_of("DST", dst, "--output", output)
+    use_threads(threads)
+    if quant_type is not None and bits == 8:
+        raise UsageError("--quant-type is for --bits 4 (8-bit is always int8)")
     spec = QuantSpec(
         bits=bits, quant_type=quant_type or ("nf4" if bits == 4 else "int8"), double_quant=double_quant,
         quantize_lm_head=quantize_lm_head,
     )
     source = resolve_model_path(src)
-    with Progress(
-        TextColumn(f"quantizing to {spec.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True,
-    ) as progress:
-        task = progress.add_task("convert", total=None)
-
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with progress_report(f"quantizing to {spec.name}", columns, unit="bytes") as report:
         result = quantize_checkpoint(source, dst, spec, force=force, progress=report,
                                      shard_bytes=int(shard_gb * 1000**3))
     rate = result.bytes_in / max(result.seconds, 1e-9) / 1e6
     console.print(
         f"wrote {result.dst}: {result.quantized} of {result.tensors} tensors quantized, {result.shards} shard(s), "
-        f"{result.bytes_in / 1e9:.2f} GB -> {result.bytes_out / 1e9:.2f} GB in {result.seconds:.1f} s "
+        f"{human_bytes(result.bytes_in)} -> {human_bytes(result.bytes_out)} in {result.seconds:.1f} s "
         f"({rate:.0f} MB/s, peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)"
     )

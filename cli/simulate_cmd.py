@@ -28,12 +28,13 @@ def _sizes(value: str | None) -> list[int] | None:
 @guarded
 def simulate(
     trace: str = typer.Argument(..., help="A routing trace recorded with 'dsmoe generate --trace FILE'."),
-    policy: list[str] = typer.Option([], "--policy", help="Policy to replay (repeatable; default: all)."),
+    policy: list[str] = typer.Option([], "--policy", help="Policies to replay, comma-separated or repeated (default: all)."),
     slots: str = typer.Option(None, "--slots", help="Comma-separated slots per layer (default: 1, 2, 4, ... and top-k)."),
 ) -> None:
     """Replay TRACE under each policy and cache size: hit rate and bytes moved per token."""
     recorded = read_trace(trace)
-    results = sweep(recorded, [p.lower() for p in policy] or None, _sizes(slots))
+    policies = [part.strip().lower() for value in policy for part in value.split(",") if part.strip()]
+    results = sweep(recorded, policies or None, _sizes(slots))
     head = recorded.header
     table = Table(title=f"{trace}: {recorded.tokens} tokens, {len(head.moe_layers)} MoE layers x "
                   f"{head.n_experts} experts (top-{head.top_k}), {mb(head.expert_bytes)} each", title_justify="left")

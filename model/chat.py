@@ -42,6 +42,7 @@ SETTABLE: dict[str, type] = {
     "top_k": int,
     "max_new_tokens": int,
     "repetition_penalty": float,
+    "seed": int,
 }
 
 _ROLES = ("system", "user", "assistant")
@@ -60,6 +61,8 @@ class ReplyStats:
     cache_hit_rate: float | None
     rss_bytes: int
     interrupted: bool
+    cut_off: bool = False
+    """The reply ended because it reached its token limit (max_new_tokens, or the room left in the context)."""
 
 
 @dataclass
@@ -176,6 +179,8 @@ class Reply:
             self._finish(interrupted=not completed)
 
     def _finish(self, interrupted: bool) -> None:
+        cut_off = (not interrupted and len(self.token_ids) >= self._settings.max_new_tokens
+                   and not (self.token_ids and self.token_ids[-1] in self._settings.stop_ids))
         elapsed = time.perf_counter() - self._started
         ttft = None if self._first is None else self._first - self._started
         body = [t for t in self.token_ids if t not in self._settings.stop_ids]
@@ -197,6 +202,7 @@ class Reply:
             cache_hit_rate=session.cache_hit_rate(),
             rss_bytes=rss_bytes(),
             interrupted=interrupted,
+            cut_off=cut_off,
         )
 
 
@@ -338,10 +344,16 @@ class ChatSession:
         self.settings = replace(self.settings, **{name: parsed})  # validated by SamplingSettings
         return self.settings
 
+    def context_tokens(self) -> int:
+        """How many tokens the conversation takes: the ids the next prompt builds on when they are known."""
+        if self._history_ids:
+            return len(self._history_ids)
+        return len(self.tokenizer.encode_chat(self.messages, add_generation_prompt=False)) if self.messages else 0
+
     def stats(self) -> SessionStats:
         return SessionStats(
             turns=sum(1 for m in self.turns if m["role"] == "user"),
-            context_tokens=len(self.tokenizer.encode_chat(self.messages, add_generation_prompt=False)),
+            context_tokens=self.context_tokens(),
             context_limit=self.context_limit,
             cached_tokens=self.cache.length,
             kv_cache_bytes=self.cache.nbytes(),
@@ -355,7 +367,9 @@ class ChatSession:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the transcript as JSON, through a temporary file so a crash never leaves half a file."""
         target = Path(path).expanduser()
-        data = {"format": TRANSCRIPT_FORMAT, "version": TRANSCRIPT_VERSION, "messages": self.messages}
+        settings = {name: getattr(self.settings, name) for name in SETTABLE if getattr(self.settings, name) is not None}
+        data = {"format": TRANSCRIPT_FORMAT, "version": TRANSCRIPT_VERSION, "messages": self.messages,
+                "settings": settings}
         try:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         except OSError as exc:
@@ -387,7 +401,9 @@ class ChatSession:
                 raise UsageError(f"{source}: message {i + 1} needs a role ({', '.join(_ROLES)}) and a text content")
             if m["role"] == "system" and i > 0:
                 raise UsageError(f"{source}: only the first message may be a system prompt")
+        settings = self._saved_settings(source, data.get("settings"))
         self.reset()
+        self.settings = settings
         if messages and messages[0]["role"] == "system":
             self.system = messages[0]["content"] or None
             messages = messages[1:]
@@ -395,3 +411,21 @@ class ChatSession:
             self.system = None
         self.turns = [{"role": m["role"], "content": m["content"]} for m in messages]
         return len(messages) + (1 if self.system else 0)
+
+    def _saved_settings(self, source: Path, saved: object) -> SamplingSettings:
+        """The sampling settings a transcript was saved with, checked as ``/set`` checks them."""
+        if saved is None:
+            return self.settings
+        if not isinstance(saved, dict):
+            raise UsageError(f"{source}: 'settings' must be an object")
+        values = {}
+        for name, value in saved.items():
+            kind = SETTABLE.get(name)
+            if kind is None or isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not isinstance(value, int)):
+                raise UsageError(f"{source}: setting {name!r} = {value!r} is not one /set takes")
+            values[name] = kind(value)
+        try:
+            return replace(self.settings, **values)
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc}") from None

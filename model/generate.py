@@ -180,9 +180,13 @@ def stream_text(
     settings: SamplingSettings,
     stop_strings: list[str] | None = None,
     cache: KVCache | None = None,
+    stream: TextStream | None = None,
 ) -> Iterator[str]:
-    """Yield text pieces as they are decoded; ends at eos, a stop string or the token limit."""
-    stream = TextStream(tokenizer, stop_strings)
+    """Yield text pieces as they are decoded; ends at eos, a stop string or the token limit.
+
+    Pass your own ``stream`` to learn afterwards how many tokens came (``stream.ids``) and why it ended.
+    """
+    stream = stream or TextStream(tokenizer, stop_strings)
     for token in generate_ids(model, prompt_ids, settings, cache):
         if token in settings.stop_ids:
             break

@@ -14,8 +14,8 @@ from dsmoe.bench.runner import BenchResult, measure_bandwidth, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    DtypeOption, QuantTypeOption, ThreadsOption, check_bits, console, default_model, err_console, guarded, human_bytes,
-    use_threads,
+    DtypeOption, QuantTypeOption, ThreadsOption, check_bits, console, default_model, err_console, full_width, guarded,
+    human_bytes, use_threads,
 )
 from dsmoe.cli.offload_view import (
     ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
@@ -48,7 +48,7 @@ def _render(result: BenchResult) -> None:
     ]
     for key, value in rows:
         table.add_row(key, value)
-    console.print(table)
+    console.print(full_width(table))
 
 
 def _save_synthetic(checkpoint: SyntheticCheckpoint, dst: Path) -> None:

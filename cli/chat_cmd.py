@@ -62,7 +62,8 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 def _kv_note(context: int, cached: int) -> str:
     """Why the KV cache and the conversation differ in length, when they do."""
     if cached < context:
-        return f" ({_count(context - cached, 'token')} of the conversation go in with the next message)"
+        verb = "goes" if context - cached == 1 else "go"
+        return f" ({_count(context - cached, 'token')} of the conversation {verb} in with the next message)"
     if cached > context:
         return " (the next message reuses only the part that still matches)"
     return ""

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from dsmoe.errors import DsmoeError, UsageError
 
@@ -92,6 +93,15 @@ def use_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def full_width(table: Table) -> Table:
+    """Off a terminal, make the table wide enough for its title and caption on one line each
+    (rich wraps them to the table's own width, whatever the console's)."""
+    if not console.is_terminal:
+        longest = max(len(str(table.title or "")), len(str(table.caption or "")))
+        table.min_width = max(table.min_width or 0, longest + 4)
+    return table
 
 
 def human_bytes(n: float) -> str:

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model, err_console, guarded,
-    use_threads,
+    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model, err_console, full_width,
+    guarded, use_threads,
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
@@ -81,7 +81,7 @@ def eval_command(
         lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size,
                      share_context=not no_shared_context, progress=report)
         outcome = run(lm, settings, rows, manager)
-    console.print(_table(outcome.rows, suite))
+    console.print(full_width(_table(outcome.rows, suite)))
     for note in sorted({n for r in outcome.rows for n in r.notes}):
         console.print(f"[dim]note:[/] {note}")
     for line in outcome.partial:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, console, default_model, guarded, human_bytes
+from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, console, default_model, full_width, guarded, human_bytes
 from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, plan_table
 from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.checkpoint import open_checkpoint
@@ -74,7 +74,7 @@ def info(
                   f"4-bit {human_bytes(weight_bytes(config, 4))}")
     table.add_row("checkpoint", f"{stored_format(config.quantization_config)}, {human_bytes(checkpoint.total_bytes())} on disk")
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
-    console.print(table)
+    console.print(full_width(table))
     if plan:
         options = requested_offload(expert_cache, gpu_mem, max_ram, always=True)
         console.print(plan_table(plan_for(checkpoint, options, dtype, bits)))

@@ -42,8 +42,9 @@ def main() -> None:
     """Run the app; a bad flag or value is one line on stderr and a non-zero exit, not a panel."""
     args, debug = _take_debug(sys.argv[1:])
     set_debug(debug)
-    if not console.is_terminal:
-        console.width = PLAIN_WIDTH
+    for shown in (console, err_console):
+        if not shown.is_terminal:
+            shown.width = PLAIN_WIDTH
     if not args:
         args = ["--help"]  # the help, and exit 0: no command is not a mistake
     try:

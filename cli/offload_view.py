@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from dsmoe.cli.common import human_bytes
+from dsmoe.cli.common import full_width, human_bytes
 from dsmoe.offload import Plan, StoreStats
 
 ExpertCacheOption = typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.")
@@ -34,7 +34,7 @@ def plan_table(plan: Plan) -> Table:
     parts += [f"{link}: ~{mb(b)}/token (even routing)" for link, b in plan.expected_link_bytes().items()]
     table.caption = "; ".join(parts + plan.notes)
     table.caption_justify = "left"
-    return table
+    return full_width(table)
 
 
 def stats_table(stats: StoreStats) -> Table:
@@ -50,4 +50,4 @@ def stats_table(stats: StoreStats) -> Table:
     moved = [f"{link}: {mb(stats.bytes_per_token(link))}/token" for link in sorted(stats.link_bytes)]
     table.caption = "bytes moved: " + ("; ".join(moved) if moved else "none")
     table.caption_justify = "left"
-    return table
+    return full_width(table)

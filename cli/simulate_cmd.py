@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import console, guarded
+from dsmoe.cli.common import console, full_width, guarded
 from dsmoe.cli.offload_view import mb
 from dsmoe.errors import UsageError
 from dsmoe.offload import read_trace, sweep
@@ -43,4 +43,4 @@ def simulate(
     for r in results:
         per_token = r.misses / r.tokens if r.tokens else 0.0
         table.add_row(r.policy, str(r.slots), f"{r.hit_rate:.1%}", f"{per_token:.2f}", mb(r.bytes_per_token))
-    console.print(table)
+    console.print(full_width(table))

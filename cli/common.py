@@ -147,11 +147,12 @@ def progress_report(label: str, columns: tuple[ProgressColumn, ...] = (), unit: 
             task = bar.add_task(label, total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)
         return
-    started = time.perf_counter()
+    started: float | None = None  # from the first report: what comes before it is not this work
     shown = -1
 
     def report(done: int, total: int) -> None:
-        nonlocal shown
+        nonlocal shown, started
+        started = started or time.perf_counter()
         tenth = 10 * done // total if total else 0
         if tenth > shown and time.perf_counter() - started >= QUIET_PROGRESS_S:
             shown = tenth

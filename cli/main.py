@@ -8,7 +8,7 @@ import typer
 
 from dsmoe.cli import bench_cmd, chat_cmd, eval_cmd, generate_cmd, info_cmd, quantize_cmd, simulate_cmd  # noqa: F401  (registers the commands)
 from dsmoe.cli import serve_cmd  # noqa: F401  (registers the command)
-from dsmoe.cli import perplexity_cmd  # noqa: F401
+from dsmoe.cli import models_cmd, perplexity_cmd  # noqa: F401
 from dsmoe.cli.app import app
 from dsmoe.cli.common import PLAIN_WIDTH, console, err_console, set_debug
 from dsmoe.errors import DsmoeError

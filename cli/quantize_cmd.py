@@ -12,6 +12,7 @@ from dsmoe.cli.app import app
 from dsmoe.cli.common import QuantTypeOption, ThreadsOption, check_bits, console, guarded, human_bytes, progress_report, use_threads
 from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import resolve_model_path
+from dsmoe.model.registry import remember_quantized
 from dsmoe.quant import QuantSpec
 from dsmoe.quant.convert import DEFAULT_SHARD_BYTES, quantize_checkpoint
 
@@ -58,6 +59,7 @@ def quantize(
     with progress_report(f"quantizing to {spec.name}", columns, unit="bytes") as report:
         result = quantize_checkpoint(source, dst, spec, force=force, progress=report,
                                      shard_bytes=int(shard_gb * 1000**3))
+    remember_quantized(result.dst)  # so that 'dsmoe list' shows it and 'dsmoe rm' may remove it
     rate = result.bytes_in / max(result.seconds, 1e-9) / 1e6
     console.print(
         f"wrote {result.dst}: {result.quantized} of {result.tensors} tensors quantized, {result.shards} shard(s), "

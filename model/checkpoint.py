@@ -26,6 +26,8 @@ from dsmoe.model.config import DeepseekConfig
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# What dsmoe reads from a checkpoint folder, so all it downloads from a hub repo.
+DOWNLOAD_PATTERNS = ["config.json", INDEX_NAME, "*.safetensors", *TOKENIZER_FILES]
 
 _TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -210,7 +212,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
 def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    patterns = DOWNLOAD_PATTERNS
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:

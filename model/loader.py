@@ -36,7 +36,7 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 
 def load(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] | None = None,
     dtype: str | torch.dtype = torch.bfloat16,
     bits: int | None = None,
     quant_type: str | None = None,
@@ -51,8 +51,13 @@ def load(
     ``bits`` 4 or 8 quantizes the linear layers while loading (lm_head too, in 8-bit, with
     ``quantize_lm_head``); a checkpoint that is already quantized (a ``quantization_config`` in
     its config) is read as it is. ``skip_routed_experts`` leaves the routed experts unread, on the
-    meta device, for an expert store to own (see dsmoe.offload).
+    meta device, for an expert store to own (see dsmoe.offload). With no name, the demo model
+    bundled with dsmoe, so a first try needs no download.
     """
+    if name_or_path is None:
+        from dsmoe.demo import DEMO_MODEL_PATH
+
+        name_or_path = DEMO_MODEL_PATH
     checkpoint = open_checkpoint(name_or_path)
     model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
                        quantize_lm_head=quantize_lm_head, device=device, progress=progress,

@@ -34,3 +34,9 @@ def _threads(request: pytest.FixtureRequest) -> None:
     one thread, and far faster when other jobs share the two cores."""
     marker = request.node.get_closest_marker("threads")
     torch.set_num_threads(marker.args[0] if marker else 2)
+
+
+@pytest.fixture(autouse=True)
+def _own_model_list(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dsmoe quantize`` records its folders in $XDG_CACHE_HOME/dsmoe/models.json: never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))

@@ -160,12 +160,14 @@ def test_set_validates_and_changes_one_setting(loaded):
     assert session.set("top_k", "40").top_k == 40
     assert session.set("max_new_tokens", "7").max_new_tokens == 7
     assert session.set("top_p", "0.9").top_p == 0.9
+    assert session.set("seed", "3").seed == 3
     for name, value, message in [
         ("temperature", "hot", "must be a number"),
         ("temperature", "-1", "temperature must be >= 0"),
         ("top_p", "1.5", "top_p must be in"),
         ("top_k", "2.5", "must be a whole number"),
-        ("seed", "3", "unknown setting"),
+        ("seed", "x", "must be a whole number"),
+        ("colour", "3", "unknown setting"),
     ]:
         with pytest.raises(UsageError, match=message):
             session.set(name, value)

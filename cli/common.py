@@ -6,6 +6,7 @@ import contextlib
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import typer
@@ -112,6 +113,16 @@ def human_bytes(n: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
         value /= 1000
     return f"{value:.3g} TB"
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file a flag names, or one clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
 
 
 def default_model() -> str:

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model, err_console, full_width,
-    guarded, use_threads,
+    BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model,
+    err_console, full_width, guarded, use_threads,
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
@@ -35,6 +35,7 @@ def eval_command(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where answers are kept so an interrupted run resumes (default ~/.cache/dsmoe/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor keep answers."),
     no_shared_context: bool = typer.Option(False, "--no-shared-context", help="Recompute a question's context for every choice."),
+    ctx_size: int = CtxSizeOption,
     threads: int = ThreadsOption,
     dtype: str = DtypeOption,
     bits: int = BitsOption,
@@ -78,7 +79,7 @@ def eval_command(
                 bars[kind] = progress.add_task(kind, total=total)
             progress.update(bars[kind], completed=done, total=total)
 
-        lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size,
+        lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=ctx_size,
                      share_context=not no_shared_context, progress=report)
         outcome = run(lm, settings, rows, manager)
     console.print(full_width(_table(outcome.rows, suite)))

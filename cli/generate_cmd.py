@@ -11,7 +11,7 @@ import typer
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
     BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, TemperatureOption, ThreadsOption, console,
-    err_console, guarded, max_new_tokens_option, use_threads,
+    err_console, guarded, max_new_tokens_option, read_text_file, use_threads,
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import (
@@ -27,12 +27,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give the prompt as an argument or with -f FILE, not both")
     if prompt_file is not None:
-        try:
-            return prompt_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read {prompt_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"{prompt_file}: not UTF-8 text") from None
+        return read_text_file(prompt_file)
     if prompt == "-":
         return sys.stdin.read()
     if prompt is None:

@@ -11,6 +11,7 @@ from dsmoe.offload import OffloadOptions, load_offloaded
 
 def load_with_progress(
     model: str | None, dtype: str, bits: int | None, quant_type: str | None, offload: OffloadOptions | None = None,
+    double_quant: bool = False, quantize_lm_head: bool = False,
 ) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
     """Load with progress; with ``offload`` the routed experts go to an expert store (``store_of``)."""
     path = model or default_model()
@@ -20,4 +21,5 @@ def load_with_progress(
             loaded, tokenizer, _ = load_offloaded(path, offload, dtype=dtype, bits=bits, quant_type=quant_type,
                                                   progress=report)
             return loaded, tokenizer
-        return load(path, dtype=dtype, bits=bits, quant_type=quant_type, progress=report)
+        return load(path, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                    quantize_lm_head=quantize_lm_head, progress=report)

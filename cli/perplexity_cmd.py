@@ -11,11 +11,11 @@ from rich.table import Table
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
     BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model, err_console,
-    full_width, guarded, progress_report, use_threads,
+    full_width, guarded, progress_report, read_text_file, use_threads,
 )
+from dsmoe.cli.loading import load_with_progress
 from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import resolve_model_path
-from dsmoe.model.loader import load
 from dsmoe.quant.perplexity import (
     DEFAULT_TOP_K, PerplexityResult, check_base, load_base, perplexity, save_base, tokenizer_sha256,
 )
@@ -96,19 +96,12 @@ def perplexity_command(
         raise UsageError("give the text to score with -f FILE")
     if plot is not None and kld is None:
         raise UsageError("--plot draws the KL divergence per chunk: add --kld BASE")
-    try:
-        text = text_file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {text_file}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{text_file}: not UTF-8 text") from None
+    text = read_text_file(text_file)
     base = load_base(kld) if kld is not None else None
     use_threads(threads)
     path = resolve_model_path(model or default_model())
-    action = f"loading {path}" + (f" and quantizing to {bits}-bit" if bits in (4, 8) else "")
-    with progress_report(action, unit=" tensors") as report:
-        loaded, tokenizer = load(path, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                                 quantize_lm_head=quantize_lm_head, progress=report)
+    loaded, tokenizer = load_with_progress(str(path), dtype, bits, quant_type, double_quant=double_quant,
+                                           quantize_lm_head=quantize_lm_head)
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot score a text")
     limit = loaded.config.max_position_embeddings

@@ -48,7 +48,7 @@ def test_one_flag_language_across_commands():
     for name, opts in options.items():
         if "-t" in opts:  # -t is --threads wherever it appears (llama.cpp's meaning), never --temperature or --task
             assert set(_option(name, "-t").opts) == {"--threads", "-t"}, name
-    for name in ["chat", "generate", "perplexity"]:
+    for name in ["chat", "generate", "eval", "perplexity"]:
         assert "--ctx-size" in options[name], name
     assert "--temp" in options["generate"] and "--temp" in options["chat"]
 
@@ -189,7 +189,7 @@ def test_a_prompt_longer_than_the_context_is_an_error(capsys, tiny_path):
 
 
 def test_generation_stops_at_the_context_with_a_notice(capsys, tiny_path):
-    model, tokenizer = load(tiny_path)
+    _, tokenizer = load(tiny_path)
     prompt = "The software"
     room = 16 - len(tokenizer.encode(prompt))
     result = run_cli(capsys, "generate", prompt, "-m", str(tiny_path), "-n", "100", "--ctx-size", "16")

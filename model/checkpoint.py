@@ -11,8 +11,10 @@ peaks near 9 GB of RSS, not near the size of the shards it read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,44 +52,121 @@ class TensorInfo:
     nbytes: int
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors file's header without reading its data."""
+MAX_HEADER_BYTES = 100_000_000
+"""The safetensors format's own cap on a header: a larger one is a corrupted or hostile file."""
+
+
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """Open for reading only a regular file: a FIFO or device named by a checkpoint would hang or stream."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise CheckpointError(f"{path}: truncated or corrupted safetensors file (header runs past the end)")
-            header = json.loads(handle.read(header_len))
+        info = path.stat()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: shard file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupted safetensors header") from None
+        raise CheckpointError(f"{path}: {what} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """A safetensors file's JSON header and the file's size, with the header's length checked first."""
+    with _open_regular(path, "shard file") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupted safetensors file (header runs past the end)")
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({header_len:,} bytes; the format allows 100 MB)")
+        return handle.read(header_len), size
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header without reading its data.
+
+    Every entry must have a known dtype, a shape of non-negative integers, and data offsets that
+    fit the file, match the shape and overlap no other tensor's: a header that passes can only
+    yield reads inside the file.
+    """
+    raw, size = _header_bytes(path)
+    header = parse_json(raw, path, "corrupted safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header")
+    header_len = len(raw)
     data_size = size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupted header entry for tensor {name!r}") from None
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path}: corrupted header entry for tensor {name!r}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_count(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)):
+            raise CheckpointError(f"{path}: corrupted header entry for tensor {name!r}")
+        begin, end = offsets
         numel = 1
         for dim in shape:
             numel *= dim
-        if dtype not in _DTYPE_BYTES or end - begin != numel * _DTYPE_BYTES[dtype]:
+        if dtype not in _DTYPE_BYTES or begin > end or end - begin != numel * _DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path}: corrupted header entry for tensor {name!r}")
         if end > data_size:
             raise CheckpointError(
                 f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end}, data holds {data_size})"
             )
-        infos[name] = TensorInfo(path, dtype, shape, 8 + header_len + begin, end - begin)
+        infos[name] = TensorInfo(path, dtype, tuple(shape), 8 + header_len + begin, end - begin)
+    previous: TensorInfo | None = None
+    for info in sorted((i for i in infos.values() if i.nbytes), key=lambda i: i.offset):
+        if previous is not None and info.offset < previous.offset + previous.nbytes:
+            raise CheckpointError(f"{path}: corrupted safetensors header (tensors' data overlap)")
+        previous = info
     return infos
+
+
+def parse_json(raw: bytes | str, path: Path, problem: str) -> Any:
+    """JSON from a file, any failure (bad syntax, bad UTF-8, nesting too deep) one CheckpointError."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {problem} ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {problem} (nested too deeply)") from None
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """A hash that changes when a checkpoint's weights, config or tokenizer change.
+
+    Over every file's name, size and modification time, the whole of each JSON file (config,
+    index, tokenizer) and each safetensors file's header: cheap, since no weights are read.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        digest.update(json.dumps([path.name, info.st_size, info.st_mtime_ns]).encode())
+        if path.suffix == ".safetensors":
+            try:
+                digest.update(_header_bytes(path)[0])
+            except CheckpointError:
+                digest.update(b"unreadable")
+        elif path.suffix == ".json" and info.st_size <= MAX_HEADER_BYTES:
+            with _open_regular(path, "file") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 class Checkpoint:
@@ -107,7 +186,7 @@ class Checkpoint:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no weight_map")
-            shards = sorted(set(weight_map.values()))
+            shards = sorted({self._shard_name(shard, index_path) for shard in weight_map.values()})
         elif (self.path / SINGLE_NAME).exists():
             weight_map, shards = None, [SINGLE_NAME]
         else:
@@ -124,6 +203,12 @@ class Checkpoint:
                 if info is None or info.shard.name != shard:
                     raise CheckpointError(f"{self.path / shard}: tensor {name!r} listed in {INDEX_NAME} is not in it")
         return tensors
+
+    def _shard_name(self, shard: Any, index_path: Path) -> str:
+        """A shard named by the index: a plain file name in the checkpoint folder, nothing else."""
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise CheckpointError(f"{index_path}: {shard!r} is not a shard file name in the checkpoint folder")
+        return shard
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -184,12 +269,11 @@ class Checkpoint:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    with _open_regular(path, "file") as handle:
+        raw = handle.read(MAX_HEADER_BYTES + 1)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: larger than 100 MB, not a checkpoint's JSON file")
+    data = parse_json(raw, path, "not valid JSON")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,30 +96,53 @@ class DeepseekConfig:
             raise ConfigError(f"{path}: no config.json (is this a checkpoint folder?)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
 
     def validate(self, source: str = "config.json") -> None:
-        ints = (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-            "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
-        )
-        for key in ints:
+        """Every value's type and range, so a bad config is one ConfigError here, not a crash later."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "moe_intermediate_size", "moe_layer_freq")
+        for key in positive:
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{source}: {key} must be a non-negative integer, got {value!r}")
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+        if not _is_int(self.first_k_dense_replace) or self.first_k_dense_replace < 0:
+            raise ConfigError(f"{source}: first_k_dense_replace must be a non-negative integer, "
+                              f"got {self.first_k_dense_replace!r}")
         for key in ("n_routed_experts", "n_shared_experts", "num_experts_per_tok"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and (not _is_int(value) or value < 0):
                 raise ConfigError(f"{source}: {key} must be an integer or null, got {value!r}")
-        if self.hidden_size % max(self.num_attention_heads, 1) != 0:
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, key)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{source}: {key} must be a positive number, got {value!r}")
+        for key in ("attention_bias", "norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{source}: {key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("hidden_act", "scoring_func"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{source}: {key} must be a string, got {getattr(self, key)!r}")
+        if self.bos_token_id is not None and (not _is_int(self.bos_token_id) or self.bos_token_id < 0):
+            raise ConfigError(f"{source}: bos_token_id must be a token id or null, got {self.bos_token_id!r}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if self.eos_token_id is not None and not all(_is_int(e) and e >= 0 for e in eos):
+            raise ConfigError(f"{source}: eos_token_id must be a token id, a list of them, or null, "
+                              f"got {self.eos_token_id!r}")
+        for key in ("rope_scaling", "quantization_config"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be an object or null, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
             raise ConfigError(f"{source}: hidden_size {self.hidden_size} is not divisible by num_attention_heads")
-        if self.num_key_value_heads == 0 or self.num_attention_heads % self.num_key_value_heads != 0:
+        if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ConfigError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
-        if self.moe_layer_freq < 1:
-            raise ConfigError(f"{source}: moe_layer_freq must be at least 1")
         if self.hidden_act != "silu":
             raise ConfigError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         if self.n_routed_experts is not None:
@@ -131,7 +155,7 @@ class DeepseekConfig:
             if kind not in ("linear", "dynamic"):
                 raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (linear or dynamic)")
             factor = self.rope_scaling.get("factor")
-            if not isinstance(factor, (int, float)) or factor < 1:
+            if not _is_number(factor) or not math.isfinite(factor) or factor < 1:
                 raise ConfigError(f"{source}: rope_scaling factor must be a number >= 1, got {factor!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,3 +164,11 @@ class DeepseekConfig:
         if data["quantization_config"] is None:
             data.pop("quantization_config")
         return {**extra, **data}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

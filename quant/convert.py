@@ -8,6 +8,7 @@ with its shard. The folder appears only when complete: it is built beside DST an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,11 +19,13 @@ from typing import Callable
 
 import psutil
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dsmoe.errors import CheckpointError, ConfigError, UsageError
 from dsmoe.model.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from dsmoe.model.memory import ReleaseEvery
+from dsmoe.model.output_folder import check_destination, clear_stale_partials, move_into_place
 from dsmoe.quant.linear import quantize_linear, quantized_tensors
 from dsmoe.quant.spec import QuantSpec, quantization_config, spec_for
 
@@ -43,6 +46,8 @@ class ConversionReport:
     seconds: float
     peak_rss_bytes: int
     """Largest resident set size sampled after each tensor and before each shard write."""
+    removed_partials: tuple[Path, ...] = ()
+    """``DST.partial-PID`` folders of earlier killed runs, removed before this one started."""
 
 
 def expected_weight_names(checkpoint: Checkpoint) -> list[str]:
@@ -90,10 +95,7 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
         raise UsageError(f"{dst}: the output folder must not be inside the source checkpoint {src}")
     if dst_r in src_r.parents:
         raise UsageError(f"{dst}: the output folder must not contain the source checkpoint {src}")
-    if dst.exists() and not force:
-        raise UsageError(f"{dst}: already exists (use --force to replace it)")
-    if dst.exists() and not dst.is_dir():
-        raise UsageError(f"{dst}: exists and is not a folder")
+    check_destination(dst, force)
 
 
 class _ShardWriter:
@@ -121,7 +123,10 @@ class _ShardWriter:
             return
         self.sample_rss()
         path = self.folder / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except SafetensorError as exc:  # what safetensors raises for a full disk or a write error
+            raise OSError(errno.EIO, str(exc), str(path)) from None
         for name in self.pending:
             self.weight_map[name] = len(self.files)
         self.files.append(path)
@@ -157,7 +162,7 @@ def quantize_checkpoint(
     ``compute_dtype`` only goes into config.json (``bnb_4bit_compute_dtype``), for transformers.
     """
     src, dst = Path(src), Path(dst)
-    if shard_bytes <= 0:
+    if not isinstance(shard_bytes, int) or shard_bytes <= 0:
         raise UsageError(f"shard size must be positive, not {shard_bytes}")
     _check_paths(src, dst, force)
     checkpoint = _open_source(src)
@@ -174,8 +179,8 @@ def quantize_checkpoint(
     names = checkpoint.tensor_names()
     total = checkpoint.total_bytes()
     done = quantized = 0
+    stale = clear_stale_partials(dst)
     work = dst.parent / f"{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
     try:
         work.mkdir(parents=True)
         writer = _ShardWriter(work, shard_bytes, sample_rss)
@@ -204,9 +209,11 @@ def quantize_checkpoint(
         for path in checkpoint.tokenizer_files():
             shutil.copy2(path, work / path.name)
         checkpoint.close()
-        if dst.exists():
-            shutil.rmtree(dst)
-        work.rename(dst)
+        move_into_place(work, dst, replace=force)
+    except OSError as exc:  # a full disk, a read-only or vanished destination
+        checkpoint.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise UsageError(f"{dst}: cannot write the output ({exc.strerror or exc}); nothing was left there") from None
     except BaseException:
         checkpoint.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -214,4 +221,5 @@ def quantize_checkpoint(
     return ConversionReport(
         dst=dst, tensors=len(names), quantized=quantized, shards=shards, bytes_in=total,
         bytes_out=writer.total_bytes, seconds=time.perf_counter() - started, peak_rss_bytes=peak[0],
+        removed_partials=tuple(stale.removed),
     )

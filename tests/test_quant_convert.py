@@ -112,11 +112,17 @@ def test_existing_destination_needs_force(src: Path, tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="already exists"):
         quantize_checkpoint(src, dst, NF4)
     assert (dst / "keep.txt").exists()
+    # --force replaces a checkpoint or an empty folder, never a folder of other files.
+    with pytest.raises(UsageError, match="only a checkpoint"):
+        quantize_checkpoint(src, dst, NF4, force=True)
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    (dst / "config.json").write_text("{}")
     quantize_checkpoint(src, dst, NF4, force=True)
     assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert _leftovers(tmp_path) == ["out"]
 
 
 @pytest.mark.parametrize("where", ["inside", "same", "parent"])

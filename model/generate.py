@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -28,16 +29,17 @@ class SamplingSettings:
     stop_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
+        # Written so that NaN fails every check: a NaN comparison is always False.
+        if not self.max_new_tokens >= 0:
             raise UsageError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if not self.top_k >= 0:
             raise UsageError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise UsageError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
 
 
 class Sampler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -70,7 +71,7 @@ def requested_offload(expert_cache: int | None = None, gpu_mem_gb: float | None 
     when nothing is offloaded.
     """
     for flag, value in (("--gpu-mem", gpu_mem_gb), ("--max-ram", max_ram_gb)):
-        if value is not None and value <= 0:
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a positive number of GB, got {value}")
     budgets = Budgets(gpu_mem=gpu_mem_gb * GB if gpu_mem_gb is not None else None,
                       max_ram=max_ram_gb * GB if max_ram_gb is not None else None, expert_cache=expert_cache)

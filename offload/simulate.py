@@ -65,4 +65,8 @@ def sweep(trace: Trace, policies: list[str] | None = None, sizes: list[int] | No
     for name in chosen:
         if name not in POLICIES:
             raise UsageError(f"unknown cache policy {name!r} (choose {' or '.join(POLICIES)})")
+    n = trace.header.n_experts
+    for size in sizes or []:
+        if not 1 <= size <= n:
+            raise UsageError(f"slots must be between 1 and the trace's {n} experts per layer, got {size}")
     return [simulate(trace, policy, slots) for policy in chosen for slots in (sizes or default_sizes(trace))]

@@ -49,7 +49,10 @@ def eval_command(
     """Score a model on benchmarks with lm-eval and show the report's numbers beside ours."""
     from dsmoe.evals import DsmoeLM
     from dsmoe.evals.quiet import quiet_libraries
-    from dsmoe.evals.runner import DEFAULT_CACHE_DIR, EvalSettings, build, plan, run, task_manager, write_json_atomic, write_samples_atomic
+    from dsmoe.evals.runner import (
+        DEFAULT_CACHE_DIR, EvalSettings, build, check_writable, plan, run, task_manager, write_json_atomic,
+        write_samples_atomic,
+    )
 
     use_threads(threads)
     offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
@@ -58,6 +61,9 @@ def eval_command(
         raise UsageError("give --task NAME[,NAME...] or --suite report|report-chat")
     if data_dir is not None and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: no such folder")
+    for flag, path in (("--output", output), ("--log-samples", log_samples)):
+        if path is not None:
+            check_writable(path, flag)
     settings = EvalSettings(
         model=model or default_model(), tasks=names, suite=suite, shots=shots, limit=limit, batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None, allow_code_execution=allow_code_execution,

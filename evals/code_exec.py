@@ -5,26 +5,48 @@ metric script that ``evaluate.load`` fetches from the hub when the task is built
 run offline. Our task definitions (``tasks/humaneval.yaml``, ``tasks/mbpp.yaml``, same names,
 prompts and result keys as lm-eval's) point at the functions here instead.
 
-A program passes when ``python program.py`` exits 0 within the time limit, the program being the
-model's code followed by the benchmark's tests (``assert`` lines, or HumanEval's ``check``
-function and its call), as in ``code_eval``. Each program runs in a fresh interpreter, in its own
-empty temporary folder and process group, with no stdin, a minimal environment, and (on POSIX)
-limits on CPU seconds, memory (2 GiB) and file size; after ``DSMOE_CODE_TIMEOUT`` seconds (default
-5: code_eval's 3 for the program, plus starting an interpreter) the whole group is killed. That
-contains mistakes, not malice: it is not a sandbox, which is why running it needs
-``--allow-code-execution`` (``dsmoe eval``) or ``HF_ALLOW_CODE_EVAL=1``.
+A program is the model's code followed by the benchmark's tests (``assert`` lines, or HumanEval's
+``check`` function and its call). As in ``code_eval``, it passes when its code runs to the end
+without an exception within the time limit: a small runner executes it and only then writes a
+random token (given on stdin, never in the program or its environment) to a pipe, so a program
+that calls ``exit(0)``, ``os._exit(0)`` or ``sys.exit()`` before its tests does not pass.
+
+What contains a program (``containment()`` says which of these hold on this machine):
+
+- always: a fresh ``python -I`` in an empty temporary folder, no stdin, an environment of only
+  PATH, HOME/TMPDIR (the folder), locale and thread counts; limits on CPU seconds, memory
+  (2 GiB) and file size (64 MiB); its own session and process group, killed after
+  ``DSMOE_CODE_TIMEOUT`` seconds (default 5: code_eval's 3 plus starting an interpreter);
+- with ``unshare`` and user namespaces (Linux): a new network namespace (no interfaces but a
+  down loopback, so no sockets reach anything), a new PID namespace with its own ``/proc`` (the
+  evaluator and every other process are invisible: their environment cannot be read, they
+  cannot be signalled), and ``setsid`` is no escape: killing the namespace's first process kills
+  every process in it;
+- a process limit of ``MAX_PROCESSES``: a pids cgroup where one can be made (as root), else
+  RLIMIT_NPROC (which the kernel does not apply to root).
+
+Not contained: the file system (a program can read and write whatever the user can), CPU and
+memory use below the limits, and, without ``unshare``, network access, the evaluator's
+``/proc`` entries and processes that ``setsid`` away. It contains mistakes and the usual
+runaway programs, not a determined attacker: running it needs ``--allow-code-execution``
+(``dsmoe eval``) or ``HF_ALLOW_CODE_EVAL=1``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from dsmoe.errors import EvalError
 
@@ -34,6 +56,26 @@ DEFAULT_TIMEOUT_S = 5.0
 MEMORY_LIMIT = 2 << 30
 FILE_SIZE_LIMIT = 64 << 20
 MAX_WORKERS = 4
+MAX_PROCESSES = 16
+"""Processes (and threads, which the kernel counts alike) one program may have at once."""
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+UNSHARE = ("--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "--kill-child")
+
+# Runs the program; writes the token it read from stdin to the pipe only when the program ended normally.
+_RUNNER = """
+import os, sys
+def _dsmoe_run():
+    token = sys.stdin.readline().strip().encode()
+    sys.stdin.close()
+    fd, path = int(sys.argv[1]), sys.argv[2]
+    del sys.argv[1:]
+    with open(path, encoding="utf-8") as handle:
+        code = compile(handle.read(), path, "exec")
+    exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+    os.write(fd, token)
+_dsmoe_run()
+"""
 
 
 @dataclass(frozen=True)
@@ -48,6 +90,23 @@ class Execution:
         return self.status == "passed"
 
 
+@dataclass(frozen=True)
+class Containment:
+    """Which of the OS's walls this machine gives each program."""
+
+    namespaces: bool
+    """Network, PID and /proc namespaces through ``unshare``."""
+    process_limit: str | None
+    """``"cgroup"``, ``"rlimit"``, or None when neither applies (root without a writable pids cgroup)."""
+
+    def describe(self) -> str:
+        walls = ["no network, no view of other processes" if self.namespaces else
+                 "network and other processes reachable (no unshare)"]
+        walls.append(f"at most {MAX_PROCESSES} processes ({self.process_limit})" if self.process_limit
+                     else "no process limit")
+        return ", ".join(walls)
+
+
 def _allowed() -> None:
     if os.environ.get(ALLOW_ENV) != "1":
         raise EvalError(
@@ -58,23 +117,92 @@ def _allowed() -> None:
 
 def _timeout() -> float:
     value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return DEFAULT_TIMEOUT_S
     try:
-        return float(value) if value else DEFAULT_TIMEOUT_S
+        seconds = float(value)
     except ValueError:
-        raise EvalError(f"{TIMEOUT_ENV}={value!r}: not a number of seconds") from None
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise EvalError(f"{TIMEOUT_ENV}={value!r}: must be a positive number of seconds")
+    return seconds
 
 
-def _limits(timeout: float):  # type: ignore[no-untyped-def]
-    """Resource limits applied in the child before it runs Python (POSIX only)."""
+@functools.lru_cache(maxsize=1)
+def containment() -> Containment:
+    """Probe once what this machine allows: namespaces through unshare, a pids cgroup, RLIMIT_NPROC."""
+    namespaces = False
+    unshare = shutil.which("unshare")
+    if unshare and sys.platform.startswith("linux"):
+        try:
+            probe = subprocess.run([unshare, *UNSHARE, sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL,
+                                   capture_output=True, timeout=30)
+            namespaces = probe.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            namespaces = False
+    if _cgroup_usable():
+        limit: str | None = "cgroup"
+    elif os.name == "posix" and os.geteuid() != 0:
+        limit = "rlimit"
+    else:
+        limit = None
+    return Containment(namespaces=namespaces, process_limit=limit)
+
+
+def _cgroup_usable() -> bool:
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="dsmoe-probe-", dir=PIDS_CGROUP))
+    except OSError:
+        return False
+    try:
+        (folder / "pids.max").write_text(str(MAX_PROCESSES))
+        return True
+    except OSError:
+        return False
+    finally:
+        _remove_cgroup(folder)
+
+
+def _remove_cgroup(folder: Path) -> None:
+    """A cgroup can be removed once its processes are gone; killed ones take a moment to be reaped."""
+    for _ in range(50):
+        try:
+            folder.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def _user_tasks() -> int:
+    """Tasks (processes and threads) this user runs now: what RLIMIT_NPROC counts against."""
+    import psutil
+
+    uid = os.getuid()
+    total = 0
+    for process in psutil.process_iter(["uids", "num_threads"]):
+        uids, threads = process.info["uids"], process.info["num_threads"]
+        if uids is not None and uids.real == uid:
+            total += threads or 1
+    return total
+
+
+def _limits(timeout: float, cgroup: Path | None, nproc: int | None):  # type: ignore[no-untyped-def]
+    """Applied in the child before it runs anything (POSIX only): resource limits, then the cgroup."""
     if os.name != "posix":
         return None
+    procs = None if cgroup is None else str(cgroup / "cgroup.procs")
 
     def apply() -> None:
         import resource
 
         cpu = int(math.ceil(timeout)) + 1
-        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, MEMORY_LIMIT),
-                             (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT), (resource.RLIMIT_CORE, 0)):
+        limits = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, MEMORY_LIMIT),
+                  (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT), (resource.RLIMIT_CORE, 0)]
+        if nproc is not None:
+            limits.append((resource.RLIMIT_NPROC, nproc))
+        for limit, value in limits:
             try:
                 soft, hard = resource.getrlimit(limit)
                 if hard != resource.RLIM_INFINITY:
@@ -82,13 +210,19 @@ def _limits(timeout: float):  # type: ignore[no-untyped-def]
                 resource.setrlimit(limit, (value, hard))
             except (ValueError, OSError):
                 pass
+        if procs is not None:
+            with open(procs, "w") as handle:
+                handle.write(str(os.getpid()))
 
     return apply
 
 
-def run_program(program: str, timeout: float | None = None) -> Execution:
-    """Run ``program`` in a fresh Python subprocess; it passes when it exits 0 before ``timeout``."""
+def run_program(program: str, timeout: float | None = None, nproc: int | None = None) -> Execution:
+    """Run ``program`` contained; it passes when it runs to its end before ``timeout``."""
     timeout = _timeout() if timeout is None else timeout
+    walls = containment()
+    if walls.process_limit == "rlimit" and nproc is None:
+        nproc = _user_tasks() + MAX_PROCESSES
     with tempfile.TemporaryDirectory(prefix="dsmoe-code-", ignore_cleanup_errors=True) as folder:
         path = os.path.join(folder, "program.py")
         with open(path, "w", encoding="utf-8") as handle:
@@ -96,27 +230,65 @@ def run_program(program: str, timeout: float | None = None) -> Execution:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": folder, "TMPDIR": folder,
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        # stderr goes to a file, not a pipe: the file-size limit bounds what a runaway program writes.
-        with open(os.path.join(folder, "stderr"), "w+b") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", path], cwd=folder, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=os.name == "posix",
-                preexec_fn=_limits(timeout),
-            )
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return Execution("timed out", f"no result after {timeout:g}s")
-            finally:
-                _kill(proc)  # and whatever it left running in its process group
-            if proc.returncode == 0:
-                return Execution("passed")
-            err.seek(max(0, err.seek(0, os.SEEK_END) - 4096))
-            lines = [line for line in err.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        cgroup = None
+        if walls.process_limit == "cgroup":
+            cgroup = Path(tempfile.mkdtemp(prefix="dsmoe-code-", dir=PIDS_CGROUP))
+            (cgroup / "pids.max").write_text(str(MAX_PROCESSES))
+        token = secrets.token_hex(16)
+        result_read, result_write = os.pipe()
+        os.set_blocking(result_read, False)
+        command = [sys.executable, "-I", "-B", "-c", _RUNNER, str(result_write), path]
+        if walls.namespaces:
+            command = [shutil.which("unshare") or "unshare", *UNSHARE, *command]
+        try:
+            # stderr goes to a file, not a pipe: the file-size limit bounds what a runaway program writes.
+            with open(os.path.join(folder, "stderr"), "w+b") as err:
+                proc = subprocess.Popen(
+                    command, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                    start_new_session=os.name == "posix", pass_fds=(result_write,),
+                    preexec_fn=_limits(timeout, cgroup, nproc if walls.process_limit == "rlimit" else None),
+                )
+                os.close(result_write)
+                result_write = -1
+                try:
+                    proc.stdin.write(token.encode() + b"\n")  # type: ignore[union-attr]
+                    proc.stdin.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+                try:
+                    proc.wait(timeout=timeout)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:
+                    _kill(proc)  # and whatever it left running in its process group or namespace
+                reached_end = _read_token(result_read) == token.encode()
+                if reached_end:
+                    return Execution("passed")
+                if timed_out:
+                    return Execution("timed out", f"no result after {timeout:g}s")
+                err.seek(max(0, err.seek(0, os.SEEK_END) - 4096))
+                lines = [line for line in err.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        finally:
+            os.close(result_read)
+            if result_write >= 0:
+                os.close(result_write)
+            if cgroup is not None:
+                _remove_cgroup(cgroup)
     detail = lines[-1][:200] if lines else f"exit status {proc.returncode}"
+    if proc.returncode == 0 and not lines:
+        detail = "ended before its tests finished (exit called early)"
     if proc.returncode < 0:
         detail = f"killed by signal {-proc.returncode}" + (f" ({detail})" if lines else "")
     return Execution("failed", detail)
+
+
+def _read_token(fd: int) -> bytes:
+    """What the runner wrote to the result pipe (at most a token's length; never blocks)."""
+    try:
+        return os.read(fd, 64)
+    except (BlockingIOError, OSError):
+        return b""
 
 
 def _kill(proc: subprocess.Popen) -> None:

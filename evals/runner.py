@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import platform
@@ -22,8 +21,9 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._factory import TaskFactory
 from lm_eval.utils import handle_non_serializable
 
-from dsmoe.errors import EvalError
+from dsmoe.errors import EvalError, UsageError
 from dsmoe.evals import local_data
+from dsmoe.evals.cache import CachedLM, EvalCache, cache_key
 from dsmoe.evals.local_data import MissingLocalData
 from dsmoe.evals.suites import BENCHMARKS, BY_TASK, Benchmark, report_scores, suite_entries
 
@@ -68,6 +68,12 @@ class EvalSettings:
     dtype: str = "bf16"
     bits: int | None = None
     quant_type: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("shots", 0), ("limit", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise UsageError(f"{name} must be at least {least}, got {value}")
 
 
 @dataclass
@@ -278,15 +284,23 @@ def partial_data(row: PlannedTask) -> str | None:
 # ---------------------------------------------------------------------- running
 
 
-def cache_path(settings: EvalSettings, lm: DsmoeLM) -> str | None:
-    """Per-request answers keyed by model and loading options, so a rerun skips what is done."""
+def cache_path(settings: EvalSettings, lm: DsmoeLM) -> Path | None:
+    """Where this model's answers are kept: a file named by the checkpoint's content and the
+    settings that change scores, so replaced weights in the same folder never reuse old answers."""
     if not settings.cache_dir:
         return None
-    model_id = str(Path(settings.model).resolve()) if Path(settings.model).exists() else settings.model
-    key = json.dumps([model_id, settings.dtype, settings.bits, settings.quant_type, lm.max_length])
-    folder = Path(settings.cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder / hashlib.sha256(key.encode()).hexdigest()[:16])
+    from dsmoe.model.checkpoint import checkpoint_fingerprint, resolve_model_path
+
+    fingerprint = checkpoint_fingerprint(resolve_model_path(settings.model))
+    scoring = {"dtype": settings.dtype, "bits": settings.bits, "quant_type": settings.quant_type,
+               "max_length": lm.max_length, "share_context": lm.share_context, "batch_size": lm.batch_size}
+    return Path(settings.cache_dir) / f"{cache_key(fingerprint, scoring)}.sqlite"
+
+
+def open_cache(settings: EvalSettings, lm: DsmoeLM) -> EvalCache | None:
+    """The run's answer cache, opened (and checked writable) before anything is scored."""
+    path = cache_path(settings, lm)
+    return None if path is None else EvalCache(path)
 
 
 def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: TaskManager) -> Outcome:
@@ -295,16 +309,21 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
     if not runnable:
         raise EvalError("nothing to run: " + "; ".join(f"{r.label}: {r.skipped}" for r in rows))
     started = time.time()
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[r.built for r in runnable],
-        limit=settings.limit,
-        use_cache=cache_path(settings, lm),
-        log_samples=True,
-        bootstrap_iters=0,
-        confirm_run_unsafe_code=settings.allow_code_execution,
-        task_manager=manager,
-    )
+    cache = open_cache(settings, lm)
+    cached = None if cache is None else CachedLM(lm, cache)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm if cached is None else cached,
+            tasks=[r.built for r in runnable],
+            limit=settings.limit,
+            log_samples=True,
+            bootstrap_iters=0,
+            confirm_run_unsafe_code=settings.allow_code_execution,
+            task_manager=manager,
+        )
+    finally:
+        if cache is not None:
+            cache.close()
     scores = results["results"]
     for row in runnable:
         names = [row.task] + [t.config.task for t in _leaves(row.built)]
@@ -327,6 +346,8 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
         "complete": not partial and settings.limit is None,
         "partial": partial,
         "rows": [_row_record(r) for r in rows],
+        "cache": None if cached is None else {"path": str(cached.cache.path), "reused": cached.use.reused,
+                                              "scored": cached.use.scored},
         "lm_eval": {k: results.get(k) for k in ("results", "groups", "n-samples", "n-shot", "versions", "higher_is_better")},
     }
     return Outcome(rows=rows, partial=partial, record=record, samples=results.get("samples"))
@@ -342,6 +363,22 @@ def _version() -> str:
     from dsmoe import __version__
 
     return __version__
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail now, not after hours of scoring, when an output file cannot be written where asked."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{what} {target}: is a folder, not a file")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+    except OSError as exc:
+        raise UsageError(f"{what} {target}: cannot write there ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"{what} {target}: cannot write there (the file is read-only)")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -14,7 +13,7 @@ from rich.table import Table
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
     BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, TemperatureOption, ThreadsOption, console,
-    err_console, guarded, is_interactive, max_new_tokens_option, use_threads,
+    debug_enabled, err_console, guarded, is_interactive, max_new_tokens_option, stdin_lines, stdin_text, use_threads,
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import (
@@ -215,6 +214,12 @@ def _interactive(session: ChatSession, name: str) -> None:
         except DsmoeError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             continue
+        except Exception as exc:  # noqa: BLE001  (a bug, but the conversation is the user's: keep it and say so)
+            if debug_enabled():
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))} "
+                              "(a bug in dsmoe; the conversation is kept)", soft_wrap=True)
+            continue
         notice = _dropped_notice(reply)
         if notice:
             console.print(f"[yellow]{notice}[/]")
@@ -289,6 +294,6 @@ def chat(
     if is_interactive():
         _interactive(session, model or "the demo model")
     elif single:
-        _plain(session, [sys.stdin.read()], commands=False)
-    elif not _plain(session, (line.rstrip("\n") for line in sys.stdin)):
+        _plain(session, [stdin_text()], commands=False)
+    elif not _plain(session, stdin_lines()):
         raise typer.Exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,56 @@ F = TypeVar("F", bound=Callable[..., Any])
 def set_debug(value: bool) -> None:
     global _debug
     _debug = value
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
+def _decoded(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} is not valid UTF-8 text (byte {exc.start})") from None
+
+
+def stdin_text() -> str:
+    """All of standard input as text; bytes that are not UTF-8 are one clear error, not a traceback."""
+    return _decoded(sys.stdin.buffer.read(), "standard input")
+
+
+def stdin_lines() -> Iterator[str]:
+    """Standard input line by line (without line ends), each checked to be UTF-8."""
+    for number, line in enumerate(sys.stdin.buffer, start=1):
+        yield _decoded(line, f"line {number} of standard input").rstrip("\r\n")
+
+
+def check_utf8_arguments(arguments: list[str]) -> None:
+    """Python keeps undecodable argument bytes as lone surrogates; refuse them before any command runs."""
+    for argument in arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UsageError(f"argument {shown!r} is not valid UTF-8 text") from None
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a closing terminal's supervisor) cleans up like Ctrl-C: KeyboardInterrupt."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def guarded(command: F) -> F:

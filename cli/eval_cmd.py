@@ -93,6 +93,9 @@ def eval_command(
         console.print(f"[dim]note:[/] {note}")
     for line in outcome.partial:
         console.print(f"[yellow]partial:[/] {line}")
+    cache = outcome.record.get("cache")
+    if cache and cache["reused"]:
+        console.print(f"[dim]resumed: {cache['reused']} answers from the cache, {cache['scored']} scored now[/]")
     if limit is not None:
         console.print(f"[yellow]partial:[/] limited to the first {limit} documents of each task")
     if suite:

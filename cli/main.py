@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from dsmoe.cli import bench_cmd, chat_cmd, eval_cmd, generate_cmd, info_cmd, quantize_cmd, simulate_cmd  # noqa: F401  (registers the commands)
 from dsmoe.cli import serve_cmd  # noqa: F401  (registers the command)
 from dsmoe.cli import models_cmd, perplexity_cmd  # noqa: F401
 from dsmoe.cli.app import app
-from dsmoe.cli.common import PLAIN_WIDTH, console, err_console, set_debug
+from dsmoe.cli.common import PLAIN_WIDTH, check_utf8_arguments, console, err_console, set_debug
 from dsmoe.errors import DsmoeError
 
 
@@ -48,6 +49,11 @@ def main() -> None:
             shown.width = PLAIN_WIDTH
     if not args:
         args = ["--help"]  # the help, and exit 0: no command is not a mistake
+    try:
+        check_utf8_arguments(args)
+    except DsmoeError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, markup=True)
+        sys.exit(2)
     try:
         code = app(args=args, prog_name="dsmoe", standalone_mode=False)
     except typer.Abort:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TypeVar
 
@@ -9,7 +10,10 @@ import typer
 from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import QuantTypeOption, ThreadsOption, check_bits, console, guarded, human_bytes, progress_report, use_threads
+from dsmoe.cli.common import (
+    QuantTypeOption, ThreadsOption, check_bits, console, err_console, guarded, human_bytes, progress_report,
+    terminate_as_interrupt, use_threads,
+)
 from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import resolve_model_path
 from dsmoe.model.registry import remember_quantized
@@ -50,16 +54,20 @@ def quantize(
     use_threads(threads)
     if quant_type is not None and bits == 8:
         raise UsageError("--quant-type is for --bits 4 (8-bit is always int8)")
+    if not (math.isfinite(shard_gb) and shard_gb > 0):
+        raise UsageError(f"--shard-size must be a positive number of GB, got {shard_gb}")
     spec = QuantSpec(
         bits=bits, quant_type=quant_type or ("nf4" if bits == 4 else "int8"), double_quant=double_quant,
         quantize_lm_head=quantize_lm_head,
     )
     source = resolve_model_path(src)
     columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with progress_report(f"quantizing to {spec.name}", columns, unit="bytes") as report:
+    with terminate_as_interrupt(), progress_report(f"quantizing to {spec.name}", columns, unit="bytes") as report:
         result = quantize_checkpoint(source, dst, spec, force=force, progress=report,
                                      shard_bytes=int(shard_gb * 1000**3))
     remember_quantized(result.dst)  # so that 'dsmoe list' shows it and 'dsmoe rm' may remove it
+    for stale in result.removed_partials:
+        err_console.print(f"[dim]removed {stale}, left by an interrupted run whose process is gone[/]")
     rate = result.bytes_in / max(result.seconds, 1e-9) / 1e6
     console.print(
         f"wrote {result.dst}: {result.quantized} of {result.tensors} tensors quantized, {result.shards} shard(s), "

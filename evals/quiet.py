@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 NOISY_LOGGERS = ("lm_eval", "datasets", "evaluate", "huggingface_hub", "fsspec", "filelock", "urllib3",
-                 "math_verify", "latex2sympy2_extended", "sqlitedict")
+                 "math_verify", "latex2sympy2_extended")
 ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 

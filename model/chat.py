@@ -387,12 +387,16 @@ class ChatSession:
     def load(self, path: str | os.PathLike[str]) -> int:
         """Replace the conversation with a saved transcript; returns how many messages it had."""
         source = Path(path).expanduser()
+        if source.exists() and not source.is_file():  # a folder, a FIFO or /dev/zero: nothing to read, or no end
+            raise UsageError(f"cannot read {source}: not a regular file")
         try:
             data = json.loads(source.read_text(encoding="utf-8"))
         except OSError as exc:
             raise UsageError(f"cannot read {source}: {exc.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise UsageError(f"{source}: not a dsmoe chat transcript (nested too deeply)") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(data, dict) or data.get("format") != TRANSCRIPT_FORMAT or not isinstance(messages, list):
             raise UsageError(f"{source}: not a dsmoe chat transcript")

@@ -59,10 +59,11 @@ def load(
 
         name_or_path = DEMO_MODEL_PATH
     checkpoint = open_checkpoint(name_or_path)
+    tokenizer = load_tokenizer(checkpoint.path, checkpoint.config.vocab_size)  # its mistakes before the weights' time
     model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
                        quantize_lm_head=quantize_lm_head, device=device, progress=progress,
                        skip_routed_experts=skip_routed_experts)
-    return model, load_tokenizer(checkpoint.path)
+    return model, tokenizer
 
 
 def load_model(

@@ -34,18 +34,21 @@ def _token_content(value: Any) -> str | None:
 class Tokenizer:
     """Encode and decode text, with the special tokens of ``tokenizer_config.json``."""
 
-    def __init__(self, backend: HFTokenizer, config: dict[str, Any]) -> None:
+    def __init__(self, backend: HFTokenizer, config: dict[str, Any], source: str = "tokenizer_config.json") -> None:
         self.backend = backend
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
+        for name in ("bos_token", "eos_token"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise CheckpointError(f"{source}: {name} must be a string, got {getattr(self, name)!r}")
         self.bos_id = backend.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = backend.token_to_id(self.eos_token) if self.eos_token else None
         self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
-        self.chat_template = config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
-        if isinstance(self.chat_template, list):  # the named-templates form: take the default one
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()))
-        self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+        self.chat_template = _chat_template(config.get("chat_template"), source)
+        try:
+            self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+        except TemplateError as exc:
+            raise CheckpointError(f"{source}: chat_template is not a valid template ({exc})") from None
         self.vocab_size = backend.get_vocab_size()
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -68,7 +71,7 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except TemplateError as exc:
+        except Exception as exc:  # the template is the checkpoint's code: any failure in it is the checkpoint's
             raise CheckpointError(f"chat_template cannot be rendered: {exc}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
@@ -76,8 +79,23 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
 
 
-def load_tokenizer(folder: Path) -> Tokenizer | None:
-    """The folder's tokenizer, or None when it has no ``tokenizer.json`` (token-id use only)."""
+def _chat_template(value: Any, source: str) -> str:
+    """The template text: a string, or the default of the named-templates list form."""
+    if not value:
+        return DEFAULT_CHAT_TEMPLATE
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default") or next(iter(named.values()), None)
+    if not isinstance(value, str):
+        raise CheckpointError(f"{source}: chat_template must be a template string or a list of named ones")
+    return value
+
+
+def load_tokenizer(folder: Path, model_vocab_size: int | None = None) -> Tokenizer | None:
+    """The folder's tokenizer, or None when it has no ``tokenizer.json`` (token-id use only).
+
+    With ``model_vocab_size``, a tokenizer that makes ids the model has no embedding for is refused.
+    """
     path = folder / "tokenizer.json"
     if not path.exists():
         return None
@@ -92,4 +110,12 @@ def load_tokenizer(folder: Path) -> Tokenizer | None:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    return Tokenizer(backend, config)
+        except RecursionError:
+            raise CheckpointError(f"{config_path}: not valid JSON (nested too deeply)") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object")
+    tokenizer = Tokenizer(backend, config, source=str(config_path))
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise CheckpointError(f"{path}: its vocabulary has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"vocab_size {model_vocab_size}")
+    return tokenizer

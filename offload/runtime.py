@@ -126,7 +126,7 @@ def load_offloaded(
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
                            device="cpu", progress=progress)
         store = attach(model, plan, options)
-    return model, load_tokenizer(checkpoint.path), store
+    return model, load_tokenizer(checkpoint.path, checkpoint.config.vocab_size), store
 
 
 def _replan_after_load(checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype,

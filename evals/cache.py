@@ -31,7 +31,7 @@ from dsmoe.errors import EvalError
 FORMAT_VERSION = 1
 """Part of every cache key: a change in what an answer means starts new cache files."""
 
-CHUNK_REQUESTS = {"loglikelihood": 64, "loglikelihood_rolling": 4, "generate_until": 1}
+CHUNK_REQUESTS = {"loglikelihood": 32, "loglikelihood_rolling": 4, "generate_until": 1}
 """Requests scored between commits: a kill loses at most one chunk of work."""
 
 KINDS = tuple(CHUNK_REQUESTS)
@@ -159,10 +159,12 @@ class CacheUse:
 class CachedLM(LM):
     """Wraps a model so each request is answered from the cache when it can be, else scored and kept.
 
-    Sampled generations (``do_sample``) are never cached, as in lm-eval: repeats must differ.
+    Requests are scored in the same chunks with or without a cache (``cache=None``: nothing kept),
+    so a cached, a resumed and an uncached run batch alike and give the same numbers. Sampled
+    generations (``do_sample``) are never cached, as in lm-eval: repeats must differ.
     """
 
-    def __init__(self, lm: LM, cache: EvalCache) -> None:
+    def __init__(self, lm: LM, cache: EvalCache | None) -> None:
         super().__init__()
         self.lm = lm
         self.cache = cache
@@ -199,8 +201,8 @@ class CachedLM(LM):
         return self._answer("generate_until", requests)
 
     def _answer(self, kind: str, requests: list[Any]) -> list[Any]:
-        keys = [None if _sampled(kind, r.args) else request_key(kind, r.args) for r in requests]
-        found = self.cache.get(kind, [k for k in keys if k is not None])
+        keys = [None if self.cache is None or _sampled(kind, r.args) else request_key(kind, r.args) for r in requests]
+        found = {} if self.cache is None else self.cache.get(kind, [k for k in keys if k is not None])
         answers: list[Any] = [found.get(k) if k is not None else None for k in keys]
         self.use.reused += sum(a is not None for a in answers)
         done = sum(a is not None for a in answers)
@@ -212,12 +214,13 @@ class CachedLM(LM):
                 scored = getattr(self.lm, kind)([requests[i] for i in todo])
             for i, answer in zip(todo, scored):
                 answers[i] = answer
-            self.cache.put(kind, [(keys[i], answers[i]) for i in todo if keys[i] is not None])
+            if self.cache is not None:
+                self.cache.put(kind, [(keys[i], answers[i]) for i in todo if keys[i] is not None])
             self.use.scored += len(todo)
             done += len(todo)
         return answers
 
-    def _progress(self, kind: str, done: int, size: int, total: int) -> "_ChunkProgress":
+    def _progress(self, kind: str, done: int, size: int, total: int) -> _ChunkProgress:
         return _ChunkProgress(self.lm, kind, done, size, total)
 
 

@@ -310,10 +310,10 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
         raise EvalError("nothing to run: " + "; ".join(f"{r.label}: {r.skipped}" for r in rows))
     started = time.time()
     cache = open_cache(settings, lm)
-    cached = None if cache is None else CachedLM(lm, cache)
+    cached = CachedLM(lm, cache)
     try:
         results = lm_eval.simple_evaluate(
-            model=lm if cached is None else cached,
+            model=cached,
             tasks=[r.built for r in runnable],
             limit=settings.limit,
             log_samples=True,
@@ -346,8 +346,8 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
         "complete": not partial and settings.limit is None,
         "partial": partial,
         "rows": [_row_record(r) for r in rows],
-        "cache": None if cached is None else {"path": str(cached.cache.path), "reused": cached.use.reused,
-                                              "scored": cached.use.scored},
+        "cache": None if cache is None else {"path": str(cache.path), "reused": cached.use.reused,
+                                             "scored": cached.use.scored},
         "lm_eval": {k: results.get(k) for k in ("results", "groups", "n-samples", "n-shot", "versions", "higher_is_better")},
     }
     return Outcome(rows=rows, partial=partial, record=record, samples=results.get("samples"))

@@ -52,6 +52,7 @@ def info(
     """Architecture, experts, parameters (total and per token) and weight bytes at each precision."""
     if model is not None and model_flag is not None:
         raise UsageError("give MODEL or --model, not both")
+    options = requested_offload(expert_cache, gpu_mem, max_ram, always=True)  # bad budgets fail with or without --plan
     checkpoint = open_checkpoint(model or model_flag or default_model())
     config = checkpoint.config
     counts = parameter_counts(config)
@@ -76,5 +77,4 @@ def info(
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(full_width(table))
     if plan:
-        options = requested_offload(expert_cache, gpu_mem, max_ram, always=True)
         console.print(plan_table(plan_for(checkpoint, options, dtype, bits)))

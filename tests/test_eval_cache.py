@@ -196,6 +196,9 @@ def test_sigkill_mid_run_then_the_rerun_scores_only_the_rest(tmp_path):
         db.commit()
         db.close()
 
+    # The uninterrupted reference runs beside the one that is killed (two cores, half the wall time).
+    fresh = _eval([*common, "--no-cache", "--output", str(tmp_path / "fresh.json"),
+                   "--log-samples", str(tmp_path / "fresh.jsonl")])
     killed = _eval([*common, "--cache-dir", str(cache_dir), "--output", str(tmp_path / "killed.json")])
     deadline = time.monotonic() + 600
     at_kill = 0
@@ -215,8 +218,6 @@ def test_sigkill_mid_run_then_the_rerun_scores_only_the_rest(tmp_path):
 
     resumed = _eval([*common, "--cache-dir", str(cache_dir), "--output", str(tmp_path / "resumed.json"),
                      "--log-samples", str(tmp_path / "resumed.jsonl")])
-    fresh = _eval([*common, "--no-cache", "--output", str(tmp_path / "fresh.json"),
-                   "--log-samples", str(tmp_path / "fresh.jsonl")])
     for proc in (resumed, fresh):
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err

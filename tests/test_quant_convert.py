@@ -165,3 +165,68 @@ def test_already_quantized_source_is_refused(src: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         quantize_checkpoint(tmp_path / "q", tmp_path / "again", NF4)
     assert _leftovers(tmp_path) == ["q"]
+
+
+# ---------------------------------------------------------------------- the destination is never someone else's
+
+
+def test_a_folder_appearing_at_dst_is_never_deleted(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+
+    def someone_else(done: int, total: int) -> None:
+        if not dst.exists():
+            dst.mkdir()  # empty, which a plain rename would silently replace
+            (tmp_path / "theirs").mkdir()
+
+    with pytest.raises(UsageError, match="appeared while converting"):
+        quantize_checkpoint(src, dst, NF4, progress=someone_else)
+    assert dst.is_dir() and list(dst.iterdir()) == []
+    assert _leftovers(tmp_path) == ["out", "theirs"]
+
+
+def test_a_partial_left_by_a_dead_process_is_named_and_removed(src: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # this process has exited and been reaped
+    stale = tmp_path / f"out.partial-{dead_pid}"
+    stale.mkdir()
+    (stale / "shard-00000.tmp").write_bytes(b"half a shard")
+    report = quantize_checkpoint(src, tmp_path / "out", NF4)
+    assert report.removed_partials == (stale,)
+    assert _leftovers(tmp_path) == ["out"]
+
+
+def test_a_partial_of_a_live_process_is_left_alone(src: Path, tmp_path: Path) -> None:
+    import os
+
+    live = tmp_path / f"out.partial-{os.getppid()}"  # our parent is alive
+    live.mkdir()
+    with pytest.raises(UsageError, match=f"being written by process {os.getppid()}"):
+        quantize_checkpoint(src, tmp_path / "out", NF4)
+    assert _leftovers(tmp_path) == [live.name]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from cli_runner import run_cli
+    from dsmoe.model.memory import ReleaseEvery
+
+    calls = []
+    original = ReleaseEvery.processed
+
+    def terminate_midway(self, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+        calls.append(nbytes)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, nbytes)
+
+    monkeypatch.setattr(ReleaseEvery, "processed", terminate_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    result = run_cli(capsys, "quantize", str(src), str(tmp_path / "out"))
+    assert result.code == 130 and "interrupted" in result.err and len(calls) == 10
+    assert _leftovers(tmp_path) == [] and signal.getsignal(signal.SIGTERM) == before

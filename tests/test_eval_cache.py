@@ -230,3 +230,14 @@ def test_sigkill_mid_run_then_the_rerun_scores_only_the_rest(tmp_path):
                for run in ("resumed", "fresh")]
     assert answers[0] == answers[1] and len(answers[0]) == limit  # every log-probability, bit for bit
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("flag", ["--use_cache", "-c", "--cache_requests", "--cache_requests=true"])
+def test_lm_evals_pickling_caches_are_refused_on_its_command_line(capsys, flag):
+    from dsmoe.evals.lm_eval_cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--model", "dsmoe", "--tasks", "mmlu", flag, "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "pickles" in err and err.count("\n") == 1

@@ -136,7 +136,7 @@ def containment() -> Containment:
     if unshare and sys.platform.startswith("linux"):
         try:
             probe = subprocess.run([unshare, *UNSHARE, sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL,
-                                   capture_output=True, timeout=30)
+                                   capture_output=True, timeout=30, check=False)
             namespaces = probe.returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             namespaces = False

@@ -71,7 +71,7 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except Exception as exc:  # the template is the checkpoint's code: any failure in it is the checkpoint's
+        except Exception as exc:  # noqa: BLE001  (the template is the checkpoint's code; its failures are too)
             raise CheckpointError(f"chat_template cannot be rendered: {exc}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:

@@ -105,7 +105,7 @@ def test_bad_input_is_one_line(capsys, monkeypatch, tiny_path, tiny_copy, tmp_pa
 
 
 def test_quantize_on_a_full_disk_leaves_nothing(capsys, monkeypatch, tiny_path, tmp_path):
-    import dsmoe.quant.convert as convert
+    from dsmoe.quant import convert
 
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -188,7 +188,7 @@ def test_a_partial_left_by_a_dead_process_is_named_and_removed(src: Path, tmp_pa
     import subprocess
     import sys
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(gone.stdout)  # this process has exited and been reaped
     stale = tmp_path / f"out.partial-{dead_pid}"
     stale.mkdir()

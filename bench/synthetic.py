@@ -23,6 +23,7 @@ from dsmoe.errors import UsageError
 from dsmoe.model.checkpoint import INDEX_NAME
 from dsmoe.model.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.output_folder import rename_no_replace
 
 # deepseek-ai/deepseek-moe-16b-base's config.json, less its token ids (ours has its own tokenizer).
 GEOMETRIES: dict[str, dict[str, Any]] = {
@@ -179,7 +180,10 @@ def save_checkpoint(
         (partial / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": checkpoint.config.bos_token_id, "eos_token_id": checkpoint.config.eos_token_id}))
         write_byte_tokenizer(partial)
-        partial.rename(dst)
+        try:
+            rename_no_replace(partial, dst)
+        except FileExistsError:
+            raise UsageError(f"{dst}: appeared while writing; left as it is and the new weights discarded") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

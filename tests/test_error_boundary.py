@@ -73,6 +73,11 @@ CASES: list[tuple[str, list[str], object, tuple[str, ...]]] = [
     ("bench", ["--synthetic", "16b:layers=0"], None, ("num_hidden_layers",)),
     ("bench", ["--synthetic", "16b:layers=2", "--max-ram", "nan"], None, ("--max-ram",)),
     ("simulate", ["{tmp}/no-such.trace"], None, ("no-such.trace",)),
+    ("serve", ["-m", "{tmp}/nowhere"], None, ("nowhere",)),
+    ("perplexity", ["-m", "{tiny}", "--file", "{tmp}/none.txt"], None, ("none.txt",)),
+    ("list", ["--frobnicate"], None, ("--frobnicate",)),
+    ("pull", [NOT_UTF8], None, ("UTF-8",)),
+    ("rm", ["{tmp}/never-made"], None, ("never-made",)),
     ("simulate", ["{tmp}/t.trace", "--slots", "99"], "trace", ("slots", "99")),
 ]
 

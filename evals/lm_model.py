@@ -66,7 +66,7 @@ class Estimate:
 class _Meter:
     """Counts a request kind's work; reports its estimate at the start and once after the warm-up."""
 
-    def __init__(self, lm: "DsmoeLM", kind: str, requests: int, tokens: int) -> None:
+    def __init__(self, lm: DsmoeLM, kind: str, requests: int, tokens: int) -> None:
         self.lm, self.kind, self.requests, self.tokens = lm, kind, requests, tokens
         self.started = time.perf_counter()
         self.tokens_done = 0

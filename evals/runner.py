@@ -180,7 +180,7 @@ def plan(settings: EvalSettings, manager: TaskManager) -> list[PlannedTask]:
             rows.append(PlannedTask(
                 label=b.name, task=b.task, shots=entry.shots if settings.shots is None else settings.shots,
                 metric_key=b.metric_key, report_metric=entry.metric, reference=entry.reference,
-                comparison=entry.comparison, percent=b.percent,
+                comparison=entry.comparison, percent=b.percent, notes=[b.note] if b.note else [],
             ))
     for name in settings.tasks:
         task, benchmark = resolve(name, manager)
@@ -189,7 +189,8 @@ def plan(settings: EvalSettings, manager: TaskManager) -> list[PlannedTask]:
             shots = next((e.shots for e in suite_entries("report") if e.benchmark == benchmark), None)
         row = PlannedTask(label=benchmark.name if benchmark else task, task=task, shots=shots,
                           metric_key=benchmark.metric_key if benchmark else None,
-                          percent=benchmark.percent if benchmark else True)
+                          percent=benchmark.percent if benchmark else True,
+                          notes=[benchmark.note] if benchmark and benchmark.note else [])
         if benchmark is not None:
             row.report_metric, row.reference, row.comparison = report_scores(benchmark, shots)
         rows.append(row)

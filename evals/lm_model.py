@@ -40,7 +40,8 @@ TokenPair = tuple[list[int], list[int]]
 
 DEFAULT_MAX_GEN_TOKS = 256
 WARMUP_SECONDS = 3.0
-"""How long the first work of a request kind runs before its projected time is reported."""
+"""How long the first work of a request kind runs before its projected time is reported (none when
+the work is done by then)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class _Meter:
     def step(self, done: int, tokens: int) -> None:
         self.tokens_done += tokens
         seconds = time.perf_counter() - self.started
-        if not self.warmed and (seconds >= WARMUP_SECONDS or done == self.requests):
+        if not self.warmed and seconds >= WARMUP_SECONDS and done < self.requests:
             self.warmed = True
             if self.lm.estimate is not None:
                 self.lm.estimate(Estimate(self.kind, self.requests, self.tokens, self.tokens_done, seconds))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from head_rows import HeadRows
 from lm_eval.api.instance import Instance
 
 from dsmoe import load
@@ -42,19 +43,6 @@ def _requests(kind: str, args: list[tuple]) -> list[Instance]:
 
 def _logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
-
-
-class _HeadRows:
-    def __init__(self, model) -> None:
-        self.calls: list[int] = []
-        self.handle = model.lm_head.register_forward_hook(
-            lambda _module, args, _out: self.calls.append(args[0].shape[:-1].numel()))
-
-    def __enter__(self) -> _HeadRows:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
 
 
 # ---------------------------------------------------------------------- section 1: lm-eval's behaviour
@@ -140,7 +128,7 @@ def test_one_token_choices_one_row_per_question_batched_across_questions(tiny):
     questions = ["Question: 2+2?\nAnswer:", "The sky is", "Pick a letter: A, B, C or D.\nAnswer:"]
     args = [(q, c) for q in questions for c in (" A", " a", " the", " is")]  # one token each here
     lm = DsmoeLM(model=model, tokenizer=tok, batch_size=2)
-    with _HeadRows(model) as head:
+    with HeadRows(model) as head:
         got = lm.loglikelihood(_requests("loglikelihood", args))
     assert head.calls == [2, 1]  # three questions' last positions, two to a batch: 12 requests, 3 rows
     for (q, c), (score, _) in zip(args, got):
@@ -152,7 +140,7 @@ def test_unshared_rows_project_only_the_continuations(tiny):
     model, tok = tiny
     args = [("The capital of France is", " Paris"), ("Once upon a time there was", " a big old city by the sea")]
     lm = DsmoeLM(model=model, tokenizer=tok, batch_size=2, share_context=False)
-    with _HeadRows(model) as head:
+    with HeadRows(model) as head:
         got = lm.loglikelihood(_requests("loglikelihood", args))
     longest = max(len(lm._encode_pair(*a)[1]) for a in args)
     assert head.calls == [2 * longest]
@@ -162,16 +150,20 @@ def test_unshared_rows_project_only_the_continuations(tiny):
         assert score == pytest.approx(sum(float(lp[len(ctx) + k - 1, t]) for k, t in enumerate(cont)), abs=1e-4)
 
 
-def test_estimate_counts_requests_and_tokens_then_projects(tiny):
+def test_estimate_counts_requests_and_tokens_then_projects(tiny, monkeypatch):
+    from dsmoe.evals import lm_model
+
+    monkeypatch.setattr(lm_model, "WARMUP_SECONDS", 0.0)  # project right after the first batch
     model, tok = tiny
     seen = []
-    lm = DsmoeLM(model=model, tokenizer=tok, share_context=False, estimate=seen.append)
-    args = [("Hello there", " friend"), ("A", " b")]
+    lm = DsmoeLM(model=model, tokenizer=tok, batch_size=1, share_context=False, estimate=seen.append)
+    args = [("Hello there, my old", " friend"), ("A", " b")]
     lm.loglikelihood(_requests("loglikelihood", args))
-    rows = [len(lm._encode_pair(*a)[0]) + len(lm._encode_pair(*a)[1]) - 1 for a in args]
+    rows = [len(lm._encode_pair(*a)[0]) + len(lm._encode_pair(*a)[1]) - 1 for a in args]  # tokens each row reads
     first, warmed = seen
     assert (first.requests, first.tokens, first.projected_seconds) == (2, sum(rows), None)
-    assert warmed.warmup_tokens == sum(rows) and warmed.projected_seconds == pytest.approx(warmed.warmup_seconds)
+    assert warmed.warmup_tokens == max(rows)  # longest first
+    assert warmed.projected_seconds == pytest.approx(warmed.warmup_seconds * sum(rows) / max(rows))
     assert lm.answered["loglikelihood"] == 2
 
 
@@ -275,3 +267,25 @@ def test_results_record_names_what_came_from_the_cache(tmp_path):
     assert json.loads(out.read_text())["from_cache"] == {"loglikelihood": 0}
     assert CliRunner().invoke(app, args).exit_code == 0
     assert json.loads(out.read_text())["from_cache"] == {"loglikelihood": 4}
+
+
+def test_report_chat_suite_asks_lm_eval_for_chat_prompts(tiny, monkeypatch):
+    """run() hands lm-eval the chat switches for report-chat (and only there, unless asked)."""
+    import lm_eval
+
+    from dsmoe.evals import runner
+
+    asked = []
+
+    def fake_evaluate(**kwargs):
+        asked.append((kwargs["apply_chat_template"], kwargs["fewshot_as_multiturn"]))
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    model, tok = tiny
+    lm = DsmoeLM(model=model, tokenizer=tok)
+    row = runner.PlannedTask(label="x", task="x", shots=0, metric_key=None, built=[])
+    for suite, switch in (("report-chat", None), ("report", None), ("report", True), ("report-chat", False)):
+        settings = EvalSettings(model=str(TINY), tasks=[], suite=suite, cache_dir=None, apply_chat_template=switch)
+        runner.run(lm, settings, [row], task_manager(["mmlu"]))
+    assert asked == [(True, True), (False, False), (True, True), (False, False)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from head_rows import HeadRows
 
 from dsmoe import load
 from dsmoe.model.generate import SamplingSettings, generate_ids
@@ -14,21 +15,6 @@ def loaded(tiny_path):
     return load(tiny_path, dtype=torch.float32)
 
 
-class _HeadRows:
-    """Counts the rows each lm_head call projects."""
-
-    def __init__(self, model) -> None:
-        self.calls: list[int] = []
-        self.handle = model.lm_head.register_forward_hook(
-            lambda _module, args, _out: self.calls.append(args[0].shape[:-1].numel()))
-
-    def __enter__(self) -> _HeadRows:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
-
-
 def test_positions_give_the_full_runs_rows_and_project_only_them(loaded):
     model, tokenizer = loaded
     rows = [tokenizer.encode("The quick brown fox jumps over the lazy dog")[:10],
@@ -36,7 +22,7 @@ def test_positions_give_the_full_runs_rows_and_project_only_them(loaded):
     ids = torch.tensor(rows)
     full = model(ids)
     positions = torch.tensor([[0, 5, 9], [3, 3, 1]])
-    with _HeadRows(model) as head:
+    with HeadRows(model) as head:
         picked = model(ids, positions=positions)
     assert head.calls == [6]
     assert picked.shape == (2, 3, model.config.vocab_size)
@@ -50,7 +36,7 @@ def test_default_generation_projects_one_row_per_step(loaded):
     model, tokenizer = loaded
     prompt = tokenizer.encode("Permission is hereby granted, free of charge")
     assert len(prompt) > 5
-    with _HeadRows(model) as head:
+    with HeadRows(model) as head:
         tokens = list(generate_ids(model, prompt, SamplingSettings(max_new_tokens=6)))
     assert head.calls == [1] * len(tokens)
     # Greedy tokens as the full forward's argmax at the last position, step by step.
@@ -58,6 +44,6 @@ def test_default_generation_projects_one_row_per_step(loaded):
     for token in tokens:
         assert token == int(model(torch.tensor([ids]))[0, -1].argmax())
         ids.append(token)
-    with _HeadRows(model) as head:
+    with HeadRows(model) as head:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=3)
     assert head.calls == [1, 1, 1] and out[0, len(prompt):].tolist() == tokens[:3]

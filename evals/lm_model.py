@@ -16,6 +16,7 @@ import inspect
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -362,7 +363,7 @@ class DsmoeLM(LM):
         cut = text.rfind(final) if final else -1
         return text[:cut + len(final)] if cut >= 0 else text
 
-    @property
+    @cached_property
     def tokenizer_name(self) -> str:
         """Names the tokenizer and template in lm-eval's request cache keys: a hash of both."""
         digest = hashlib.sha256(self.tokenizer.backend.to_str().encode())

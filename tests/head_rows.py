@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class HeadRows:
     """Records how many rows each lm_head call projects while the block runs."""
@@ -11,7 +13,7 @@ class HeadRows:
         self.handle = model.lm_head.register_forward_hook(
             lambda _module, args, _out: self.calls.append(args[0].shape[:-1].numel()))
 
-    def __enter__(self) -> HeadRows:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

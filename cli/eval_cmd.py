@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any, Self
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -37,6 +39,10 @@ def eval_command(
     no_shared_context: bool = typer.Option(False, "--no-shared-context", help="Recompute a question's context for every choice."),
     ctx_size: int = CtxSizeOption,
     threads: int = ThreadsOption,
+    chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template", help="Prompts through the chat template, few-shot examples as turns (default: on for --suite report-chat)."),
+    engine: str = typer.Option("dsmoe", "--engine", help="dsmoe (this runtime) or vllm (lm-eval's vLLM model: GPUs, tensor/data parallel; pip install 'dsmoe[vllm]')."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="With --engine vllm: GPUs per model copy."),
+    data_parallel: int = typer.Option(1, "--data-parallel", help="With --engine vllm: model copies."),
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
@@ -59,6 +65,17 @@ def eval_command(
     names = [n.strip() for n in (task or "").split(",") if n.strip()]
     if not names and not suite:
         raise UsageError("give --task NAME[,NAME...] or --suite report|report-chat")
+    if engine not in ("dsmoe", "vllm"):
+        raise UsageError(f"--engine {engine}: dsmoe or vllm")
+    if engine == "vllm":
+        from dsmoe.evals.vllm_engine import require_vllm
+
+        dsmoe_only = [flag for flag, given in (("--bits", bits is not None), ("--quant-type", quant_type is not None),
+                                               ("expert-store budgets", offload is not None),
+                                               ("--no-shared-context", no_shared_context)) if given]
+        if dsmoe_only:
+            raise UsageError(f"{', '.join(dsmoe_only)}: dsmoe's own options; vLLM runs the checkpoint's weights with its kernels")
+        require_vllm()
     if data_dir is not None and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: no such folder")
     for flag, path in (("--output", output), ("--log-samples", log_samples)):
@@ -68,6 +85,7 @@ def eval_command(
         model=model or default_model(), tasks=names, suite=suite, shots=shots, limit=limit, batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None, allow_code_execution=allow_code_execution,
         cache_dir=None if no_cache else str(cache_dir or DEFAULT_CACHE_DIR), dtype=dtype, bits=bits, quant_type=quant_type,
+        apply_chat_template=chat_template,
     )
     # lm-eval logs every step at INFO, warns about choices we make on purpose and draws a tqdm bar per
     # task, datasets one per map: our own progress and output say what matters (errors still show).
@@ -76,26 +94,28 @@ def eval_command(
         rows = plan(settings, manager)
         with err_console.status("reading benchmark data"):
             build(rows, settings, manager)
-    loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type, offload)
-    with quiet_libraries(), _progress() as progress:
-        bars: dict[str, int] = {}
+    if engine == "vllm":
+        from dsmoe.evals.vllm_engine import vllm_lm, vllm_model_args
 
-        def report(kind: str, done: int, total: int) -> None:
-            if kind not in bars:
-                bars[kind] = progress.add_task(kind, total=total)
-            progress.update(bars[kind], completed=done, total=total)
-
-        lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=ctx_size,
-                     share_context=not no_shared_context, progress=report)
-        outcome = run(lm, settings, rows, manager)
+        with quiet_libraries():
+            lm: Any = vllm_lm(vllm_model_args(settings.model, dtype, tensor_parallel, data_parallel, max_length=ctx_size))
+            outcome = run(lm, settings, rows, manager)
+    else:
+        loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type, offload)
+        view = _ProgressView()
+        with quiet_libraries(), view:
+            lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=ctx_size,
+                         share_context=not no_shared_context, progress=view.progress, estimate=view.estimate)
+            outcome = run(lm, settings, rows, manager)
+    for kind, n in outcome.from_cache.items():
+        if n:
+            console.print(f"[dim]cache:[/] {n:,} of {outcome.requests[kind]:,} {kind} answers came from the cache "
+                          f"({settings.cache_dir}); --no-cache recomputes them")
     console.print(full_width(_table(outcome.rows, suite)))
     for note in sorted({n for r in outcome.rows for n in r.notes}):
         console.print(f"[dim]note:[/] {note}")
     for line in outcome.partial:
         console.print(f"[yellow]partial:[/] {line}")
-    cache = outcome.record.get("cache")
-    if cache and cache["reused"]:
-        console.print(f"[dim]resumed: {cache['reused']} answers from the cache, {cache['scored']} scored now[/]")
     if limit is not None:
         console.print(f"[yellow]partial:[/] limited to the first {limit} documents of each task")
     if suite:
@@ -109,11 +129,68 @@ def eval_command(
         console.print(f"samples written to {log_samples}")
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=True,
-    )
+PLAIN_PROGRESS_SECONDS = 30.0
+"""Without a terminal (a log file, CI), one progress line per request kind this often."""
+
+
+class _ProgressView:
+    """The run's estimate and progress: a live bar on a terminal, plain lines every N seconds otherwise."""
+
+    def __init__(self) -> None:
+        self.live = err_console.is_terminal
+        self.bars: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+        self.last_line: dict[str, float] = {}
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=True,
+        ) if self.live else None
+
+    def __enter__(self) -> Self:
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+    def estimate(self, estimate: Any) -> None:
+        projected = estimate.projected_seconds
+        if projected is None:
+            line = f"{estimate.kind}: {estimate.requests:,} requests, {estimate.tokens:,} tokens to compute"
+        else:
+            rate = estimate.warmup_tokens / estimate.warmup_seconds
+            line = (f"{estimate.kind}: {rate:,.0f} tokens/s over a {estimate.warmup_seconds:.1f} s warm-up: "
+                    f"about {_duration(projected)} in all")
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def progress(self, kind: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        self.started.setdefault(kind, now)
+        if self.bar is not None:
+            if kind not in self.bars:
+                self.bars[kind] = self.bar.add_task(kind, total=total)
+            self.bar.update(self.bars[kind], completed=done, total=total)
+            return
+        if done < total and now - self.last_line.get(kind, self.started[kind]) < PLAIN_PROGRESS_SECONDS:
+            return
+        self.last_line[kind] = now
+        elapsed = now - self.started[kind]
+        left = f", about {_duration(elapsed / done * (total - done))} left" if 0 < done < total else ""
+        err_console.print(f"{kind}: {done:,}/{total:,} requests, {_duration(elapsed)}{left}",
+                          markup=False, highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def _table(rows, suite: str | None) -> Table:  # type: ignore[no-untyped-def]
@@ -126,7 +203,7 @@ def _table(rows, suite: str | None) -> Table:  # type: ignore[no-untyped-def]
     for row in rows:
         ours = ("[dim]skipped[/]" if row.skipped else "[dim]n/a[/]") if row.score is None else _fmt(row.score, row.percent)
         table.add_row(
-            row.label, row.report_metric or row.metric_key or "", "" if row.shots is None else str(row.shots), ours,
+            row.label, (row.metric_key or "").split(",")[0], "" if row.shots is None else str(row.shots), ours,
             "" if row.reference is None else _fmt(row.reference, row.percent),
             "" if row.comparison is None else _fmt(row.comparison, row.percent),
         )

@@ -4,18 +4,25 @@ Token boundaries follow lm-eval's Hugging Face model (encode context + continuat
 split at the context's length), so our scores are comparable with ``--model hf`` runs. The
 choices of one multiple-choice question share their context: its keys and values are computed
 once and the continuations are scored against copies of that cache, which is where most of an
-MMLU run's time goes otherwise.
+MMLU run's time goes otherwise; when every choice is one token (MMLU's letters), one row per
+question gives all its choices, and the questions are batched, longest first, as lm-eval's HF
+model does. The lm_head projects only the positions that are scored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dsmoe.errors import EvalError
@@ -33,6 +40,50 @@ Progress = Callable[[str, int, int], None]
 TokenPair = tuple[list[int], list[int]]
 
 DEFAULT_MAX_GEN_TOKS = 256
+WARMUP_SECONDS = 3.0
+"""How long the first work of a request kind runs before its projected time is reported (none when
+the work is done by then)."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What one request kind will cost: reported at its start, then again after a short warm-up."""
+
+    kind: str
+    requests: int
+    """Requests this model computes (ones lm-eval's cache answered never reach it)."""
+    tokens: int
+    """Tokens the model will read (generation: prompts plus the token limit, an upper bound)."""
+    warmup_tokens: int = 0
+    warmup_seconds: float = 0.0
+
+    @property
+    def projected_seconds(self) -> float | None:
+        """The whole kind's time at the warm-up's rate, or None before the warm-up."""
+        if self.warmup_seconds <= 0 or self.warmup_tokens <= 0:
+            return None
+        return self.tokens * self.warmup_seconds / self.warmup_tokens
+
+
+class _Meter:
+    """Counts a request kind's work; reports its estimate at the start and once after the warm-up."""
+
+    def __init__(self, lm: DsmoeLM, kind: str, requests: int, tokens: int) -> None:
+        self.lm, self.kind, self.requests, self.tokens = lm, kind, requests, tokens
+        self.started = time.perf_counter()
+        self.tokens_done = 0
+        self.warmed = False
+        if lm.estimate is not None and requests:
+            lm.estimate(Estimate(kind, requests, tokens))
+
+    def step(self, done: int, tokens: int) -> None:
+        self.tokens_done += tokens
+        seconds = time.perf_counter() - self.started
+        if not self.warmed and seconds >= WARMUP_SECONDS and done < self.requests:
+            self.warmed = True
+            if self.lm.estimate is not None:
+                self.lm.estimate(Estimate(self.kind, self.requests, self.tokens, self.tokens_done, seconds))
+        self.lm._report(self.kind, done, self.requests)
 
 
 @register_model("dsmoe")
@@ -48,11 +99,17 @@ class DsmoeLM(LM):
         batch_size: int | str | None = 8,
         max_length: int | None = None,
         share_context: bool = True,
+        rolling_double_bos: bool = False,
         model: DeepseekForCausalLM | None = None,
         tokenizer: Tokenizer | None = None,
         progress: Progress | None = None,
+        estimate: Callable[[Estimate], None] | None = None,
         **extra: Any,
     ) -> None:
+        """``rolling_double_bos``: score perplexity documents as lm-eval's HF model does with this
+        BOS-adding tokenizer (the document encoded with its BOS, another BOS in front, so p(BOS | BOS)
+        counts too), for comparing with published lm-eval numbers; the default scores p(text | BOS).
+        """
         super().__init__()
         # lm-eval's harness adds these for every model; they mean nothing on our single device.
         for harness_arg in ("device", "max_batch_size"):
@@ -70,13 +127,18 @@ class DsmoeLM(LM):
         self.batch_size = _parse_batch_size(batch_size)
         self.max_length = int(max_length or model.config.max_position_embeddings)
         self.share_context = _parse_bool(share_context)
+        self.rolling_double_bos = _parse_bool(rolling_double_bos)
         self.progress = progress
+        self.estimate = estimate
+        self.answered: Counter[str] = Counter()
+        """Requests of each kind this model computed (the rest of a run came from a cache)."""
         self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         self.stop_ids = list(model.config.eos_token_ids)
 
     # ------------------------------------------------------------------ loglikelihood
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        self.answered["loglikelihood"] += len(requests)
         pairs = [self._encode_pair(context, continuation) for context, continuation in (r.args for r in requests)]
         results = self.score_pairs(pairs, kind="loglikelihood")
         for request, result in zip(requests, results):
@@ -94,9 +156,15 @@ class DsmoeLM(LM):
         if spaces:  # trailing spaces belong to the continuation, so words tokenize as words
             continuation = context[-spaces:] + continuation
             context = context[:-spaces]
-        whole = self.tokenizer.encode(context + continuation)
-        context_ids = self.tokenizer.encode(context)
+        whole = self.encode_text(context + continuation)
+        context_ids = self.encode_text(context)
         return context_ids, whole[len(context_ids):]
+
+    def encode_text(self, text: str) -> list[int]:
+        """The tokenizer's encoding, without adding a BOS when the text already starts with the BOS
+        token's text (a chat template writes it), as lm-eval's HF model does."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
     def score_pairs(self, pairs: list[TokenPair], kind: str = "loglikelihood") -> list[tuple[float, bool]]:
         """(sum of log-probabilities of each continuation, whether greedy decoding yields it)."""
@@ -113,43 +181,79 @@ class DsmoeLM(LM):
                 shared[tuple(seen)].append(i)
             else:
                 alone.append(i)
-        # A context asked once gains nothing from a cache: score it with the unshared batches.
+        # One-token choices (MMLU's letters) all read the logits after their context: one row per
+        # context, and the contexts of several questions share a batch.
+        one_token = [seen for seen, members in shared.items() if all(len(pairs[i][1]) == 1 for i in members)]
+        last_rows = {seen: shared.pop(seen) for seen in one_token}
+        # A longer context asked once gains nothing from a cache: score it with the unshared batches.
         for seen, members in list(shared.items()):
             if len(members) == 1:
                 alone.extend(shared.pop(seen))
-        done = sum(r is not None for r in results)
-        total = len(pairs)
+
+        def row_length(i: int) -> int:
+            return min(len(pairs[i][0]) + len(pairs[i][1]) - 1, self.max_length)
+
+        # Work units, longest first like lm-eval's HF model, so an out-of-memory batch shows up at once
+        # and each batch holds rows of similar length (little padding).
+        units: list[tuple[int, Callable[[], int]]] = []
+        alone.sort(key=lambda i: -row_length(i))
+        for start in range(0, len(alone), self.batch_size):
+            batch = alone[start:start + self.batch_size]
+            units.append((row_length(batch[0]), lambda batch=batch: self._unshared_unit(pairs, batch, results)))
+        contexts = sorted(last_rows, key=len, reverse=True)
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = contexts[start:start + self.batch_size]
+            units.append((len(chunk[0]), lambda chunk=chunk: self._last_row_unit(pairs, chunk, last_rows, results)))
+        for seen, members in shared.items():
+            units.append((len(seen), lambda seen=seen, members=members: self._shared_unit(pairs, seen, members, results)))
+        units.sort(key=lambda unit: -unit[0])
+
+        tokens = sum(row_length(i) for i in alone) + sum(len(c) for c in last_rows)
+        tokens += sum(len(seen) - 1 + sum(len(pairs[i][1]) for i in members) for seen, members in shared.items())
+        todo = sum(r is None for r in results)
+        meter = _Meter(self, kind, todo, tokens)
+        done = 0
         with torch.inference_mode():
-            # Longest first, like lm-eval's HF model, so an out-of-memory batch shows up at once.
-            alone.sort(key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-            for start in range(0, len(alone), self.batch_size):
-                batch = alone[start:start + self.batch_size]
-                for i, result in zip(batch, self._score_unshared([pairs[i] for i in batch])):
-                    results[i] = result
-                done += len(batch)
-                self._report(kind, done, total)
-            for seen, members in shared.items():
-                scored = self._score_shared(list(seen), [pairs[i][1] for i in members])
-                for i, result in zip(members, scored):
-                    results[i] = result
-                done += len(members)
-                self._report(kind, done, total)
+            for _, unit in units:
+                before = sum(r is not None for r in results)
+                fed = unit()
+                done += sum(r is not None for r in results) - before
+                meter.step(done, fed)
         return results  # type: ignore[return-value]
 
-    def _score_unshared(self, pairs: list[TokenPair]) -> list[tuple[float, bool]]:
+    def _unshared_unit(self, pairs: list[TokenPair], batch: list[int], results: list) -> int:
         """Each pair as its own row: the model reads context + continuation, left-truncated."""
-        rows: list[list[int]] = []
-        for context, continuation in pairs:
-            rows.append((context + continuation)[-(self.max_length + 1):][:-1])
-        logits = self.model(self._pad(rows))
-        out = []
-        for row, ids, (_, continuation) in zip(logits, rows, pairs):
-            n = len(continuation)
-            out.append(self._continuation_score(row[len(ids) - n:len(ids)], continuation))
-        return out
+        rows = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):][:-1] for i in batch]
+        lengths = [len(pairs[i][1]) for i in batch]
+        width = max(lengths)
+        # The continuation's positions at the end of each row (right padding: ends differ); short
+        # continuations repeat their last position to fill the rectangle, and those rows are unused.
+        positions = [[max(len(row) - n + k, 0) if k < n else len(row) - 1 for k in range(width)]
+                     for row, n in zip(rows, lengths)]
+        index = torch.tensor(positions, dtype=torch.long, device=self.model.device)
+        logits = self.model(self._pad(rows), positions=index)
+        for i, row, n in zip(batch, logits, lengths):
+            results[i] = self._continuation_score(row[:n], pairs[i][1])
+        return sum(len(r) for r in rows)
+
+    def _last_row_unit(self, pairs: list[TokenPair], contexts: list[tuple[int, ...]],
+                       members: dict[tuple[int, ...], list[int]], results: list) -> int:
+        """Several questions' contexts in one batch; every one-token choice reads its context's last logits."""
+        rows = [list(c) for c in contexts]
+        index = torch.tensor([[len(r) - 1] for r in rows], dtype=torch.long, device=self.model.device)
+        logits = self.model(self._pad(rows), positions=index)
+        for context, row in zip(contexts, logits):
+            for i in members[context]:
+                results[i] = self._continuation_score(row, pairs[i][1])
+        return sum(len(r) for r in rows)
+
+    def _shared_unit(self, pairs: list[TokenPair], seen: tuple[int, ...], members: list[int], results: list) -> int:
+        """Prefill the context once, then score the continuations against copies of its cache."""
+        for i, result in zip(members, self._score_shared(list(seen), [pairs[i][1] for i in members])):
+            results[i] = result
+        return len(seen) - 1 + sum(len(pairs[i][1]) for i in members)
 
     def _score_shared(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        """Prefill the context once, then score the continuations against copies of its cache."""
         prefix = context[:-1]
         out: list[tuple[float, bool]] = []
         longest = max(len(c) for c in continuations)
@@ -183,12 +287,15 @@ class DsmoeLM(LM):
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         """Whole-document log-likelihood in windows of the model's context (perplexity, bits per byte).
 
-        The text is encoded without bos and every token is predicted, the first from bos alone.
+        By default the text is encoded without BOS and every token is predicted, the first from BOS
+        alone: p(text | BOS), how the model reads a document (evals/tasks/pile.yaml says why).
+        ``rolling_double_bos`` scores lm-eval's HF model's way instead, p(BOS text | BOS).
         """
+        self.answered["loglikelihood_rolling"] += len(requests)
         windows: list[TokenPair] = []
         owners: list[int] = []
         for n, (text,) in enumerate(r.args for r in requests):
-            ids = self.tokenizer.encode(text, add_bos=False)
+            ids = self.encode_text(text) if self.rolling_double_bos else self.tokenizer.encode(text, add_bos=False)
             for window in get_rolling_token_windows(ids, self.prefix_id, self.max_length, 1):
                 windows.append(make_disjoint_window(window))
                 owners.append(n)
@@ -207,35 +314,67 @@ class DsmoeLM(LM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Greedy unless the task asks to sample; stops at eos, a stop string or max_gen_toks."""
+        """Greedy unless the task asks to sample; stops at eos, a stop string or the token limit."""
+        self.answered["generate_until"] += len(requests)
         out: list[str] = []
-        for done, request in enumerate(requests, start=1):
-            context, gen_kwargs = request.args
-            text = self.generate_one(context, dict(gen_kwargs))
+        prompts = [self._generation_prompt(context, dict(gen_kwargs)) for context, gen_kwargs in (r.args for r in requests)]
+        meter = _Meter(self, "generate_until", len(requests), sum(len(ids) + s.max_new_tokens for ids, s, _ in prompts))
+        for done, (request, (ids, settings, until)) in enumerate(zip(requests, prompts), start=1):
+            text = "".join(stream_text(self.model, self.tokenizer, ids, settings, stop_strings=until))
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
-            self._report("generate_until", done, len(requests))
+            meter.step(done, len(ids) + settings.max_new_tokens)
         return out
 
     def generate_one(self, context: str, gen_kwargs: dict[str, Any]) -> str:
-        until = gen_kwargs.pop("until", None) or []
-        if isinstance(until, str):
-            until = [until]
-        max_new = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-        sample = bool(gen_kwargs.pop("do_sample", False))
-        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+        ids, settings, until = self._generation_prompt(context, gen_kwargs)
+        return "".join(stream_text(self.model, self.tokenizer, ids, settings, stop_strings=until))
+
+    def _generation_prompt(self, context: str, gen_kwargs: dict[str, Any]) -> tuple[list[int], SamplingSettings, list[str]]:
+        """Prompt ids, sampling settings and stop strings, with lm-eval's reading of the kwargs
+        (max_gen_toks, max_new_tokens, max_tokens or max_completion_tokens, in that priority)."""
+        kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+        max_new = int(kwargs["max_gen_toks"])
+        sample = bool(kwargs.get("do_sample", False))
+        temperature = float(kwargs.get("temperature", 0.0) or 0.0)
         settings = SamplingSettings(
             max_new_tokens=max_new,
             temperature=temperature if sample else 0.0,
-            top_p=float(gen_kwargs.pop("top_p", 1.0) or 1.0),
-            top_k=int(gen_kwargs.pop("top_k", 0) or 0),
-            seed=gen_kwargs.pop("seed", None),
+            top_p=float(kwargs.get("top_p", 1.0) or 1.0),
+            top_k=int(kwargs.get("top_k", 0) or 0),
+            seed=kwargs.get("seed", None),
             stop_ids=self.stop_ids,
         )
-        ids = self.tokenizer.encode(context)
         room = max(self.max_length - max_new, 1)
-        ids = ids[-room:]
-        return "".join(stream_text(self.model, self.tokenizer, ids, settings, stop_strings=list(until)))
+        return self.encode_text(context)[-room:], settings, [s for s in kwargs["until"] if s]
+
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the checkpoint's chat template (or deepseek-moe-16b-chat's) writes it.
+
+        Without a generation prompt the last (assistant) message stays open, as Hugging Face's
+        ``continue_final_message`` leaves it: lm-eval then scores or continues that answer.
+        """
+        if add_generation_prompt or not chat_history or chat_history[-1]["role"] != "assistant":
+            return self.tokenizer.render_chat(chat_history, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.render_chat(chat_history, add_generation_prompt=False)
+        final = chat_history[-1]["content"].strip()
+        cut = text.rfind(final) if final else -1
+        return text[:cut + len(final)] if cut >= 0 else text
+
+    @cached_property
+    def tokenizer_name(self) -> str:
+        """Names the tokenizer and template in lm-eval's request cache keys: a hash of both."""
+        digest = hashlib.sha256(self.tokenizer.backend.to_str().encode())
+        digest.update(self.tokenizer.chat_template.encode())
+        return f"dsmoe-{digest.hexdigest()[:16]}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """lm-eval records this in its results; None when chat templating is off."""
+        if chat_template is False or chat_template is None:
+            return None
+        return self.tokenizer.chat_template
 
     # ------------------------------------------------------------------ helpers
 
@@ -249,6 +388,7 @@ class DsmoeLM(LM):
             "dsmoe_dtype": str(self.model.dtype).removeprefix("torch."),
             "dsmoe_max_length": self.max_length,
             "dsmoe_share_context": self.share_context,
+            "dsmoe_rolling_double_bos": self.rolling_double_bos,
         }
 
 
@@ -267,7 +407,7 @@ def _load(pretrained: str, dtype: str, bits: int | None, quant_type: str | None,
     if unknown:
         raise EvalError(
             f"unknown dsmoe model argument(s): {', '.join(unknown)} "
-            f"(known: pretrained, dtype, bits, quant_type, batch_size, max_length, share_context, "
+            f"(known: pretrained, dtype, bits, quant_type, batch_size, max_length, share_context, rolling_double_bos, "
             f"{', '.join(OFFLOAD_ARGS)}{', ' + ', '.join(sorted(known)) if known else ''})"
         )
     budgets = {name: extra.pop(name) for name in OFFLOAD_ARGS if name in extra}

@@ -68,6 +68,14 @@ class EvalSettings:
     dtype: str = "bf16"
     bits: int | None = None
     quant_type: str | None = None
+    apply_chat_template: bool | None = None
+    """Prompts through the chat template, few-shot examples as earlier turns; None: on for report-chat."""
+
+    @property
+    def chat(self) -> bool:
+        if self.apply_chat_template is not None:
+            return self.apply_chat_template
+        return self.suite == "report-chat"
 
     def __post_init__(self) -> None:
         for name, least in (("shots", 0), ("limit", 1), ("batch_size", 1)):
@@ -82,6 +90,10 @@ class Outcome:
     partial: list[str]
     record: dict[str, Any]
     samples: dict[str, Any] | None
+    requests: dict[str, int] = field(default_factory=dict)
+    """Requests of each kind the run needed."""
+    from_cache: dict[str, int] = field(default_factory=dict)
+    """Of those, how many were answered from the cache instead of the model."""
 
 
 # ---------------------------------------------------------------------- building tasks
@@ -174,7 +186,7 @@ def plan(settings: EvalSettings, manager: TaskManager) -> list[PlannedTask]:
             rows.append(PlannedTask(
                 label=b.name, task=b.task, shots=entry.shots if settings.shots is None else settings.shots,
                 metric_key=b.metric_key, report_metric=entry.metric, reference=entry.reference,
-                comparison=entry.comparison, percent=b.percent,
+                comparison=entry.comparison, percent=b.percent, notes=[b.note] if b.note else [],
             ))
     for name in settings.tasks:
         task, benchmark = resolve(name, manager)
@@ -183,7 +195,8 @@ def plan(settings: EvalSettings, manager: TaskManager) -> list[PlannedTask]:
             shots = next((e.shots for e in suite_entries("report") if e.benchmark == benchmark), None)
         row = PlannedTask(label=benchmark.name if benchmark else task, task=task, shots=shots,
                           metric_key=benchmark.metric_key if benchmark else None,
-                          percent=benchmark.percent if benchmark else True)
+                          percent=benchmark.percent if benchmark else True,
+                          notes=[benchmark.note] if benchmark and benchmark.note else [])
         if benchmark is not None:
             row.report_metric, row.reference, row.comparison = report_scores(benchmark, shots)
         rows.append(row)
@@ -320,10 +333,17 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
             bootstrap_iters=0,
             confirm_run_unsafe_code=settings.allow_code_execution,
             task_manager=manager,
+            # The chat model as it is used: its template around every prompt, and few-shot examples as
+            # earlier user/assistant turns (lm-eval's fewshot_as_multiturn), as the report's chat table.
+            apply_chat_template=settings.chat,
+            fewshot_as_multiturn=settings.chat,
         )
     finally:
         if cache is not None:
             cache.close()
+    requests = request_counts(runnable)
+    answered = getattr(lm, "answered", None)
+    from_cache = {kind: max(n - answered[kind], 0) for kind, n in requests.items()} if answered is not None else {}
     scores = results["results"]
     for row in runnable:
         names = [row.task] + [t.config.task for t in _leaves(row.built)]
@@ -342,7 +362,7 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
         "machine": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
-        "config": {**asdict(settings), "max_length": lm.max_length, "share_context": lm.share_context},
+        "config": {**asdict(settings), "max_length": lm.max_length, "share_context": getattr(lm, "share_context", None)},
         "complete": not partial and settings.limit is None,
         "partial": partial,
         "rows": [_row_record(r) for r in rows],
@@ -350,7 +370,19 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
                                              "scored": cached.use.scored},
         "lm_eval": {k: results.get(k) for k in ("results", "groups", "n-samples", "n-shot", "versions", "higher_is_better")},
     }
-    return Outcome(rows=rows, partial=partial, record=record, samples=results.get("samples"))
+    record["from_cache"] = from_cache
+    return Outcome(rows=rows, partial=partial, record=record, samples=results.get("samples"),
+                   requests=requests, from_cache=from_cache)
+
+
+def request_counts(rows: list[PlannedTask]) -> dict[str, int]:
+    """Requests of each kind the rows' tasks built (lm-eval keeps them on each task after a run)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for leaf in _leaves(row.built):
+            for instance in leaf.instances:
+                counts[instance.request_type] = counts.get(instance.request_type, 0) + 1
+    return counts
 
 
 def _row_record(row: PlannedTask) -> dict[str, Any]:

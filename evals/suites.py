@@ -27,6 +27,13 @@ class Benchmark:
     overrides: tuple[tuple[str, object], ...] = ()
     runs_code: bool = False
     folders: tuple[str, ...] = ()
+    note: str | None = None
+    """Why this metric, or what differs from the report, shown under the results table."""
+
+    @property
+    def metric(self) -> str:
+        """lm-eval's name of the metric the row shows: acc, acc_norm, exact_match, bits_per_byte, ..."""
+        return self.metric_key.split(",")[0]
 
     @property
     def percent(self) -> bool:
@@ -34,12 +41,31 @@ class Benchmark:
         return not self.metric_key.startswith("bits_per_byte")
 
 
+PILE_NOTE = ("Pile: bits per byte of p(text | BOS), each document read as the model reads any text; lm-eval's "
+             "HF model with this BOS-adding tokenizer also scores p(BOS | BOS), one token more per document: "
+             "model_arg rolling_double_bos=true scores that way, for comparing with published lm-eval numbers")
+BBH_NOTE = ("BBH: no local copy; the BIG-Bench Hard test sets are not in shared/evaldata nor in any package the "
+            "registries serve here (PyPI's bigbench holds the source BIG-bench tasks, not BBH's 250-example sets)")
+
+
+def _norm_note(name: str, arc: bool = False) -> str:
+    """Why acc_norm: the report's choice accuracy is length-normalized (DeepSeek's evaluation framework,
+    described in the DeepSeek LLM paper); plain acc favours short choices."""
+    if arc:
+        return (f"{name}: acc_norm; DeepSeek's evaluation framework normalizes ARC by each choice's "
+                f"unconditional likelihood, which lm-eval's arc tasks do not offer: of acc and acc_norm, "
+                f"the length-normalized acc_norm is the nearer")
+    return (f"{name}: acc_norm (each choice's likelihood normalized by its length in bytes), not acc: the "
+            f"report's choice accuracy is length-normalized, as DeepSeek's evaluation framework (DeepSeek LLM "
+            f"paper) describes; unnormalized acc favours short choices")
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name.lower(): b for b in [
-    Benchmark("Pile", "pile", "bits_per_byte,none"),
-    Benchmark("HellaSwag", "hellaswag", "acc_norm,none", folders=("hellaswag",)),
-    Benchmark("PIQA", "piqa", "acc_norm,none", folders=("piqa",)),
-    Benchmark("ARC-easy", "arc_easy", "acc_norm,none", folders=("arc",)),
-    Benchmark("ARC-challenge", "arc_challenge", "acc_norm,none", folders=("arc",)),
+    Benchmark("Pile", "pile", "bits_per_byte,none", note=PILE_NOTE),
+    Benchmark("HellaSwag", "hellaswag", "acc_norm,none", folders=("hellaswag",), note=_norm_note("HellaSwag")),
+    Benchmark("PIQA", "piqa", "acc_norm,none", folders=("piqa",), note=_norm_note("PIQA")),
+    Benchmark("ARC-easy", "arc_easy", "acc_norm,none", folders=("arc",), note=_norm_note("ARC-easy", arc=True)),
+    Benchmark("ARC-challenge", "arc_challenge", "acc_norm,none", folders=("arc",), note=_norm_note("ARC-challenge", arc=True)),
     Benchmark("RACE-middle", "race_middle", "acc,none", base="race", overrides=(("dataset_name", "middle"),), folders=("race",)),
     Benchmark("RACE-high", "race", "acc,none", folders=("race",)),
     Benchmark("DROP", "drop", "em,none", folders=("drop",)),
@@ -55,7 +81,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name.lower(): b for b in [
     Benchmark("CEval", "ceval-valid", "acc,none", folders=("ceval",)),
     Benchmark("CMMLU", "cmmlu", "acc,none", folders=("cmmlu",)),
     Benchmark("CHID", "chid", "acc,none"),
-    Benchmark("BBH", "bbh_fewshot", "exact_match,none", folders=("bbh/fewshot",)),
+    Benchmark("BBH", "bbh_fewshot", "exact_match,none", folders=("bbh/fewshot",), note=BBH_NOTE),
 ]}
 
 BY_TASK = {b.task: b for b in BENCHMARKS.values()}

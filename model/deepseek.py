@@ -411,15 +411,21 @@ class DeepseekForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
 
+        ``positions`` [B, K] (indices into T) picks the rows the lm_head projects: logits
+        [B, K, vocab], each equal to that position's row of the full result. The lm_head is
+        102400 wide, so a caller that scores a few positions of a long prompt skips most of it.
         With a cache, the tokens continue the cached sequence and their keys and values are stored.
         Logits come back in fp32 whatever the compute dtype, since sampling and scoring want them.
         """
         hidden = self.model(input_ids, cache)
         if last_only:
             hidden = hidden[:, -1:]
+        elif positions is not None:
+            hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.lm_head(hidden).float()
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 20, **settings: object) -> torch.Tensor:

@@ -156,8 +156,10 @@ class TextStream:
             safe = cut
         else:
             safe = len(text)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-                safe = len(text.rstrip("\ufffd"))
+            # An incomplete UTF-8 sequence at the end decodes to one U+FFFD: hold that one back for
+            # its next byte. Any before it are bytes no later token can complete: they are text.
+            if text.endswith("\ufffd"):
+                safe -= 1
             for stop in self.stop_strings:  # hold back a tail that may grow into a stop string
                 for n in range(min(len(stop) - 1, len(text)), 0, -1):
                     if text.endswith(stop[:n]):
@@ -168,8 +170,12 @@ class TextStream:
         return piece
 
     def flush(self) -> str:
-        """The held-back tail once generation has ended without a stop string."""
-        text = self.text.rstrip("\ufffd")  # bytes of a character that never completed
+        """The held-back tail once generation has ended without a stop string.
+
+        A character the token limit cut stays as the decoder's U+FFFD, as lm-eval and Hugging Face
+        keep it: dropping it would make a cut answer look complete.
+        """
+        text = self.text
         piece = text[self.emitted:]
         self.emitted = len(text)
         return piece

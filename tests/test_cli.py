@@ -50,5 +50,5 @@ def test_generate_streams_the_greedy_continuation(capsys, tiny_path):
     expected = tokenizer.decode(expected_ids[len(tokenizer.encode(prompt)):].tolist())
     result = run_cli(capsys, "generate", "-m", str(tiny_path), "--dtype", "fp32", "-n", "12", prompt)
     assert result.code == 0, result.err
-    assert result.out.rstrip("\n") == expected.rstrip("\ufffd")
+    assert result.out.rstrip("\n") == expected  # a character the limit cut stays U+FFFD, as the decoder gives it
     assert "prompt tokens" in result.err

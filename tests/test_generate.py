@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -38,6 +40,39 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([4.0, 3.0, 0.0, -1.0])
     sampler = Sampler(SamplingSettings(temperature=1.0, top_p=0.5, seed=0))
     assert {sampler(logits, []) for _ in range(50)} == {0}
+
+
+def _draws(logits: list[float], seeds: int = 2000, **settings: float) -> list[int]:
+    return [Sampler(SamplingSettings(seed=seed, **settings))(torch.tensor(logits), []) for seed in range(seeds)]
+
+
+def test_top_p_samples_an_unsorted_nucleus_in_proportion():
+    # By hand: softmax of [0, 2, -1, 1.5, 1] is [.063, .463, .023, .281, .170]. Sorted, .463 < 0.7
+    # and .463 + .281 = .744 >= 0.7, so the nucleus is tokens 1 and 3, renormalised to
+    # e^2 / (e^2 + e^1.5) = 1 / (1 + e^-0.5) = 0.6225 and 0.3775.
+    draws = _draws([0.0, 2.0, -1.0, 1.5, 1.0], temperature=1.0, top_p=0.7)
+    assert set(draws) == {1, 3}
+    share = draws.count(1) / len(draws)
+    assert abs(share - 1 / (1 + math.exp(-0.5))) < 4 * math.sqrt(0.6225 * 0.3775 / len(draws))  # 4 sigma
+
+
+def test_top_p_with_temperature_and_top_k():
+    # Temperature 2 halves the logits [3, 0, 4, 2, 1]: softmax of [1.5, 0, 2, 1, .5] is
+    # [.260, .058, .429, .158, .096]; top_k=3 keeps tokens 2, 0 and 3 ([.506, .307, .186]);
+    # top_p=0.8 stops once .506 + .307 = .813 is reached: tokens 2 and 0, as e^2 : e^1.5.
+    draws = _draws([3.0, 0.0, 4.0, 2.0, 1.0], temperature=2.0, top_k=3, top_p=0.8)
+    assert set(draws) == {0, 2}
+    share = draws.count(2) / len(draws)
+    assert abs(share - 1 / (1 + math.exp(-0.5))) < 4 * math.sqrt(0.6225 * 0.3775 / len(draws))
+
+
+def test_sampling_without_limits_follows_the_softmax():
+    # Temperature 1, no top-k or top-p: every token, each as often as its softmax probability.
+    logits = [1.0, 0.0, 2.0]
+    probs = [math.exp(v) / sum(math.exp(w) for w in logits) for v in logits]
+    draws = _draws(logits, temperature=1.0)
+    for token, p in enumerate(probs):
+        assert abs(draws.count(token) / len(draws) - p) < 4 * math.sqrt(p * (1 - p) / len(draws))
 
 
 def test_repetition_penalty_discourages_seen_tokens():

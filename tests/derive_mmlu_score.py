@@ -16,10 +16,9 @@ import lm_eval
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from lm_eval_peer import LmEvalPeer  # noqa: E402
-
-from dsmoe import load  # noqa: E402
-from dsmoe.evals.runner import EvalSettings, build, plan, task_manager  # noqa: E402
+from dsmoe import load
+from dsmoe.evals.runner import EvalSettings, build, plan, task_manager
+from lm_eval_peer import LmEvalPeer
 
 SHARED = HERE.parents[0].parent / "shared"
 

@@ -12,18 +12,21 @@ import math
 
 import pytest
 import torch
-
 from dsmoe.model.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekModel, RotaryEmbedding, apply_rotary
 
 HEAD_DIM, BASE, TRAINED = 8, 10000.0, 64
 
 
-def _rotary(scaling: dict | None) -> RotaryEmbedding:
-    return RotaryEmbedding(DeepseekConfig(
+def _config(scaling: dict | None) -> DeepseekConfig:
+    return DeepseekConfig(
         vocab_size=11, hidden_size=4 * HEAD_DIM, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=TRAINED, rope_theta=BASE, rope_scaling=scaling,
-    ))
+    )
+
+
+def _rotary(scaling: dict | None) -> RotaryEmbedding:
+    return RotaryEmbedding(_config(scaling))
 
 
 def _by_hand(positions: list[int], base: float, divide_by: float = 1.0) -> tuple[list[list[float]], list[list[float]]]:
@@ -81,10 +84,7 @@ def test_dynamic_scaling_follows_the_sequence_length_back_down():
 
 def test_the_model_passes_each_positions_angles():
     # A decode step at absolute position 80 of a dynamic-scaled model uses the 81-token base.
-    config = dict(vocab_size=11, hidden_size=4 * HEAD_DIM, intermediate_size=8, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=TRAINED, rope_theta=BASE,
-                  rope_scaling={"type": "dynamic", "factor": 2.0})
-    model = DeepseekModel(DeepseekConfig(**config))
+    model = DeepseekModel(_config({"type": "dynamic", "factor": 2.0}))
     seen = []
     model.rotary.register_forward_hook(lambda _m, args, out: seen.append((args[0].tolist(), args[1], out)))
     with torch.inference_mode():

@@ -122,3 +122,26 @@ def test_bad_settings_are_usage_errors():
         SamplingSettings(top_p=0)
     with pytest.raises(UsageError, match="max_new_tokens"):
         SamplingSettings(max_new_tokens=-1)
+    for bad in (dict(temperature=-0.1), dict(top_p=1.01), dict(top_k=-1), dict(repetition_penalty=0.0)):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            SamplingSettings(**bad)
+    # The edges that are allowed: no new tokens, greedy, the whole distribution, no top-k.
+    SamplingSettings(max_new_tokens=0, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=0.01)
+
+
+def test_top_p_stops_at_a_nucleus_that_reaches_p_exactly():
+    # Two equal tokens (0.5 each) and top_p 0.5: the first alone reaches p, so one token is ever drawn.
+    assert len(set(_draws([0.0, 0.0], seeds=200, temperature=1.0, top_p=0.5))) == 1
+
+
+def test_repetition_penalty_pushes_negative_scores_further_down():
+    # A seen token's negative logit is multiplied by the penalty: -1.0 becomes -2.0, below -1.1.
+    sampler = Sampler(SamplingSettings(repetition_penalty=2.0))
+    assert sampler(torch.tensor([-1.0, -1.1, -5.0]), [0]) == 1
+    assert sampler(torch.tensor([-1.0, -1.1, -5.0]), [2]) == 0
+
+
+def test_temperature_sharpens_and_flattens():
+    # Temperature 0.5 doubles the logit gap [0, 1]: shares e^0 : e^2 = 0.119 : 0.881.
+    draws = _draws([0.0, 1.0], temperature=0.5)
+    assert abs(draws.count(1) / len(draws) - 1 / (1 + math.exp(-2))) < 4 * math.sqrt(0.881 * 0.119 / len(draws))

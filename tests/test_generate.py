@@ -122,7 +122,7 @@ def test_bad_settings_are_usage_errors():
         SamplingSettings(top_p=0)
     with pytest.raises(UsageError, match="max_new_tokens"):
         SamplingSettings(max_new_tokens=-1)
-    for bad in (dict(temperature=-0.1), dict(top_p=1.01), dict(top_k=-1), dict(repetition_penalty=0.0)):
+    for bad in ({"temperature": -0.1}, {"top_p": 1.01}, {"top_k": -1}, {"repetition_penalty": 0.0}):
         with pytest.raises(UsageError, match=next(iter(bad))):
             SamplingSettings(**bad)
     # The edges that are allowed: no new tokens, greedy, the whole distribution, no top-k.

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 
 import pytest
-
 from dsmoe.offload.stats import LayerStats, StoreStats
 
 
@@ -100,3 +100,21 @@ def test_moved_from_many_threads_loses_nothing():
     for t in threads:
         t.join()
     assert stats.link_bytes["disk->ram"] == 4 * 2000 * 3
+
+
+def test_bytes_per_token_keeps_fractions():
+    stats = StoreStats(tokens=8)
+    stats.moved("disk->ram", 1500)
+    assert stats.bytes_per_token() == 187.5 and stats.bytes_per_token("disk->ram") == 187.5
+
+
+def test_a_new_layer_counts_nothing():
+    assert asdict(LayerStats()) == {"hits": 0, "misses": 0, "host_runs": 0, "predicted": 0, "predicted_used": 0,
+                                    "prefetched": 0}
+
+
+def test_stats_compare_by_their_counts_not_their_lock():
+    first, second = _filled(), _filled()
+    assert first == second and StoreStats() == StoreStats()
+    second.layer(1).hits += 1
+    assert first != second

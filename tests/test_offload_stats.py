@@ -118,3 +118,8 @@ def test_stats_compare_by_their_counts_not_their_lock():
     assert first == second and StoreStats() == StoreStats()
     second.layer(1).hits += 1
     assert first != second
+
+
+def test_only_hits_or_only_misses():
+    stats = StoreStats(layers={1: LayerStats(hits=2), 2: LayerStats(misses=5)})
+    assert stats.hit_rate(1) == 1.0 and stats.hit_rate(2) == 0.0 and stats.hit_rate() == 2 / 7

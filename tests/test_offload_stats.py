@@ -123,3 +123,7 @@ def test_stats_compare_by_their_counts_not_their_lock():
 def test_only_hits_or_only_misses():
     stats = StoreStats(layers={1: LayerStats(hits=2), 2: LayerStats(misses=5)})
     assert stats.hit_rate(1) == 1.0 and stats.hit_rate(2) == 0.0 and stats.hit_rate() == 2 / 7
+
+
+def test_repr_shows_the_counts_not_the_lock():
+    assert "lock" not in repr(StoreStats()) and "tokens=0" in repr(StoreStats())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from dsmoe import load
 from dsmoe.bench.runner import decode_bytes_per_token, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, parse_spec, save_checkpoint
 from dsmoe.errors import UsageError
+from dsmoe.model.deepseek import MoEGate
 from dsmoe.model.loader import load_model
 from dsmoe.quant import kernels
 
@@ -94,3 +96,73 @@ def test_bench_rejects_bad_combinations(capsys, tiny_path):
     assert result.code != 0 and "--bits" in result.err
     result = run_cli(capsys, "bench", "--synthetic", SMALL, "--max-ram", "1")
     assert result.code != 0 and "--save" in result.err
+
+
+def _header_tensors(folder) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor's dtype and shape, read from the safetensors headers directly (8-byte length, JSON)."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name == "reference.safetensors":
+            continue
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        tensors.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return tensors
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_bytes_per_token_are_the_checkpoint_tensors_one_token_reads(tiny_path, bits):
+    config = json.loads((tiny_path / "config.json").read_text())
+    top_k = config["num_experts_per_tok"]
+    per_weight = {16: 2.0, 4: 0.5 + 4 / 64}[bits]  # NF4: 4 bits and one fp32 absmax per 64 weights
+    expected = 0.0
+    for name, (dtype, shape) in _header_tensors(tiny_path).items():
+        assert dtype == "BF16", name
+        elements = math.prod(shape)
+        if name == "model.embed_tokens.weight":
+            expected += shape[1] * 2  # the one row a token looks up
+        elif ".mlp.experts." in name and int(name.split(".mlp.experts.")[1].split(".")[0]) >= top_k:
+            continue  # a token runs top_k of the routed experts (all the same size)
+        elif name.endswith("_proj.weight"):
+            expected += elements * per_weight  # attention, dense MLP, shared and routed experts
+        else:
+            expected += elements * 2  # norms, routers and lm_head stay 16-bit
+    model, _ = load(tiny_path, dtype=torch.float32)
+    assert decode_bytes_per_token(model, bits) == pytest.approx(expected, abs=1)
+
+
+@pytest.fixture
+def scripted_routing(monkeypatch):  # type: ignore[no-untyped-def]
+    """Every MoE layer's router alternates between experts {0, 1, 2, 3} and {0, 1, 4, 5}, pass by pass.
+
+    With four slots per layer, each pass after the first finds 0 and 1 resident and 2, 3 (or 4, 5)
+    gone: two hits and two misses in every layer, whatever the eviction order. Hit rate 0.5.
+    """
+    sets = ([0, 1, 2, 3], [0, 1, 4, 5])
+    passes: dict[int, int] = {}
+
+    def route(gate, x):  # type: ignore[no-untyped-def]
+        n = passes[id(gate)] = passes.get(id(gate), -1) + 1
+        ids = torch.tensor([sets[n % 2]] * x.shape[0])
+        return ids, torch.full(ids.shape, 0.25)
+
+    monkeypatch.setattr(MoEGate, "forward", route)
+
+
+def test_bench_hit_rate_of_a_scripted_routing(scripted_routing, tiny_path):
+    from dsmoe.offload import load_offloaded, requested_offload
+
+    model, _, store = load_offloaded(tiny_path, requested_offload(expert_cache=4, prefetch=False), dtype="fp32")
+    assert store.plan.device_slots == 4
+    result = run_benchmark(model, "tiny", 16, 0.0, prompt_tokens=5, new_tokens=6, bandwidth=1e10, store=store)
+    assert result.expert_cache_hit_rate == 0.5
+    moe_layers = len(model.moe_layers())
+    # The measured pass only: one prefill and five decode steps, four experts each in every MoE layer.
+    assert store.stats.hits() == store.stats.misses() == 6 * 2 * moe_layers
+
+
+def test_bench_command_reports_the_scripted_hit_rate(scripted_routing, capsys, tiny_path):
+    result = run_cli(capsys, "bench", "--model", str(tiny_path), "--expert-cache", "4", "--no-prefetch",
+                     "--prompt-tokens", "4", "--new-tokens", "6", "--dtype", "fp32", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["expert_cache_hit_rate"] == 0.5

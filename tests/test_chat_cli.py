@@ -143,7 +143,10 @@ def test_piped_input_gets_one_plain_reply_per_line(model_args: list[str]):
 
 
 @pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="the bundled demo model is not trained yet")
-def test_the_demo_model_is_the_default():
+def test_the_demo_model_is_the_default(model_args: list[str]):
     done = _pipe(["-n", "8"], "Hello\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
+    demo = _pipe(["--model", str(DEMO_WEIGHTS.parent), "-n", "8"], "Hello\n")
+    tiny = _pipe([*model_args, "-n", "8"], "Hello\n")
+    assert done.stdout.strip() and done.stdout == demo.stdout
+    assert tiny.stdout != demo.stdout  # the replies tell the models apart

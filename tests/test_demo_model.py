@@ -36,7 +36,7 @@ def test_demo_files_follow_the_official_layout(tiny_path: Path) -> None:
     assert total < 12 * 2**20
 
 
-def test_heldout_loss_is_far_below_chance(demo) -> None:  # type: ignore[no-untyped-def]
+def test_heldout_loss_is_the_measured_one(demo) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = demo
     text = (DEMO_MODEL_PATH / "heldout.txt").read_text(encoding="utf-8")
     ids = torch.tensor(tokenizer.encode(text, add_bos=False))
@@ -49,8 +49,11 @@ def test_heldout_loss_is_far_below_chance(demo) -> None:  # type: ignore[no-unty
             logits = model(chunk[None, :-1])[0]
             total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
             count += len(chunk) - 1
-    chance = math.log(model.config.vocab_size)
-    assert total / count < 0.6 * chance
+    # Measured 2.0502 nats per token (fp32, 1,430 tokens; chance is ln 2048 = 7.62). Without its
+    # routed experts the model scores 2.43, so a 0.02 margin (far above fp32 rounding, ~1e-5)
+    # catches a broken MoE path that a bound near chance let through.
+    assert math.log(model.config.vocab_size) == pytest.approx(7.6246, abs=1e-4)
+    assert total / count == pytest.approx(2.0502, abs=0.02)
 
 
 def test_greedy_chat_answers_with_text(demo) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from dsmoe import load
 from dsmoe.errors import EvalError
 from dsmoe.evals import DsmoeLM
 from dsmoe.evals.runner import EvalSettings, build, plan, task_manager, write_json_atomic
+from lm_eval_peer import LmEvalPeer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = SHARED / "fixtures" / "tiny-deepseek"
@@ -39,15 +40,42 @@ def _requests(kind: str, args: list[tuple]) -> list[Instance]:
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_loglikelihood_equals_direct_log_softmax(tiny, share):
+def test_loglikelihood_equals_lm_eval_over_a_plain_forward_pass(tiny, share):
     model, tok = tiny
     lm = DsmoeLM(model=model, tokenizer=tok, batch_size=3, share_context=share)
     args = [("The capital of France is", c) for c in (" Paris", " London", " a big city", " B")]
-    args += [("Question: 2+2?\nAnswer:", " 4"), ("", "hello world")]
+    args += [("Question: 2+2?\nAnswer:", " 4"), ("", "hello world"), ("The capital of France is ", "Rome")]
     got = lm.loglikelihood(_requests("loglikelihood", args))
-    for (context, continuation), (score, _) in zip(args, got):
-        ctx, cont = lm._encode_pair(context, continuation)
-        assert score == pytest.approx(_direct(model, ctx + cont, len(ctx)), abs=1e-4)
+    expected = LmEvalPeer(model, tok).loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    for (score, greedy), (want, want_greedy) in zip(got, expected):
+        assert score == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+
+
+# Chosen boundaries, each continuation's tokens derived by hand from the byte-level vocabulary
+# (a space is "Ġ", a newline "Ċ", UTF-8 bytes map one to one: é = C3 A9 = "Ã©", 語 = E8 AA 9E = "èªŀ").
+BOUNDARIES = [
+    (("The capital of France is", " Paris"), ["ĠP", "ar", "is"]),  # a leading-space token
+    (("The capital of France is ", "Paris"), ["ĠP", "ar", "is"]),  # trailing space moved to the continuation
+    (("Answer:  ", "B"), ["Ġ", "Ġ", "B"]),  # two trailing spaces
+    (("x\n\n", "y"), ["Ċ", "Ċ", "y"]),  # rstrip takes newlines too
+    (("Le prix: caf", "é"), ["Ã", "©"]),  # one character, two byte tokens
+    (("日本", "語"), ["è", "ª", "ŀ"]),  # a three-byte character
+    (("Réponse :", " à"), ["Ġ", "Ã", "ł"]),
+    (("Question: 2+2?\nAnswer:", " 4"), ["Ġ", "4"]),
+    (("", "hello world"), ["h", "e", "ll", "o", "Ġw", "or", "l", "d"]),  # empty context: bos is the context
+]
+
+
+def test_token_boundaries_follow_lm_eval(tiny):
+    model, tok = tiny
+    lm = DsmoeLM(model=model, tokenizer=tok)
+    peer = LmEvalPeer(model, tok)
+    peer.loglikelihood(_requests("loglikelihood", [pair for pair, _ in BOUNDARIES]), disable_tqdm=True)
+    for (pair, by_hand), lm_eval_pair in zip(BOUNDARIES, peer.pairs):
+        context, continuation = lm._encode_pair(*pair)
+        assert (context, continuation) == lm_eval_pair, pair
+        assert [tok.backend.id_to_token(i) for i in continuation] == by_hand, pair
+        assert tok.decode(context + continuation) == pair[0] + pair[1]
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -57,10 +85,9 @@ def test_loglikelihood_left_truncates_like_lm_eval(tiny, share):
     context = "a long few-shot prompt that is cut at the left " * 3
     args = [(context, c) for c in (" yes", " no", " maybe not")]
     got = lm.loglikelihood(_requests("loglikelihood", args))
-    for (c, k), (score, _) in zip(args, got):
-        ctx, cont = lm._encode_pair(c, k)
-        window = (ctx + cont)[-17:]
-        assert score == pytest.approx(_direct(model, window, len(window) - len(cont)), abs=1e-4)
+    expected = LmEvalPeer(model, tok, max_length=16).loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    for (score, _), (want, _) in zip(got, expected):
+        assert score == pytest.approx(want, abs=1e-4)
 
 
 def test_greedy_flag_matches_argmax(tiny):
@@ -184,7 +211,10 @@ def test_cli_mmlu_offline_end_to_end(tmp_path):
     assert "MMLU" in result.output and "45.0" in result.output
     record = json.loads(out.read_text())
     (row,) = record["rows"]
-    assert row["shots"] == 5 and 0 <= row["score"] <= 100
+    # 43 of the 171 questions: derived without the adapter by tests/derive_mmlu_score.py (lm-eval's
+    # own requests and aggregation over one plain forward pass per request).
+    assert row["shots"] == 5 and row["score"] == pytest.approx(100 * 43 / 171, abs=1e-9)
+    assert "25.1" in result.output
     assert record["complete"] is False and record["lm_eval_version"]
     assert record["lm_eval"]["n-samples"]["mmlu_anatomy"]["effective"] == 3
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -38,6 +40,39 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([4.0, 3.0, 0.0, -1.0])
     sampler = Sampler(SamplingSettings(temperature=1.0, top_p=0.5, seed=0))
     assert {sampler(logits, []) for _ in range(50)} == {0}
+
+
+def _draws(logits: list[float], seeds: int = 2000, **settings: float) -> list[int]:
+    return [Sampler(SamplingSettings(seed=seed, **settings))(torch.tensor(logits), []) for seed in range(seeds)]
+
+
+def test_top_p_samples_an_unsorted_nucleus_in_proportion():
+    # By hand: softmax of [0, 2, -1, 1.5, 1] is [.063, .463, .023, .281, .170]. Sorted, .463 < 0.7
+    # and .463 + .281 = .744 >= 0.7, so the nucleus is tokens 1 and 3, renormalised to
+    # e^2 / (e^2 + e^1.5) = 1 / (1 + e^-0.5) = 0.6225 and 0.3775.
+    draws = _draws([0.0, 2.0, -1.0, 1.5, 1.0], temperature=1.0, top_p=0.7)
+    assert set(draws) == {1, 3}
+    share = draws.count(1) / len(draws)
+    assert abs(share - 1 / (1 + math.exp(-0.5))) < 4 * math.sqrt(0.6225 * 0.3775 / len(draws))  # 4 sigma
+
+
+def test_top_p_with_temperature_and_top_k():
+    # Temperature 2 halves the logits [3, 0, 4, 2, 1]: softmax of [1.5, 0, 2, 1, .5] is
+    # [.260, .058, .429, .158, .096]; top_k=3 keeps tokens 2, 0 and 3 ([.506, .307, .186]);
+    # top_p=0.8 stops once .506 + .307 = .813 is reached: tokens 2 and 0, as e^2 : e^1.5.
+    draws = _draws([3.0, 0.0, 4.0, 2.0, 1.0], temperature=2.0, top_k=3, top_p=0.8)
+    assert set(draws) == {0, 2}
+    share = draws.count(2) / len(draws)
+    assert abs(share - 1 / (1 + math.exp(-0.5))) < 4 * math.sqrt(0.6225 * 0.3775 / len(draws))
+
+
+def test_sampling_without_limits_follows_the_softmax():
+    # Temperature 1, no top-k or top-p: every token, each as often as its softmax probability.
+    logits = [1.0, 0.0, 2.0]
+    probs = [math.exp(v) / sum(math.exp(w) for w in logits) for v in logits]
+    draws = _draws(logits, temperature=1.0)
+    for token, p in enumerate(probs):
+        assert abs(draws.count(token) / len(draws) - p) < 4 * math.sqrt(p * (1 - p) / len(draws))
 
 
 def test_repetition_penalty_discourages_seen_tokens():
@@ -87,3 +122,26 @@ def test_bad_settings_are_usage_errors():
         SamplingSettings(top_p=0)
     with pytest.raises(UsageError, match="max_new_tokens"):
         SamplingSettings(max_new_tokens=-1)
+    for bad in ({"temperature": -0.1}, {"top_p": 1.01}, {"top_k": -1}, {"repetition_penalty": 0.0}):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            SamplingSettings(**bad)
+    # The edges that are allowed: no new tokens, greedy, the whole distribution, no top-k.
+    SamplingSettings(max_new_tokens=0, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=0.01)
+
+
+def test_top_p_stops_at_a_nucleus_that_reaches_p_exactly():
+    # Two equal tokens (0.5 each) and top_p 0.5: the first alone reaches p, so one token is ever drawn.
+    assert len(set(_draws([0.0, 0.0], seeds=200, temperature=1.0, top_p=0.5))) == 1
+
+
+def test_repetition_penalty_pushes_negative_scores_further_down():
+    # A seen token's negative logit is multiplied by the penalty: -1.0 becomes -2.0, below -1.1.
+    sampler = Sampler(SamplingSettings(repetition_penalty=2.0))
+    assert sampler(torch.tensor([-1.0, -1.1, -5.0]), [0]) == 1
+    assert sampler(torch.tensor([-1.0, -1.1, -5.0]), [2]) == 0
+
+
+def test_temperature_sharpens_and_flattens():
+    # Temperature 0.5 doubles the logit gap [0, 1]: shares e^0 : e^2 = 0.119 : 0.881.
+    draws = _draws([0.0, 1.0], temperature=0.5)
+    assert abs(draws.count(1) / len(draws) - 1 / (1 + math.exp(-2))) < 4 * math.sqrt(0.881 * 0.119 / len(draws))

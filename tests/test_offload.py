@@ -243,18 +243,24 @@ def deepseek_moe_16b() -> DeepseekConfig:
 
 
 def test_plan_for_a_small_gpu_and_little_ram():
+    # By hand, bf16. One routed expert: 3 x 2048 x 1408 weights = 17,301,504 bytes. The rest: embedding
+    # and lm_head 2 x 102400 x 2048, final norm 2048, per layer attention 4 x 2048^2 and norms 2 x 2048
+    # (28 layers), the dense MLP 3 x 2048 x 10944 (layer 0), per MoE layer two shared experts and the
+    # router 64 x 2048 (27 layers): 1,427,228,672 weights = 2,854,457,344 bytes.
     config = deepseek_moe_16b()
     expert, rest = expert_sizes(config, torch.bfloat16, None)
-    assert expert == 3 * 2048 * 1408 * 2
+    assert (expert, rest) == (17_301_504, 2_854_457_344)
     resources = Resources(gpu_free=None, ram_available=64 * 10**9, process_rss=10**9)
     gb = 1e9
     plan = make_plan(config, torch.device("cuda", 0), Budgets(gpu_mem=8 * gb, max_ram=12 * gb), resources)
-    per_slot = expert * 27
-    assert plan.device_slots == int((8 * gb - rest - 2 * expert - WORKSPACE) // per_slot)
+    # A slot holds one expert in each of the 27 MoE layers (467,140,608 bytes), after two experts and
+    # 128 MiB of working room. GPU: (8e9 - rest - 34,603,008 - 134,217,728) / 467,140,608 = 10.65.
+    # RAM: 12 GB less the 1 GB already in use, (11e9 - 34,603,008 - 134,217,728) / 467,140,608 = 23.19.
+    assert plan.device_slots == 10
     assert [t.name for t in plan.tiers] == ["cuda:0", "ram", "disk"]
-    assert plan.host_slots == int((11 * gb - 2 * expert - WORKSPACE) // per_slot)
-    links = plan.expected_link_bytes()
-    assert links["ram->cuda:0"] == pytest.approx(27 * 6 * (1 - plan.device_slots / 64) * expert)
+    assert plan.host_slots == 23
+    # Uniform routing misses 54 of 64 GPU slots: 27 layers x 6 experts x 54/64 x 17,301,504 bytes.
+    assert plan.expected_link_bytes()["ram->cuda:0"] == pytest.approx(2_364_899_328)
 
 
 def test_plan_refuses_impossible_budgets():

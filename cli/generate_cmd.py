@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import typer
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
     BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, TemperatureOption, ThreadsOption, console,
-    err_console, guarded, max_new_tokens_option, read_text_file, use_threads,
+    err_console, guarded, max_new_tokens_option, read_text_file, stdin_text, use_threads,
 )
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import (
@@ -29,7 +28,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt_file is not None:
         return read_text_file(prompt_file)
     if prompt == "-":
-        return sys.stdin.read()
+        return stdin_text()
     if prompt is None:
         raise UsageError("give a prompt: as an argument, '-' to read stdin, or -f FILE")
     return prompt

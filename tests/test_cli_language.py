@@ -150,6 +150,11 @@ def test_info_names_a_quantized_format(capsys, tiny_path, tmp_path, flags, expec
 
 # --- generate -------------------------------------------------------------------------------------
 
+def _piped(text: str) -> io.TextIOWrapper:
+    """Standard input as a pipe gives it: text over a byte buffer (the CLI reads the bytes)."""
+    return io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8")
+
+
 def _greedy(tiny_path: Path, prompt: str, n: int) -> str:
     model, tokenizer = load(tiny_path, dtype=torch.float32)
     ids = tokenizer.encode(prompt)
@@ -160,7 +165,7 @@ def _greedy(tiny_path: Path, prompt: str, n: int) -> str:
 def test_generate_reads_the_prompt_from_stdin_and_from_a_file(capsys, tiny_path, tmp_path, monkeypatch):
     prompt = "Permission is hereby granted"
     expected = _greedy(tiny_path, prompt, 8)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt))
+    monkeypatch.setattr(sys, "stdin", _piped(prompt))
     piped = run_cli(capsys, "generate", "-", "-m", str(tiny_path), *FIXTURE_ARGS, "-n", "8")
     assert piped.code == 0, piped.err
     assert piped.out.rstrip("\n") == expected
@@ -201,7 +206,7 @@ def test_generation_stops_at_the_context_with_a_notice(capsys, tiny_path):
 # --- chat -----------------------------------------------------------------------------------------
 
 def _chat(capsys, monkeypatch, tiny_path, text: str, *args: str):  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    monkeypatch.setattr(sys, "stdin", _piped(text))
     return run_cli(capsys, "chat", "-m", str(tiny_path), *FIXTURE_ARGS, *args)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
 import typer
 from rich.markup import escape
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, QuantTypeOption, console, err_console, guarded
+from dsmoe.cli.common import (
+    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, err_console, guarded, use_threads,
+)
 from dsmoe.cli.loading import load_with_progress
 from dsmoe.cli.offload_view import (
     ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
@@ -31,7 +32,7 @@ def serve_command(
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait behind the running one; more get 429."),
     ctx_size: int = typer.Option(None, "--ctx-size", "--ctx", help="Most tokens of prompt + reply (default: the model's positions)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Token limit of a request that sets no max_tokens."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for the model (default: PyTorch's choice)."),
+    threads: int = ThreadsOption,
     dtype: str = DtypeOption,
     bits: int = BitsOption,
     quant_type: str = QuantTypeOption,
@@ -50,11 +51,10 @@ def serve_command(
 
     check_exposure(host, api_key, insecure_no_key)
     for flag, value, least in (("--max-queue", max_queue, 0), ("--max-new-tokens", max_new_tokens, 0),
-                               ("--threads", threads, 1), ("--ctx-size", ctx_size, 2)):
+                               ("--ctx-size", ctx_size, 2)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
     loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
     if tokenizer is None:

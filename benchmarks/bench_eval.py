@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from dsmoe.bench.synthetic import SyntheticCheckpoint, write_byte_tokenizer  # noqa: E402
 from dsmoe.evals import DsmoeLM  # noqa: E402
 from dsmoe.evals.runner import EvalSettings, _leaves, build, plan, task_manager  # noqa: E402
-from dsmoe.model.loader import load, load_model  # noqa: E402
+from dsmoe import load  # noqa: E402
+from dsmoe.model.loader import load_model  # noqa: E402
 from dsmoe.model.tokenizer import load_tokenizer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

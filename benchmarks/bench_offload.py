@@ -68,7 +68,7 @@ def make_checkpoint(folder: Path, layers: int, experts: int, hidden: int, moe_in
 
 def run_one(folder: str, max_ram: float | None, tokens: int, prefetch: bool) -> dict[str, object]:
     """One configuration in this (fresh) process; returns what to report."""
-    from dsmoe.model.loader import load
+    from dsmoe import load
     from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 
     torch.set_num_threads(2)

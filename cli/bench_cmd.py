@@ -13,17 +13,16 @@ from rich.table import Table
 from dsmoe.bench.runner import BenchResult, measure_bandwidth, run_benchmark
 from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
+from dsmoe import loading
 from dsmoe.cli.common import (
-    DtypeOption, QuantTypeOption, ThreadsOption, check_bits, console, default_model, err_console, full_width, guarded,
-    human_bytes, use_threads,
+    ThreadsOption, console, default_model, err_console, full_width, guarded, human_bytes, use_threads,
 )
-from dsmoe.cli.offload_view import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
-)
+from dsmoe.cli.loading import load_flags
+from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import UsageError
+from dsmoe.loading import LoadOptions
 from dsmoe.model.checkpoint import open_checkpoint
-from dsmoe.model.loader import load_model
-from dsmoe.offload import attach, load_offloaded, plan_for, requested_offload
+from dsmoe.offload import store_of
 from dsmoe.quant import spec_from_config
 
 
@@ -60,28 +59,24 @@ def _save_synthetic(checkpoint: SyntheticCheckpoint, dst: Path) -> None:
 
 @app.command("bench")
 @guarded
+@load_flags
 def bench(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or repo id (default: the demo model)."),
     synthetic: str = typer.Option(None, "--synthetic", help="Random weights at a real geometry: 16b or 16b:layers=N."),
-    bits: int = typer.Option(None, "--bits", callback=lambda value: check_bits(value),
-                             help="4, 8 or 16 (bf16; default, or the stored format of a quantized checkpoint)."),
-    quant_type: str = QuantTypeOption,
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit too."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
     new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=2, help="Tokens to decode."),
     old_new_tokens: int = typer.Option(None, "--new-tokens", min=2, hidden=True),  # the name before -n
     threads: int = ThreadsOption,
     seed: int = typer.Option(0, "--seed"),
-    dtype: str = DtypeOption,
     save: Path = typer.Option(None, "--save", help="With --synthetic: write the weights as a bf16 HF checkpoint and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    expert_cache: int = ExpertCacheOption,
-    gpu_mem: float = GpuMemOption,
-    max_ram: float = MaxRamOption,
-    policy: str = PolicyOption,
-    prefetch: bool = PrefetchOption,
+    *,
+    load: LoadOptions,
 ) -> None:
-    """Measure prefill and decode tokens/s, time to first token, peak RSS and roofline fraction."""
+    """Measure prefill and decode tokens/s, time to first token, peak RSS and roofline fraction.
+
+    --bits defaults to 16 (the checkpoint's floats), or the stored format of a quantized checkpoint.
+    """
     if model and synthetic:
         raise UsageError("give --model or --synthetic, not both")
     new_tokens = old_new_tokens or new_tokens
@@ -95,30 +90,18 @@ def bench(
         return
     stored = source.config.quantization_config
     if stored is not None:
-        if bits not in (None, 16):
-            raise UsageError(f"{model}: already quantized; bench it without --bits")
         spec = spec_from_config(stored)
-        load_bits, bits = None, spec.bits
-        lm_head_bits = 8 if spec.quantize_lm_head else 16
+        bits, lm_head_bits = spec.bits, 8 if spec.quantize_lm_head else 16
     else:
-        bits = bits or 16
-        load_bits = None if bits == 16 else bits
-        lm_head_bits = 8 if quantize_lm_head and bits != 16 else 16
-    options = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
+        bits = load.bits or 16
+        lm_head_bits = 8 if load.quantize_lm_head and bits != 16 else 16
+    if synthetic and load.max_ram is not None:
+        raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
+                         "then bench it with --model")
     bandwidth = measure_bandwidth()  # before loading: its 1 GB buffer must not add to the run's peak RSS
     started = time.perf_counter()
-    store = None
-    if options is not None and max_ram is not None:
-        if synthetic:
-            raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
-                             "then bench it with --model")
-        loaded, _, store = load_offloaded(source.path, options, dtype=dtype, bits=load_bits,
-                                          quant_type=quant_type)
-    else:
-        loaded = load_model(source, dtype=dtype, bits=load_bits, quant_type=quant_type,
-                            quantize_lm_head=quantize_lm_head)
-        if options is not None:
-            store = attach(loaded, plan_for(source, options, dtype, bits), options)
+    loaded, _ = loading.load(source, load)
+    store = store_of(loaded)
     if store is not None:
         err_console.print(plan_table(store.plan))
     load_seconds = time.perf_counter() - started

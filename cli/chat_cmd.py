@@ -12,17 +12,18 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, TemperatureOption, ThreadsOption, console,
+    CtxSizeOption, ModelOption, TemperatureOption, ThreadsOption, console,
     debug_enabled, err_console, guarded, is_interactive, max_new_tokens_option, stdin_lines, stdin_text, use_threads,
 )
-from dsmoe.cli.loading import load_with_progress
+from dsmoe.cli.loading import load_flags, load_with_progress
 from dsmoe.cli.offload_view import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
+    plan_table,
 )
+from dsmoe.loading import LoadOptions
 from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.chat import SETTABLE, ChatSession, Reply, ReplyStats, SessionStats
 from dsmoe.model.generate import SamplingSettings
-from dsmoe.offload import requested_offload, store_of
+from dsmoe.offload import store_of
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -251,6 +252,7 @@ def _plain(session: ChatSession, messages: Iterable[str], commands: bool = True)
 
 @app.command("chat")
 @guarded
+@load_flags
 def chat(
     model: str = ModelOption,
     system: str = typer.Option(None, "--system", "-s", help="A system prompt that opens the conversation."),
@@ -263,14 +265,8 @@ def chat(
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
     ctx_size: int = CtxSizeOption,
     threads: int = ThreadsOption,
-    dtype: str = DtypeOption,
-    bits: int = BitsOption,
-    quant_type: str = QuantTypeOption,
-    expert_cache: int = ExpertCacheOption,
-    gpu_mem: float = GpuMemOption,
-    max_ram: float = MaxRamOption,
-    policy: str = PolicyOption,
-    prefetch: bool = PrefetchOption,
+    *,
+    load: LoadOptions,
 ) -> None:
     """Chat with a model: streamed replies, the KV cache kept across turns, /help for commands.
 
@@ -282,8 +278,7 @@ def chat(
         repetition_penalty=repetition_penalty, seed=seed,
     )
     use_threads(threads)
-    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
-    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
+    loaded, tokenizer = load_with_progress(model, load)
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot chat")
     store = store_of(loaded)

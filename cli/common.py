@@ -106,29 +106,9 @@ def guarded(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_bits(value: int | None, allowed: tuple[int, ...] = (4, 8, 16)) -> int | None:
-    """The one wording for a bad ``--bits``, whichever command took it."""
-    if value is not None and value not in allowed:
-        extra = " (or 16: no quantization)" if 16 in allowed else ""
-        raise UsageError(f"--bits must be 4 or 8{extra}, got {value}")
-    return value
-
-
-def _check_load_bits(value: int | None) -> int | None:
-    return check_bits(value)
-
-
-def check_quant_type(value: str | None) -> str | None:
-    if value is not None and value.lower() not in ("nf4", "fp4"):
-        raise UsageError(f"--quant-type must be nf4 or fp4, got {value!r}")
-    return None if value is None else value.lower()
-
-
-# The flags shared by the commands that load a model or compute, declared once so they read the same.
+# The flags shared by the commands that load a model or compute, declared once so they read the same
+# (the loading flags are cli.loading's).
 ModelOption = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hugging Face repo id (default: the bundled demo model).")
-DtypeOption = typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32.")
-BitsOption = typer.Option(None, "--bits", callback=_check_load_bits, help="Quantize while loading: 4 or 8 (16 = no quantization).")
-QuantTypeOption = typer.Option(None, "--quant-type", callback=check_quant_type, help="4-bit format: nf4 (default) or fp4.")
 ThreadsOption = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: torch's choice).")
 CtxSizeOption = typer.Option(None, "--ctx-size", "-c", min=2, help="Context length in tokens (default: the model's max_position_embeddings).")
 TemperatureOption = typer.Option(0.0, "--temperature", "--temp", help="0 is greedy.")

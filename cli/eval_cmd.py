@@ -12,17 +12,17 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model,
+    CtxSizeOption, ModelOption, ThreadsOption, console, default_model,
     err_console, full_width, guarded, use_threads,
 )
-from dsmoe.cli.loading import load_with_progress
-from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption
+from dsmoe.cli.loading import load_flags, load_with_progress
+from dsmoe.loading import LoadOptions
 from dsmoe.errors import UsageError
-from dsmoe.offload import requested_offload
 
 
 @app.command("eval")
 @guarded
+@load_flags
 def eval_command(
     task: str = typer.Option(None, "--task", help="Benchmarks, comma-separated: report names (MMLU, GSM8K) or lm-eval task names."),
     suite: str = typer.Option(None, "--suite", help="report (base model, table 4) or report-chat (chat model, table 5)."),
@@ -43,14 +43,8 @@ def eval_command(
     engine: str = typer.Option("dsmoe", "--engine", help="dsmoe (this runtime) or vllm (lm-eval's vLLM model: GPUs, tensor/data parallel; pip install 'dsmoe[vllm]')."),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="With --engine vllm: GPUs per model copy."),
     data_parallel: int = typer.Option(1, "--data-parallel", help="With --engine vllm: model copies."),
-    dtype: str = DtypeOption,
-    bits: int = BitsOption,
-    quant_type: str = QuantTypeOption,
-    expert_cache: int = ExpertCacheOption,
-    gpu_mem: float = GpuMemOption,
-    max_ram: float = MaxRamOption,
-    policy: str = PolicyOption,
-    prefetch: bool = PrefetchOption,
+    *,
+    load: LoadOptions,
 ) -> None:
     """Score a model on benchmarks with lm-eval and show the report's numbers beside ours."""
     from dsmoe.evals import DsmoeLM
@@ -61,7 +55,6 @@ def eval_command(
     )
 
     use_threads(threads)
-    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
     names = [n.strip() for n in (task or "").split(",") if n.strip()]
     if not names and not suite:
         raise UsageError("give --task NAME[,NAME...] or --suite report|report-chat")
@@ -70,8 +63,8 @@ def eval_command(
     if engine == "vllm":
         from dsmoe.evals.vllm_engine import require_vllm
 
-        dsmoe_only = [flag for flag, given in (("--bits", bits is not None), ("--quant-type", quant_type is not None),
-                                               ("expert-store budgets", offload is not None),
+        dsmoe_only = [flag for flag, given in (("--bits", load.bits is not None), ("--quant-type", load.quant_type is not None),
+                                               ("expert-store budgets", load.offloaded),
                                                ("--no-shared-context", no_shared_context)) if given]
         if dsmoe_only:
             raise UsageError(f"{', '.join(dsmoe_only)}: dsmoe's own options; vLLM runs the checkpoint's weights with its kernels")
@@ -84,7 +77,7 @@ def eval_command(
     settings = EvalSettings(
         model=model or default_model(), tasks=names, suite=suite, shots=shots, limit=limit, batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None, allow_code_execution=allow_code_execution,
-        cache_dir=None if no_cache else str(cache_dir or DEFAULT_CACHE_DIR), dtype=dtype, bits=bits, quant_type=quant_type,
+        cache_dir=None if no_cache else str(cache_dir or DEFAULT_CACHE_DIR), load=load,
         apply_chat_template=chat_template,
     )
     # lm-eval logs every step at INFO, warns about choices we make on purpose and draws a tqdm bar per
@@ -98,10 +91,10 @@ def eval_command(
         from dsmoe.evals.vllm_engine import vllm_lm, vllm_model_args
 
         with quiet_libraries():
-            lm: Any = vllm_lm(vllm_model_args(settings.model, dtype, tensor_parallel, data_parallel, max_length=ctx_size))
+            lm: Any = vllm_lm(vllm_model_args(settings.model, str(load.dtype), tensor_parallel, data_parallel, max_length=ctx_size))
             outcome = run(lm, settings, rows, manager)
     else:
-        loaded, tokenizer = load_with_progress(settings.model, dtype, bits, quant_type, offload)
+        loaded, tokenizer = load_with_progress(settings.model, load)
         view = _ProgressView()
         with quiet_libraries(), view:
             lm = DsmoeLM(model=loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=ctx_size,

@@ -9,16 +9,15 @@ import typer
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, CtxSizeOption, DtypeOption, ModelOption, QuantTypeOption, TemperatureOption, ThreadsOption, console,
-    err_console, guarded, max_new_tokens_option, read_text_file, stdin_text, use_threads,
+    CtxSizeOption, ModelOption, TemperatureOption, ThreadsOption, console, err_console, guarded, max_new_tokens_option,
+    read_text_file, stdin_text, use_threads,
 )
-from dsmoe.cli.loading import load_with_progress
-from dsmoe.cli.offload_view import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table, stats_table,
-)
+from dsmoe.cli.loading import load_flags, load_with_progress
+from dsmoe.cli.offload_view import plan_table, stats_table
 from dsmoe.errors import UsageError
+from dsmoe.loading import LoadOptions
 from dsmoe.model.generate import SamplingSettings, TextStream, stream_text
-from dsmoe.offload import TraceHeader, TraceRecorder, requested_offload, store_of
+from dsmoe.offload import TraceHeader, TraceRecorder, store_of
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -36,6 +35,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 @app.command("generate")
 @guarded
+@load_flags
 def generate(
     prompt: str = typer.Argument(None, help="The prompt text ('-': read it from stdin)."),
     prompt_file: Path = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
@@ -50,22 +50,15 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the chat template."),
     ctx_size: int = CtxSizeOption,
     threads: int = ThreadsOption,
-    dtype: str = DtypeOption,
-    bits: int = BitsOption,
-    quant_type: str = QuantTypeOption,
-    expert_cache: int = ExpertCacheOption,
-    gpu_mem: float = GpuMemOption,
-    max_ram: float = MaxRamOption,
-    policy: str = PolicyOption,
-    prefetch: bool = PrefetchOption,
     stats: bool = typer.Option(False, "--stats", help="Show the expert cache's hits, misses and bytes moved."),
     trace: str = typer.Option(None, "--trace", help="Record every MoE layer's routed experts to this file."),
+    *,
+    load: LoadOptions,
 ) -> None:
     """Generate a continuation of PROMPT, streaming it as it is decoded."""
     text = read_prompt(prompt, prompt_file)
     use_threads(threads)
-    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch, always=stats)
-    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
+    loaded, tokenizer = load_with_progress(model, load.replace(offload=load.offload or stats))
     store = store_of(loaded)
     if store is not None:
         err_console.print(plan_table(store.plan))

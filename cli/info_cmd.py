@@ -8,12 +8,14 @@ import typer
 from rich.table import Table
 
 from dsmoe.cli.app import app
-from dsmoe.cli.common import BitsOption, DtypeOption, ModelOption, console, default_model, full_width, guarded, human_bytes
-from dsmoe.cli.offload_view import ExpertCacheOption, GpuMemOption, MaxRamOption, plan_table
+from dsmoe.cli.common import ModelOption, console, default_model, full_width, guarded, human_bytes
+from dsmoe.cli.loading import load_flags
+from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import DsmoeError, UsageError
 from dsmoe.model.checkpoint import open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
-from dsmoe.offload import plan_for, requested_offload
+from dsmoe.loading import LoadOptions
+from dsmoe.offload import plan_for
 from dsmoe.quant import spec_from_config
 
 
@@ -39,20 +41,17 @@ def stored_format(quant: dict[str, Any] | None) -> str:
 
 @app.command("info")
 @guarded
+@load_flags
 def info(
     model: str = typer.Argument(None, help="Checkpoint folder or Hugging Face repo id (default: the demo model)."),
     model_flag: str = ModelOption,
     plan: bool = typer.Option(False, "--plan", help="Also show where the experts would live under these budgets."),
-    expert_cache: int = ExpertCacheOption,
-    gpu_mem: float = GpuMemOption,
-    max_ram: float = MaxRamOption,
-    dtype: str = DtypeOption,
-    bits: int = BitsOption,
+    *,
+    load: LoadOptions,
 ) -> None:
     """Architecture, experts, parameters (total and per token) and weight bytes at each precision."""
     if model is not None and model_flag is not None:
         raise UsageError("give MODEL or --model, not both")
-    options = requested_offload(expert_cache, gpu_mem, max_ram, always=True)  # bad budgets fail with or without --plan
     checkpoint = open_checkpoint(model or model_flag or default_model())
     config = checkpoint.config
     counts = parameter_counts(config)
@@ -77,4 +76,4 @@ def info(
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(full_width(table))
     if plan:
-        console.print(plan_table(plan_for(checkpoint, options, dtype, bits)))
+        console.print(plan_table(plan_for(checkpoint, load.store_options(), load.dtype, load.bits)))

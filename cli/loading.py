@@ -1,25 +1,69 @@
-"""Loading a model from the CLI with progress on stderr (a bar on a terminal, lines otherwise)."""
+"""The loading flags every model-loading command takes, and loading with progress on stderr.
+
+The flags are declared once here; ``load_flags`` gives a command all of them and hands it one
+``LoadOptions``, so each command reads them the same and a bad value fails with the same line.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any, Callable, TypeVar
+
+import typer
+
 from dsmoe.cli.common import default_model, progress_report
+from dsmoe.loading import LoadOptions, load
 from dsmoe.model.deepseek import DeepseekForCausalLM
-from dsmoe.model.loader import load
 from dsmoe.model.tokenizer import Tokenizer
-from dsmoe.offload import OffloadOptions, load_offloaded
+
+PANEL = "Loading and offloading"
+
+# name -> (type, option): LoadOptions' fields, as flags.
+LOAD_FLAGS: dict[str, tuple[type, Any]] = {
+    "dtype": (str, typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32.", rich_help_panel=PANEL)),
+    "bits": (int, typer.Option(None, "--bits", help="Quantize while loading: 4 or 8 (16 = no quantization).",
+                               rich_help_panel=PANEL)),
+    "quant_type": (str, typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4.", rich_help_panel=PANEL)),
+    "double_quant": (bool, typer.Option(False, "--double-quant", help="With --bits 4: quantize the absmax scales too.",
+                                        rich_help_panel=PANEL)),
+    "quantize_lm_head": (bool, typer.Option(False, "--quantize-lm-head", help="With --bits: lm_head in 8-bit too.",
+                                            rich_help_panel=PANEL)),
+    "expert_cache": (int, typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.",
+                                       rich_help_panel=PANEL)),
+    "gpu_mem": (float, typer.Option(None, "--gpu-mem", help="GB of GPU memory for the model; experts that do not fit stay in RAM.",
+                                    rich_help_panel=PANEL)),
+    "max_ram": (float, typer.Option(None, "--max-ram", help="GB of RAM the process may use; below the model's size experts stay on disk.",
+                                    rich_help_panel=PANEL)),
+    "policy": (str, typer.Option("lru", "--policy", help="Expert cache eviction: lru or lfu.", rich_help_panel=PANEL)),
+    "prefetch": (bool, typer.Option(True, "--prefetch/--no-prefetch", help="Guess the next layer's experts and load them early.",
+                                    rich_help_panel=PANEL)),
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def load_with_progress(
-    model: str | None, dtype: str, bits: int | None, quant_type: str | None, offload: OffloadOptions | None = None,
-    double_quant: bool = False, quantize_lm_head: bool = False,
-) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
-    """Load with progress; with ``offload`` the routed experts go to an expert store (``store_of``)."""
+def load_flags(command: F) -> F:
+    """Give ``command`` every loading flag; it receives them as ``load: LoadOptions``, already checked."""
+    signature = inspect.signature(command)
+    kept = [p for name, p in signature.parameters.items() if name != "load"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in LOAD_FLAGS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = {name: kwargs.pop(name) for name in LOAD_FLAGS}
+        return command(*args, load=LoadOptions(**flags), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]  # what typer reads
+    wrapper.__annotations__ = {**command.__annotations__, **{name: kind for name, (kind, _) in LOAD_FLAGS.items()}}
+    del wrapper.__annotations__["load"]
+    return wrapper  # type: ignore[return-value]
+
+
+def load_with_progress(model: str | None, options: LoadOptions) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
+    """Load with progress; with an expert budget the routed experts go to an expert store (``store_of``)."""
     path = model or default_model()
-    action = f"loading {path}" + (f" and quantizing to {bits}-bit" if bits in (4, 8) else "")
+    action = f"loading {path}" + (f" and quantizing to {options.bits}-bit" if options.bits in (4, 8) else "")
     with progress_report(action, unit=" tensors") as report:
-        if offload is not None:
-            loaded, tokenizer, _ = load_offloaded(path, offload, dtype=dtype, bits=bits, quant_type=quant_type,
-                                                  progress=report)
-            return loaded, tokenizer
-        return load(path, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                    quantize_lm_head=quantize_lm_head, progress=report)
+        return load(path, options, progress=report)

@@ -10,11 +10,12 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, default_model, err_console,
+    ModelOption, ThreadsOption, console, default_model, err_console,
     full_width, guarded, progress_report, read_text_file, use_threads,
 )
-from dsmoe.cli.loading import load_with_progress
+from dsmoe.cli.loading import load_flags, load_with_progress
 from dsmoe.errors import UsageError
+from dsmoe.loading import LoadOptions
 from dsmoe.model.checkpoint import resolve_model_path
 from dsmoe.quant.perplexity import (
     DEFAULT_TOP_K, PerplexityResult, check_base, load_base, perplexity, save_base, tokenizer_sha256,
@@ -64,16 +65,18 @@ def _plot(result: PerplexityResult, path: Path, title: str) -> None:
         plt.close(figure)
 
 
-def _format_label(bits: int | None, quant_type: str | None, double_quant: bool, lm_head: bool, dtype: str) -> str:
+def _format_label(load: LoadOptions) -> str:
     """What ran, as the QUANTIZATION.md table names it: ``nf4-dq + lm_head int8, bf16 compute``."""
-    if not bits or bits == 16:
+    dtype = load.record()["dtype"]
+    if load.load_bits is None:
         return f"{dtype} (unquantized)"
-    name = "int8" if bits == 8 else (quant_type or "nf4") + ("-dq" if double_quant else "")
-    return f"{name}{' + lm_head int8' if lm_head else ''}, {dtype} compute"
+    name = "int8" if load.bits == 8 else (load.quant_type or "nf4") + ("-dq" if load.double_quant else "")
+    return f"{name}{' + lm_head int8' if load.quantize_lm_head else ''}, {dtype} compute"
 
 
 @app.command("perplexity")
 @guarded
+@load_flags
 def perplexity_command(
     text_file: Path = typer.Option(None, "--file", "-f", help="The text to score (UTF-8), e.g. WikiText-2's test split."),
     model: str = ModelOption,
@@ -85,11 +88,8 @@ def perplexity_command(
     top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", min=1, help="Log-probabilities kept per token by --save-logits."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     threads: int = ThreadsOption,
-    dtype: str = DtypeOption,
-    bits: int = BitsOption,
-    quant_type: str = QuantTypeOption,
-    double_quant: bool = typer.Option(False, "--double-quant", help="With --bits 4: quantize the absmax scales too."),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="With --bits: lm_head in 8-bit too."),
+    *,
+    load: LoadOptions,
 ) -> None:
     """Perplexity of a text (± its uncertainty); against a saved base, KL divergence and same-top-token rate."""
     if text_file is None:
@@ -100,8 +100,7 @@ def perplexity_command(
     base = load_base(kld) if kld is not None else None
     use_threads(threads)
     path = resolve_model_path(model or default_model())
-    loaded, tokenizer = load_with_progress(str(path), dtype, bits, quant_type, double_quant=double_quant,
-                                           quantize_lm_head=quantize_lm_head)
+    loaded, tokenizer = load_with_progress(str(path), load)
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot score a text")
     limit = loaded.config.max_position_embeddings
@@ -114,7 +113,7 @@ def perplexity_command(
         check_base(base, str(kld), ids, ctx, tokenizer_hash)
     with progress_report("scoring", unit=" chunks") as report:
         result = perplexity(loaded, ids, ctx, base=base, keep_top_k=top_k if save_logits else None, progress=report)
-    label = _format_label(bits, quant_type, double_quant, quantize_lm_head, dtype)
+    label = _format_label(load)
     if save_logits is not None:
         assert result.base is not None
         result.base.tokenizer_sha256, result.base.model = tokenizer_hash, f"{path.name} ({label})"

@@ -11,13 +11,14 @@ from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColu
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    QuantTypeOption, ThreadsOption, check_bits, console, err_console, guarded, human_bytes, progress_report,
+    ThreadsOption, console, err_console, guarded, human_bytes, progress_report,
     terminate_as_interrupt, use_threads,
 )
 from dsmoe.errors import UsageError
+from dsmoe.loading import LoadOptions
 from dsmoe.model.checkpoint import resolve_model_path
 from dsmoe.model.registry import remember_quantized
-from dsmoe.quant import QuantSpec
+from dsmoe.quant.spec import bits_error
 from dsmoe.quant.convert import DEFAULT_SHARD_BYTES, quantize_checkpoint
 
 T = TypeVar("T")
@@ -39,8 +40,8 @@ def quantize(
     dst: Path = typer.Argument(None, help="Output folder (created; must not exist unless --force)."),
     model: str = typer.Option(None, "--model", "-m", help="The source, as a flag (instead of SRC)."),
     output: Path = typer.Option(None, "--output", "-o", help="The output folder, as a flag (instead of DST)."),
-    bits: int = typer.Option(4, "--bits", callback=lambda value: check_bits(value, (4, 8)), help="4 (nf4/fp4) or 8 (LLM.int8)."),
-    quant_type: str = QuantTypeOption,
+    bits: int = typer.Option(4, "--bits", help="4 (nf4/fp4) or 8 (LLM.int8)."),
+    quant_type: str = typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4."),
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the 4-bit absmax scales too."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit."),
     shard_gb: float = typer.Option(DEFAULT_SHARD_BYTES / 1000**3, "--shard-size", help="Largest output shard, GB."),
@@ -52,14 +53,13 @@ def quantize(
         src, dst = None, Path(src)  # ``-m SRC DST``: the one positional is the output
     src, dst = _one_of("SRC", src, "--model", model), _one_of("DST", dst, "--output", output)
     use_threads(threads)
-    if quant_type is not None and bits == 8:
-        raise UsageError("--quant-type is for --bits 4 (8-bit is always int8)")
+    if bits not in (4, 8):
+        raise UsageError(bits_error("--bits", bits, allow_16=False))
+    spec = LoadOptions(bits=bits, quant_type=quant_type, double_quant=double_quant,
+                       quantize_lm_head=quantize_lm_head).quant_spec()
+    assert spec is not None  # bits is 4 or 8
     if not (math.isfinite(shard_gb) and shard_gb > 0):
         raise UsageError(f"--shard-size must be a positive number of GB, got {shard_gb}")
-    spec = QuantSpec(
-        bits=bits, quant_type=quant_type or ("nf4" if bits == 4 else "int8"), double_quant=double_quant,
-        quantize_lm_head=quantize_lm_head,
-    )
     source = resolve_model_path(src)
     columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with terminate_as_interrupt(), progress_report(f"quantizing to {spec.name}", columns, unit="bytes") as report:

@@ -10,18 +10,20 @@ from rich.markup import escape
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import (
-    BitsOption, DtypeOption, ModelOption, QuantTypeOption, ThreadsOption, console, err_console, guarded, use_threads,
+    ModelOption, ThreadsOption, console, err_console, guarded, use_threads,
 )
-from dsmoe.cli.loading import load_with_progress
+from dsmoe.cli.loading import load_flags, load_with_progress
 from dsmoe.cli.offload_view import (
-    ExpertCacheOption, GpuMemOption, MaxRamOption, PolicyOption, PrefetchOption, plan_table,
+    plan_table,
 )
+from dsmoe.loading import LoadOptions
 from dsmoe.errors import UsageError
-from dsmoe.offload import requested_offload, store_of
+from dsmoe.offload import store_of
 
 
 @app.command("serve")
 @guarded
+@load_flags
 def serve_command(
     model: str = ModelOption,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key."),
@@ -33,14 +35,8 @@ def serve_command(
     ctx_size: int = typer.Option(None, "--ctx-size", "--ctx", help="Most tokens of prompt + reply (default: the model's positions)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Token limit of a request that sets no max_tokens."),
     threads: int = ThreadsOption,
-    dtype: str = DtypeOption,
-    bits: int = BitsOption,
-    quant_type: str = QuantTypeOption,
-    expert_cache: int = ExpertCacheOption,
-    gpu_mem: float = GpuMemOption,
-    max_ram: float = MaxRamOption,
-    policy: str = PolicyOption,
-    prefetch: bool = PrefetchOption,
+    *,
+    load: LoadOptions,
 ) -> None:
     """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
@@ -55,8 +51,7 @@ def serve_command(
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     use_threads(threads)
-    offload = requested_offload(expert_cache, gpu_mem, max_ram, policy, prefetch)
-    loaded, tokenizer = load_with_progress(model, dtype, bits, quant_type, offload)
+    loaded, tokenizer = load_with_progress(model, load)
     if tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer.json, so it cannot be served")
     store = store_of(loaded)

@@ -12,7 +12,6 @@ model does. The lm_head projects only the positions that are scored.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dsmoe.errors import EvalError
+from dsmoe.loading import LoadOptions, load
 from dsmoe.model.generate import SamplingSettings, stream_text
 
 if TYPE_CHECKING:
@@ -93,9 +93,6 @@ class DsmoeLM(LM):
     def __init__(
         self,
         pretrained: str | None = None,
-        dtype: str = "bf16",
-        bits: int | None = None,
-        quant_type: str | None = None,
         batch_size: int | str | None = 8,
         max_length: int | None = None,
         share_context: bool = True,
@@ -106,7 +103,9 @@ class DsmoeLM(LM):
         estimate: Callable[[Estimate], None] | None = None,
         **extra: Any,
     ) -> None:
-        """``rolling_double_bos``: score perplexity documents as lm-eval's HF model does with this
+        """``extra`` are the loading settings (``LoadOptions.from_model_args``: dtype, bits, expert budgets...).
+
+        ``rolling_double_bos``: score perplexity documents as lm-eval's HF model does with this
         BOS-adding tokenizer (the document encoded with its BOS, another BOS in front, so p(BOS | BOS)
         counts too), for comparing with published lm-eval numbers; the default scores p(text | BOS).
         """
@@ -117,7 +116,7 @@ class DsmoeLM(LM):
         if model is None:
             if pretrained is None:
                 raise EvalError("the dsmoe model needs pretrained=<checkpoint folder or repo id>")
-            model, tokenizer = _load(pretrained, dtype, bits, quant_type, extra)
+            model, tokenizer = _load(pretrained, extra)
         elif extra:
             raise EvalError(f"unknown dsmoe model argument(s): {', '.join(sorted(extra))}")
         if tokenizer is None:
@@ -392,56 +391,9 @@ class DsmoeLM(LM):
         }
 
 
-OFFLOAD_ARGS = ("expert_cache", "gpu_mem", "max_ram", "policy", "prefetch")
-"""model_args that place the routed experts in an expert store (GB for gpu_mem and max_ram)."""
-
-
-def _load(pretrained: str, dtype: str, bits: int | None, quant_type: str | None,
-          extra: dict[str, Any]) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
-    """Load through ``dsmoe.load`` (or into an expert store when a budget is given)."""
-    from dsmoe.model.loader import load
-    from dsmoe.offload import load_offloaded, requested_offload
-
-    known = set(inspect.signature(load).parameters) - {"name_or_path", "dtype", "bits", "quant_type", "progress"}
-    unknown = sorted(set(extra) - known - set(OFFLOAD_ARGS))
-    if unknown:
-        raise EvalError(
-            f"unknown dsmoe model argument(s): {', '.join(unknown)} "
-            f"(known: pretrained, dtype, bits, quant_type, batch_size, max_length, share_context, rolling_double_bos, "
-            f"{', '.join(OFFLOAD_ARGS)}{', ' + ', '.join(sorted(known)) if known else ''})"
-        )
-    budgets = {name: extra.pop(name) for name in OFFLOAD_ARGS if name in extra}
-    offload = requested_offload(
-        expert_cache=_number(budgets, "expert_cache", int), gpu_mem_gb=_number(budgets, "gpu_mem", float),
-        max_ram_gb=_number(budgets, "max_ram", float), policy=str(budgets.get("policy", "lru")),
-        prefetch=str(budgets.get("prefetch", True)).lower() not in ("false", "0", "no"),
-    )
-    if offload is None:
-        return load(pretrained, dtype=dtype, bits=_parse_bits(bits), quant_type=quant_type, **extra)
-    model, tokenizer, _ = load_offloaded(pretrained, offload, dtype=dtype, bits=_parse_bits(bits),
-                                         quant_type=quant_type, double_quant=bool(extra.pop("double_quant", False)))
-    if extra:
-        raise EvalError(f"not supported with an expert store: {', '.join(sorted(extra))}")
-    return model, tokenizer
-
-
-def _number(values: dict[str, Any], name: str, kind: type) -> Any:
-    """A numeric model_arg (lm-eval may pass it as text), or None when absent."""
-    if name not in values or values[name] in (None, "", "none", "None"):
-        return None
-    try:
-        return kind(values[name])
-    except (TypeError, ValueError):
-        raise EvalError(f"{name} must be a number, got {values[name]!r}") from None
-
-
-def _parse_bits(bits: int | str | None) -> int | None:
-    if bits in (None, "", "none", "None"):
-        return None
-    try:
-        return int(bits)  # type: ignore[arg-type]
-    except ValueError:
-        raise EvalError(f"bits must be 4, 8 or 16, got {bits!r}") from None
+def _load(pretrained: str, model_args: dict[str, Any]) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
+    """Load through ``dsmoe.load`` with the loading settings among lm-eval's model_args."""
+    return load(pretrained, LoadOptions.from_model_args(model_args))
 
 
 def _parse_batch_size(value: int | str | None) -> int:

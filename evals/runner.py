@@ -26,6 +26,7 @@ from dsmoe.evals import local_data
 from dsmoe.evals.cache import CachedLM, EvalCache, cache_key
 from dsmoe.evals.local_data import MissingLocalData
 from dsmoe.evals.suites import BENCHMARKS, BY_TASK, Benchmark, report_scores, suite_entries
+from dsmoe.loading import LoadOptions
 
 if TYPE_CHECKING:
     from lm_eval.tasks._index import Entry
@@ -65,9 +66,8 @@ class EvalSettings:
     data_dir: str | None = None
     allow_code_execution: bool = False
     cache_dir: str | None = str(DEFAULT_CACHE_DIR)
-    dtype: str = "bf16"
-    bits: int | None = None
-    quant_type: str | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
+    """How the model was loaded: what of it changes scores is part of the answer cache's key."""
     apply_chat_template: bool | None = None
     """Prompts through the chat template, few-shot examples as earlier turns; None: on for report-chat."""
 
@@ -297,6 +297,10 @@ def partial_data(row: PlannedTask) -> str | None:
 # ---------------------------------------------------------------------- running
 
 
+_SCORING_LOAD_SETTINGS = ("dtype", "bits", "quant_type", "double_quant", "quantize_lm_head")
+"""The loading settings that change scores (where the experts live does not: outputs are identical)."""
+
+
 def cache_path(settings: EvalSettings, lm: DsmoeLM) -> Path | None:
     """Where this model's answers are kept: a file named by the checkpoint's content and the
     settings that change scores, so replaced weights in the same folder never reuse old answers."""
@@ -305,7 +309,8 @@ def cache_path(settings: EvalSettings, lm: DsmoeLM) -> Path | None:
     from dsmoe.model.checkpoint import checkpoint_fingerprint, resolve_model_path
 
     fingerprint = checkpoint_fingerprint(resolve_model_path(settings.model))
-    scoring = {"dtype": settings.dtype, "bits": settings.bits, "quant_type": settings.quant_type,
+    loading = settings.load.record()
+    scoring = {**{k: loading[k] for k in _SCORING_LOAD_SETTINGS},
                "max_length": lm.max_length, "share_context": lm.share_context, "batch_size": lm.batch_size}
     return Path(settings.cache_dir) / f"{cache_key(fingerprint, scoring)}.sqlite"
 
@@ -362,7 +367,7 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
         "machine": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
-        "config": {**asdict(settings), "max_length": lm.max_length, "share_context": getattr(lm, "share_context", None)},
+        "config": {**asdict(settings), "load": settings.load.record(), "max_length": lm.max_length, "share_context": getattr(lm, "share_context", None)},
         "complete": not partial and settings.limit is None,
         "partial": partial,
         "rows": [_row_record(r) for r in rows],

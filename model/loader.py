@@ -6,17 +6,15 @@ memory-mapped shard, checked, converted (or quantized) and put in place before t
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
-from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
+from dsmoe.model.checkpoint import Checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.memory import ReleaseEvery, release_freed_memory
-from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -35,37 +33,6 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
         raise UsageError(f"unknown dtype {value!r} (choose bf16, fp16 or fp32)") from None
 
 
-def load(
-    name_or_path: str | os.PathLike[str] | None = None,
-    dtype: str | torch.dtype = torch.bfloat16,
-    bits: int | None = None,
-    quant_type: str | None = None,
-    double_quant: bool = False,
-    quantize_lm_head: bool = False,
-    device: str | torch.device = "cpu",
-    progress: LoadProgress | None = None,
-    skip_routed_experts: bool = False,
-) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
-    """Load a DeepSeekMoE checkpoint (local folder or Hugging Face repo id) and its tokenizer.
-
-    ``bits`` 4 or 8 quantizes the linear layers while loading (lm_head too, in 8-bit, with
-    ``quantize_lm_head``); a checkpoint that is already quantized (a ``quantization_config`` in
-    its config) is read as it is. ``skip_routed_experts`` leaves the routed experts unread, on the
-    meta device, for an expert store to own (see dsmoe.offload). With no name, the demo model
-    bundled with dsmoe, so a first try needs no download.
-    """
-    if name_or_path is None:
-        from dsmoe.demo import DEMO_MODEL_PATH
-
-        name_or_path = DEMO_MODEL_PATH
-    checkpoint = open_checkpoint(name_or_path)
-    tokenizer = load_tokenizer(checkpoint.path, checkpoint.config.vocab_size)  # its mistakes before the weights' time
-    model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                       quantize_lm_head=quantize_lm_head, device=device, progress=progress,
-                       skip_routed_experts=skip_routed_experts)
-    return model, tokenizer
-
-
 def load_model(
     checkpoint: Checkpoint,
     dtype: str | torch.dtype = torch.bfloat16,
@@ -77,6 +44,13 @@ def load_model(
     progress: LoadProgress | None = None,
     skip_routed_experts: bool = False,
 ) -> DeepseekForCausalLM:
+    """The model of an opened checkpoint (``dsmoe.load`` opens it and adds the tokenizer).
+
+    ``bits`` 4 or 8 quantizes the linear layers while loading (lm_head too, in 8-bit, with
+    ``quantize_lm_head``); a checkpoint that is already quantized is read as it is.
+    ``skip_routed_experts`` leaves the routed experts unread, on the meta device, for an expert
+    store to own (see dsmoe.offload).
+    """
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
     spec = _quant_spec(checkpoint, bits, quant_type, double_quant, quantize_lm_head)
@@ -119,11 +93,7 @@ def _quant_spec(
     checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool, quantize_lm_head: bool
 ) -> QuantSpec | None:
     if bits is None or bits == 16:
-        if quant_type is not None:
-            raise UsageError("--quant-type needs --bits 4 or 8")
         return None
-    if bits not in (4, 8):
-        raise UsageError(f"bits must be 4, 8 or 16, got {bits}")
     if checkpoint.config.quantization_config is not None:
         raise UsageError(f"{checkpoint.path}: already quantized; load it without --bits")
     default_type = "nf4" if bits == 4 else "int8"

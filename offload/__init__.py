@@ -2,7 +2,7 @@
 
 from dsmoe.offload.plan import Budgets, Plan, Resources, Tier, make_plan
 from dsmoe.offload.policies import LayerCache, LFUPolicy, LRUPolicy, make_policy
-from dsmoe.offload.runtime import OffloadOptions, attach, load_offloaded, plan_for, requested_offload, store_of
+from dsmoe.offload.runtime import OffloadOptions, attach, load_offloaded, plan_for, store_of
 from dsmoe.offload.simulate import SimResult, simulate, sweep
 from dsmoe.offload.stats import LayerStats, StoreStats
 from dsmoe.offload.store import CostModel, ExpertStore
@@ -12,5 +12,5 @@ __all__ = [
     "Budgets", "CostModel", "ExpertStore", "LFUPolicy", "LRUPolicy", "LayerCache", "LayerStats",
     "OffloadOptions", "Plan", "Resources", "SimResult", "StoreStats", "Tier", "Trace", "TraceError",
     "TraceHeader", "TraceRecorder", "attach", "load_offloaded", "make_plan", "make_policy", "plan_for",
-    "read_trace", "requested_offload", "simulate", "store_of", "sweep",
+    "read_trace", "simulate", "store_of", "sweep",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -15,7 +14,7 @@ from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload.disk import DiskExperts
-from dsmoe.offload.plan import GB, Budgets, Plan, Resources, make_plan
+from dsmoe.offload.plan import Budgets, Plan, Resources, make_plan
 from dsmoe.offload.policies import POLICIES
 from dsmoe.offload.store import (
     CostModel,
@@ -62,24 +61,6 @@ class OffloadOptions:
         return torch.device("cpu")
 
 
-def requested_offload(expert_cache: int | None = None, gpu_mem_gb: float | None = None,
-                      max_ram_gb: float | None = None, policy: str = "lru", prefetch: bool = True,
-                      always: bool = False) -> OffloadOptions | None:
-    """Options for an expert store when a budget (or ``always``) asks for one, else None.
-
-    The values are checked either way (GB positive, a known policy; slots when planning), so a bad one is an error even
-    when nothing is offloaded.
-    """
-    for flag, value in (("--gpu-mem", gpu_mem_gb), ("--max-ram", max_ram_gb)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{flag} must be a positive number of GB, got {value}")
-    budgets = Budgets(gpu_mem=gpu_mem_gb * GB if gpu_mem_gb is not None else None,
-                      max_ram=max_ram_gb * GB if max_ram_gb is not None else None, expert_cache=expert_cache)
-    options = OffloadOptions(budgets, policy=policy.lower(), prefetch=prefetch)
-    wanted = always or any(v is not None for v in (expert_cache, gpu_mem_gb, max_ram_gb))
-    return options if wanted else None
-
-
 def plan_for(
     checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype = torch.bfloat16, bits: int | None = None,
     resources: Resources | None = None,
@@ -92,28 +73,31 @@ def plan_for(
 
 
 def load_offloaded(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] | Checkpoint,
     options: OffloadOptions,
     dtype: str | torch.dtype = torch.bfloat16,
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool = False,
+    quantize_lm_head: bool = False,
     progress: LoadProgress | None = None,
     resources: Resources | None = None,
 ) -> tuple[DeepseekForCausalLM, Tokenizer | None, ExpertStore]:
     """Load a checkpoint with its routed experts placed by ``options``; the rest goes to the device.
 
     When the plan keeps experts on disk they are never loaded here: the store reads them on demand.
-    ``resources`` replaces the measured free memory (to plan as if on another machine).
+    ``resources`` replaces the measured free memory (to plan as if on another machine). Most
+    callers want ``dsmoe.load``, which comes here when its options ask for an expert store.
     """
-    checkpoint = open_checkpoint(name_or_path)
+    checkpoint = open_checkpoint(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else name_or_path
     plan = plan_for(checkpoint, options, dtype, bits, resources)
     device = torch.device(plan.compute)
     if plan.on_disk:
         disk = DiskExperts(checkpoint, parse_dtype(dtype), quantize=_expert_spec(checkpoint, bits, quant_type, double_quant),
                            stored=_stored_spec(checkpoint))
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                           device=device, progress=progress, skip_routed_experts=True)
+                           quantize_lm_head=quantize_lm_head, device=device, progress=progress,
+                           skip_routed_experts=True)
         if options.budgets.max_ram is not None and resources is None:
             plan = _replan_after_load(checkpoint, options, dtype, bits, plan)
         for moe in model.moe_layers():
@@ -124,7 +108,7 @@ def load_offloaded(
         store = _store(model, plan, source, options)
     else:
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                           device="cpu", progress=progress)
+                           quantize_lm_head=quantize_lm_head, device="cpu", progress=progress)
         store = attach(model, plan, options)
     return model, load_tokenizer(checkpoint.path, checkpoint.config.vocab_size), store
 

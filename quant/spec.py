@@ -28,6 +28,16 @@ _QUANTIZED = re.compile(
 LM_HEAD = "lm_head.weight"
 
 
+def bits_error(name: str, value: object, allow_16: bool) -> str:
+    """The one wording for a bits value outside 4 and 8 (16, where allowed, means no quantization)."""
+    return f"{name} must be 4 or 8{' (or 16: no quantization)' if allow_16 else ''}, got {value}"
+
+
+def quant_type_error(name: str, value: object) -> str:
+    """The one wording for a 4-bit format that is neither NF4 nor FP4."""
+    return f"{name} must be nf4 or fp4, got {value!r}"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """A weight format: 4-bit ``nf4``/``fp4`` (blockwise absmax) or 8-bit ``int8`` (LLM.int8 rows).
@@ -45,7 +55,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.bits == 4:
             if self.quant_type not in FOUR_BIT_TYPES:
-                raise UsageError(f"4-bit quant_type must be nf4 or fp4, not {self.quant_type!r}")
+                raise UsageError(quant_type_error("4-bit quant_type", self.quant_type))
             if self.blocksize not in BLOCKSIZES:
                 raise UsageError(f"4-bit blocksize must be one of {list(BLOCKSIZES)}, not {self.blocksize!r}")
         elif self.bits == 8:
@@ -54,7 +64,7 @@ class QuantSpec:
             if self.double_quant:
                 raise UsageError("double quantization applies to 4-bit formats only")
         else:
-            raise UsageError(f"bits must be 4 or 8, not {self.bits!r}")
+            raise UsageError(bits_error("bits", self.bits, allow_16=False))
 
     @property
     def name(self) -> str:

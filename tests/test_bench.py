@@ -150,9 +150,12 @@ def scripted_routing(monkeypatch):  # type: ignore[no-untyped-def]
 
 
 def test_bench_hit_rate_of_a_scripted_routing(scripted_routing, tiny_path):
-    from dsmoe.offload import load_offloaded, requested_offload
+    from dsmoe.loading import LoadOptions
+    from dsmoe.offload import load_offloaded
 
-    model, _, store = load_offloaded(tiny_path, requested_offload(expert_cache=4, prefetch=False), dtype="fp32")
+    options = LoadOptions(expert_cache=4, prefetch=False).offload_options()
+    assert options is not None
+    model, _, store = load_offloaded(tiny_path, options, dtype="fp32")
     assert store.plan.device_slots == 4
     result = run_benchmark(model, "tiny", 16, 0.0, prompt_tokens=5, new_tokens=6, bandwidth=1e10, store=store)
     assert result.expert_cache_hit_rate == 0.5

@@ -130,7 +130,7 @@ def _library_cases(tiny: Path, tmp: Path):  # type: ignore[no-untyped-def]
     from dsmoe.evals.runner import EvalSettings
     from dsmoe.model.config import DeepseekConfig
     from dsmoe.model.generate import SamplingSettings
-    from dsmoe.offload import requested_offload
+    from dsmoe.loading import LoadOptions
     from dsmoe.quant import QuantSpec
     from dsmoe.quant.convert import quantize_checkpoint
 
@@ -140,7 +140,7 @@ def _library_cases(tiny: Path, tmp: Path):  # type: ignore[no-untyped-def]
         "temperature nan": lambda: SamplingSettings(temperature=nan),
         "repetition_penalty nan": lambda: SamplingSettings(repetition_penalty=nan),
         "top_p nan": lambda: SamplingSettings(top_p=nan),
-        "max_ram inf": lambda: requested_offload(max_ram_gb=math.inf),
+        "max_ram inf": lambda: LoadOptions(max_ram=math.inf),
         "shots -1": lambda: EvalSettings(model="m", tasks=["t"], shots=-1),
         "limit 0": lambda: EvalSettings(model="m", tasks=["t"], limit=0),
         "layers=0": lambda: SyntheticCheckpoint("16b:layers=0"),

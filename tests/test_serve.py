@@ -29,6 +29,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsmoe import load
+from dsmoe.loading import LoadOptions
 from dsmoe.model.generate import SamplingSettings, stream_text
 from dsmoe.serve import Server
 from tests.cli_runner import run_cli
@@ -231,7 +232,7 @@ def test_lm_eval_local_completions_scores_mmlu_as_dsmoe_eval_does(server, tiny):
     from dsmoe.evals import DsmoeLM
     from dsmoe.evals.runner import EvalSettings, build, plan, run, task_manager
 
-    settings = EvalSettings(model=str(TINY), tasks=["mmlu"], limit=2, data_dir=str(DATA), cache_dir=None, dtype="fp32")
+    settings = EvalSettings(model=str(TINY), tasks=["mmlu"], limit=2, data_dir=str(DATA), cache_dir=None, load=LoadOptions(dtype="fp32"))
     manager = task_manager(["mmlu"])
     rows = plan(settings, manager)
     build(rows, settings, manager)

@@ -1,0 +1,199 @@
+"""How a checkpoint becomes a running model: one ``LoadOptions``, checked once, and one ``load``.
+
+Every command that loads a model takes the same flags (``cli.load_flags``) and lm-eval's
+``model_args`` name the same settings (``LoadOptions.from_model_args``); both end here, so a bad
+value reads the same whichever way it came, and the choice between a model held in memory and one
+whose routed experts live in an expert store (``dsmoe.offload``) is made in ``load`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from dsmoe.demo import DEMO_MODEL_PATH
+from dsmoe.errors import EvalError, UsageError
+from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
+from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
+from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
+from dsmoe.offload import OffloadOptions, load_offloaded
+from dsmoe.offload.plan import GB, Budgets, Resources
+from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, bits_error, quant_type_error
+
+Spelling = Literal["flag", "model_arg"]
+
+_FLAGS = {"bits": "--bits", "quant_type": "--quant-type", "gpu_mem": "--gpu-mem", "max_ram": "--max-ram",
+          "expert_cache": "--expert-cache", "policy": "--policy", "dtype": "--dtype", "double_quant": "--double-quant",
+          "quantize_lm_head": "--quantize-lm-head"}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything that decides how a checkpoint is loaded: precision, quantization, expert placement.
+
+    ``gpu_mem`` and ``max_ram`` are GB. A budget (or ``offload``) puts the routed experts in an
+    expert store; without one the whole model is held in memory. Values are checked when the
+    options are made, with the names the user typed them under (``spelling``).
+    """
+
+    dtype: str | torch.dtype = "bf16"
+    bits: int | None = None
+    quant_type: str | None = None
+    double_quant: bool = False
+    quantize_lm_head: bool = False
+    device: str | None = None
+    expert_cache: int | None = None
+    gpu_mem: float | None = None
+    max_ram: float | None = None
+    policy: str = "lru"
+    prefetch: bool = True
+    offload: bool = False
+    """An expert store even with no budget (for its statistics)."""
+    spelling: Spelling = field(default="flag", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        name = self._name
+        if self.bits is not None and self.bits not in (4, 8, 16):
+            raise UsageError(bits_error(name("bits"), self.bits, allow_16=True))
+        if self.quant_type is not None:
+            if self.quant_type.lower() not in FOUR_BIT_TYPES:
+                raise UsageError(quant_type_error(name("quant_type"), self.quant_type))
+            if self.bits != 4:
+                raise UsageError(f"{name('quant_type')} needs {name('bits')} 4")
+            object.__setattr__(self, "quant_type", self.quant_type.lower())
+        if self.double_quant and self.bits != 4:
+            raise UsageError(f"{name('double_quant')} needs {name('bits')} 4")
+        if self.quantize_lm_head and self.bits not in (4, 8):
+            raise UsageError(f"{name('quantize_lm_head')} needs {name('bits')} 4 or 8")
+        parse_dtype(self.dtype)
+        for budget in ("gpu_mem", "max_ram"):
+            value = getattr(self, budget)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{name(budget)} must be a positive number of GB, got {value}")
+        if self.expert_cache is not None and self.expert_cache < 1:
+            raise UsageError(f"{name('expert_cache')} must be at least 1 slot per layer, got {self.expert_cache}")
+        object.__setattr__(self, "policy", self.policy.lower())
+        self.store_options()  # the policy's check, whether or not a store is made
+
+    def _name(self, setting: str) -> str:
+        return _FLAGS.get(setting, setting) if self.spelling == "flag" else setting
+
+    @property
+    def load_bits(self) -> int | None:
+        """The bits to quantize to while loading: None keeps the stored floats (16 means that too)."""
+        return None if self.bits == 16 else self.bits
+
+    def quant_spec(self) -> QuantSpec | None:
+        """The format to quantize into (NF4 unless told otherwise at 4 bits), or None to keep floats."""
+        if self.load_bits is None:
+            return None
+        return QuantSpec(bits=self.load_bits, quant_type=self.quant_type or ("nf4" if self.load_bits == 4 else "int8"),
+                         double_quant=self.double_quant, quantize_lm_head=self.quantize_lm_head)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.offload or any(v is not None for v in (self.expert_cache, self.gpu_mem, self.max_ram))
+
+    def offload_options(self) -> OffloadOptions | None:
+        """The expert store's options when these ask for one, else None."""
+        return self.store_options() if self.offloaded else None
+
+    def store_options(self) -> OffloadOptions:
+        """The expert store's options, whether or not these ask for a store (``dsmoe info --plan``)."""
+        budgets = Budgets(gpu_mem=self.gpu_mem * GB if self.gpu_mem is not None else None,
+                          max_ram=self.max_ram * GB if self.max_ram is not None else None,
+                          expert_cache=self.expert_cache)
+        return OffloadOptions(budgets, policy=self.policy, prefetch=self.prefetch, device=self.device)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON values, for results files and cache keys."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spelling"}
+        return {**values, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def replace(self, **changes: Any) -> LoadOptions:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_model_args(cls, args: dict[str, Any]) -> LoadOptions:
+        """lm-eval's ``model_args`` (values may come as text: ``bits=4,max_ram=1.5,prefetch=false``).
+
+        Unknown names and bad values raise EvalError, named as the user wrote them.
+        """
+        known = {f.name for f in dataclasses.fields(cls)} - {"spelling"}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise EvalError(f"unknown dsmoe model argument(s): {', '.join(unknown)} "
+                            f"(loading: {', '.join(sorted(known))})")
+        converters = {"bits": int, "expert_cache": int, "gpu_mem": float, "max_ram": float,
+                      "double_quant": _flag, "quantize_lm_head": _flag, "prefetch": _flag, "offload": _flag}
+        values: dict[str, Any] = {}
+        for name, value in args.items():
+            if value in (None, "", "none", "None"):
+                continue
+            convert = converters.get(name)
+            if convert is None:
+                values[name] = value
+                continue
+            try:
+                values[name] = convert(value)
+            except (TypeError, ValueError):
+                raise EvalError(f"{name} must be {_KINDS[convert]}, got {value!r}") from None
+        try:
+            return cls(**values, spelling="model_arg")
+        except UsageError as exc:
+            raise EvalError(str(exc)) from None
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError(value)
+    return text in _TRUE
+
+
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number", _flag: "true or false"}
+
+
+def load(
+    name_or_path: str | os.PathLike[str] | Checkpoint | None = None,
+    options: LoadOptions | None = None,
+    *,
+    progress: LoadProgress | None = None,
+    resources: Resources | None = None,
+    **settings: Any,
+) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
+    """Load a DeepSeekMoE checkpoint (local folder, Hugging Face repo id, or an opened checkpoint)
+    and its tokenizer, as ``options`` (or the same settings as keywords: ``load(path, bits=4)``) say.
+
+    ``bits`` 4 or 8 quantizes the linear layers while loading; a checkpoint that is already
+    quantized is read as it is. With an expert budget the routed experts go to an expert store
+    (``dsmoe.offload.store_of(model)``), read from disk when RAM cannot hold them. With no name,
+    the demo model bundled with dsmoe, so a first try needs no download.
+    """
+    options = options.replace(**settings) if options is not None and settings else options or LoadOptions(**settings)
+    if name_or_path is None:
+        name_or_path = DEMO_MODEL_PATH
+    checkpoint = open_checkpoint(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else name_or_path
+    offload = options.offload_options()
+    if offload is not None:
+        model, tokenizer, _ = load_offloaded(checkpoint, offload, progress=progress, resources=resources,
+                                             dtype=options.dtype, bits=options.load_bits, quant_type=options.quant_type,
+                                             double_quant=options.double_quant,
+                                             quantize_lm_head=options.quantize_lm_head)
+        return model, tokenizer
+    tokenizer = load_tokenizer(checkpoint.path, checkpoint.config.vocab_size)  # its mistakes before the weights' time
+    model = load_model(checkpoint, dtype=options.dtype, bits=options.load_bits, quant_type=options.quant_type,
+                       double_quant=options.double_quant, quantize_lm_head=options.quantize_lm_head,
+                       device=options.device or "cpu", progress=progress)
+    return model, tokenizer

@@ -7,22 +7,16 @@ checkpoint loads with no renaming and a quantized layer replaces an ``nn.Linear`
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
-from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of, weights_changed
+from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of
+from dsmoe.model.routing import ExpertChannel, RoutingObserver
 from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
-
-RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
-"""Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
-ExpertRunner = Callable[[int, int, torch.Tensor], torch.Tensor]
-"""Called as ``runner(layer_idx, expert_idx, x)`` for one routed expert's output on its tokens."""
 
 
 class RMSNorm(nn.Module):
@@ -217,9 +211,13 @@ class MoEGate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts plus always-on shared experts."""
+    """Routed experts plus always-on shared experts.
 
-    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+    ``channel`` is the model's one link to whoever else has a stake in the routed experts: it hears
+    each routing decision and, when an expert store holds the experts, runs them (model/routing.py).
+    """
+
+    def __init__(self, config: DeepseekConfig, layer_idx: int, channel: ExpertChannel) -> None:
         super().__init__()
         assert config.n_routed_experts is not None
         self.layer_idx = layer_idx
@@ -233,31 +231,20 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self.routing_observer: RoutingObserver | None = None
-        self.expert_runner = None
-
-    @property
-    def expert_runner(self) -> ExpertRunner | None:
-        """Who runs the routed experts: None for the layer's own modules, else an expert store's."""
-        return self._expert_runner
-
-    @expert_runner.setter
-    def expert_runner(self, runner: ExpertRunner | None) -> None:
-        self._expert_runner = runner
-        weights_changed()  # decode plans read the layer's own experts: they must step aside or rebuild
+        self.channel = channel
 
     def run_expert(self, expert_idx: int, x: torch.Tensor) -> torch.Tensor:
-        """One routed expert on its tokens; an expert store may take this over (``expert_runner``)."""
-        if self.expert_runner is not None:
-            return self.expert_runner(self.layer_idx, expert_idx, x)
+        """One routed expert on its tokens: the expert store's copy when one holds the experts."""
+        holder = self.channel.holder
+        if holder is not None:
+            return holder.run(self.layer_idx, expert_idx, x)
         return self.experts[expert_idx](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        if self.routing_observer is not None:
-            self.routing_observer(self.layer_idx, ids, weights)
+        self.channel.routed(self.layer_idx, flat, ids, weights)
         out = self.route(flat, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -293,7 +280,7 @@ class MoE(nn.Module):
         """
         out = torch.zeros_like(x)
         chosen, mix = ids[0].tolist(), weights[0].to(x.dtype).tolist()
-        if self.expert_runner is None and x.dtype == torch.bfloat16:
+        if self.channel.holder is None and x.dtype == torch.bfloat16:
             # Resident quantized experts: the whole loop in one native call, with the loop's bits.
             experts = self.experts._modules  # ModuleList's own dict: indexing the list costs ~1.5 us
             fused = [experts[str(i)].one_token_kernel() for i in chosen]  # type: ignore[union-attr,operator]
@@ -307,11 +294,11 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepseekConfig, layer_idx: int, channel: ExpertChannel) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp: nn.Module = (
-            MoE(config, layer_idx)
+            MoE(config, layer_idx, channel)
             if config.is_moe_layer(layer_idx)
             else MLP(config.hidden_size, config.intermediate_size)
         )
@@ -333,15 +320,15 @@ class DecoderLayer(nn.Module):
             return None
         plan = self._plan
         if plan is None or not plan.current():
-            plan = self._plan = LayerPlan.for_layer(self)
+            plan = self._plan = LayerPlan.for_layer(self, self.mlp if isinstance(self.mlp, MoE) else None)
         return plan
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, config: DeepseekConfig) -> None:
+    def __init__(self, config: DeepseekConfig, channel: ExpertChannel) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, channel) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self._stack: StackPlan | None = None
@@ -384,7 +371,9 @@ class DeepseekForCausalLM(nn.Module):
     def __init__(self, config: DeepseekConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = DeepseekModel(config)
+        self.experts_channel = ExpertChannel()
+        """Who runs the routed experts (an expert store may hold them) and who hears the routing."""
+        self.model = DeepseekModel(config, self.experts_channel)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
@@ -400,8 +389,7 @@ class DeepseekForCausalLM(nn.Module):
 
     def set_routing_observer(self, observer: RoutingObserver | None) -> None:
         """Report every MoE layer's routing decisions to ``observer`` (None to stop)."""
-        for moe in self.moe_layers():
-            moe.routing_observer = observer
+        self.experts_channel.observer = observer
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)

@@ -32,8 +32,8 @@ from dsmoe.model.cache import KVCache
 from dsmoe.quant import kernels
 from dsmoe.quant.linear import NativeWeights, SwiGLUKernel, native_weights
 
-if TYPE_CHECKING:
-    from dsmoe.model.deepseek import DecoderLayer
+if TYPE_CHECKING:  # the modules this plans for; deepseek.py imports this file to run them
+    from dsmoe.model.deepseek import MoE, DecoderLayer
 
 _generation = 0
 _live: weakref.WeakSet[LayerPlan] = weakref.WeakSet()
@@ -108,13 +108,11 @@ def _no_hooks(modules: Sequence[nn.Module]) -> bool:
 class LayerPlan:
     """One layer's ``layer_step``, built by ``for_layer`` and kept while ``current`` holds."""
 
-    def __init__(self, layer: DecoderLayer, projections: NativeWeights, mlp_kernel: SwiGLUKernel | None,
-                 experts: Sequence[SwiGLUKernel]) -> None:
-        from dsmoe.model.deepseek import MoE
-
-        attn, mlp = layer.self_attn, layer.mlp
+    def __init__(self, layer: DecoderLayer, moe: MoE | None, projections: NativeWeights,
+                 mlp_kernel: SwiGLUKernel | None, experts: Sequence[SwiGLUKernel]) -> None:
+        attn = layer.self_attn
         self.layer_idx = attn.layer_idx
-        self.moe = mlp if isinstance(mlp, MoE) else None
+        self.moe = moe
         self.generation = _generation
         self.parts = _parts(layer)
         norms = (weight_of(layer.input_layernorm), weight_of(layer.post_attention_layernorm))
@@ -148,13 +146,12 @@ class LayerPlan:
         )
 
     @staticmethod
-    def for_layer(layer: DecoderLayer) -> LayerPlan | None:
-        """The plan for this layer's weights, or None where a part of it has no native path.
+    def for_layer(layer: DecoderLayer, moe: MoE | None) -> LayerPlan | None:
+        """The plan for this layer's weights (``moe``: its MLP when that is a MoE layer), or None where
+        a part of it has no native path.
 
         The cheap checks come first: an unquantized or offloaded model leaves after a few.
         """
-        from dsmoe.model.deepseek import MoE
-
         attn, mlp = layer.self_attn, layer.mlp
         projections = native_weights(_projections(layer))
         if projections is None or attn.head_dim % 8 or not _no_hooks(_parts(layer)):
@@ -162,22 +159,22 @@ class LayerPlan:
         norms = (weight_of(layer.input_layernorm), weight_of(layer.post_attention_layernorm))
         if any(n is None or n.dtype != torch.bfloat16 or n.shape[0] % 8 for n in norms):
             return None
-        if not isinstance(mlp, MoE):
+        if moe is None:
             kernel = mlp.one_token_kernel()  # type: ignore[operator]
-            return LayerPlan(layer, projections, kernel, ()) if kernel is not None else None
-        gate = weight_of(mlp.gate)
-        if mlp.expert_runner is not None or gate is None or gate.dtype != torch.float32 or mlp.gate.top_k > 64:
+            return LayerPlan(layer, None, projections, kernel, ()) if kernel is not None else None
+        gate = weight_of(moe.gate)
+        if moe.channel.holder is not None or gate is None or gate.dtype != torch.float32 or moe.gate.top_k > 64:
             return None
-        shared = mlp.shared_experts.one_token_kernel() if mlp.shared_experts is not None else None
-        if mlp.shared_experts is not None and shared is None:
+        shared = moe.shared_experts.one_token_kernel() if moe.shared_experts is not None else None
+        if moe.shared_experts is not None and shared is None:
             return None
-        experts = [e.one_token_kernel() for e in mlp.experts]  # type: ignore[operator]
+        experts = [e.one_token_kernel() for e in moe.experts]  # type: ignore[operator]
         if any(k is None for k in experts) or len({k.kind for k in experts}) != 1:  # type: ignore[union-attr]
             return None
         kind = experts[0].kind  # type: ignore[union-attr]
         if shared is not None and shared.kind[:3] != kind[:3]:  # one format for the whole MLP half
             return None
-        return LayerPlan(layer, projections, shared, experts)  # type: ignore[arg-type]
+        return LayerPlan(layer, moe, projections, shared, experts)  # type: ignore[arg-type]
 
     def current(self) -> bool:
         """Whether nothing changed the layer's weights since the build, and no hook or store needs its modules.
@@ -253,8 +250,8 @@ def run_layers(plans: Sequence[LayerPlan], x: torch.Tensor, cos: torch.Tensor, s
     if status != 0:
         raise RuntimeError(f"native decode step failed with status {status}")
     for row, plan in enumerate(plans):
-        if plan.moe is not None and plan.moe.routing_observer is not None:
-            plan.moe.routing_observer(plan.layer_idx, ids[row: row + 1, : plan.top_k], mix[row: row + 1, : plan.top_k])
+        if plan.moe is not None:
+            plan.moe.channel.observe(plan.layer_idx, ids[row: row + 1, : plan.top_k], mix[row: row + 1, : plan.top_k])
     return out
 
 

@@ -147,14 +147,13 @@ def _store(model: DeepseekForCausalLM, plan: Plan, source: Source, options: Offl
     else:
         transfer = InPlace(background=options.prefetch and plan.on_disk)
     cost = options.host_compute if plan.compute != "cpu" else None
-    store = ExpertStore(model, plan, source, transfer, options.policy, options.prefetch, cost)
-    model.expert_store = store
-    return store
+    return ExpertStore(model, plan, source, transfer, options.policy, options.prefetch, cost)
 
 
-def store_of(model: nn.Module) -> ExpertStore | None:
+def store_of(model: DeepseekForCausalLM) -> ExpertStore | None:
     """The store running ``model``'s experts, if it has one (for stats displays)."""
-    return getattr(model, "expert_store", None)
+    holder = model.experts_channel.holder
+    return holder if isinstance(holder, ExpertStore) else None
 
 
 def _expert_spec(checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool):  # type: ignore[no-untyped-def]

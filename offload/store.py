@@ -1,9 +1,10 @@
 """The expert store: owns where every routed expert lives and runs each one from there.
 
-It plugs into the model through ``MoE.expert_runner`` (run an expert), a forward hook on each
-router gate (the routing of a forward pass, before its experts run) and, for prefetch, a forward
-pre-hook on each MoE layer (its input, to which the next layer's gate is applied). The model's
-kernels and its order of summation are untouched, so outputs equal a fully resident run.
+It plugs into the model through the model's one ``ExpertChannel`` (model/routing.py): each MoE
+layer tells it the routing of a forward pass before its experts run (``routed``: the layer's input
+too, to which the next layer's gate is applied for prefetch), then asks it to run each chosen
+expert (``run``). The model's kernels and its order of summation are untouched, so outputs equal a
+fully resident run.
 
 Tiers are pluggable: a ``Source`` gives an expert as a module in host memory (resident in RAM,
 or read from disk), a ``Transfer`` puts it into a slot on the compute device (a CUDA copy on a
@@ -292,8 +293,8 @@ class CostModel:
 class ExpertStore:
     """Runs every routed expert of ``model`` from the slots of its compute device.
 
-    ``store.stats`` counts hits, misses, prefetch accuracy and bytes per link; ``detach`` restores
-    the model's hooks (the experts stay with the store).
+    ``store.stats`` counts hits, misses, prefetch accuracy and bytes per link; ``detach`` hands the
+    model back its channel (the experts stay with the store).
     """
 
     def __init__(
@@ -323,27 +324,25 @@ class ExpertStore:
         self._expert_params = 3 * config.hidden_size * config.moe_intermediate_size
         moes = model.moe_layers()
         self._first_layer = moes[0].layer_idx
-        self._handles = []
-        for moe in moes:
-            moe.expert_runner = self.run
-            self._handles.append(moe.gate.register_forward_hook(self._routing_hook(moe.layer_idx)))
+        # The layer whose gate guesses each layer's next routing, where prefetching can pay.
+        self._following: dict[int, MoE] = {}
         if prefetch and plan.device_slots < plan.n_experts:
-            for moe, following in zip(moes, moes[1:]):
-                self._handles.append(moe.register_forward_pre_hook(self._prefetch_hook(following)))
+            self._following = {moe.layer_idx: following for moe, following in zip(moes, moes[1:])}
+        model.experts_channel.hold(self)
         if plan.device_slots >= plan.n_experts:
             for layer, cache in self.caches.items():
                 for expert in range(plan.n_experts):
                     cache.prefetch(expert)
                     self.slots[(layer, expert)] = transfer.start(source, layer, expert, ahead=False)
 
-    def _routing_hook(self, layer: int):  # type: ignore[no-untyped-def]
-        def hook(gate: nn.Module, inputs: tuple[torch.Tensor], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-            self.routed(layer, output[0])
-
-        return hook
-
-    def routed(self, layer: int, ids: torch.Tensor) -> None:
-        """The routing of one forward pass of ``layer``, before its experts run."""
+    def routed(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """The routing of one forward pass of ``layer`` (its tokens ``x``), before its experts run."""
+        following = self._following.get(layer)
+        if following is not None:
+            # The next layer's router on this layer's input: the residual stream changes little
+            # from one layer to the next, so its top-k is a good guess of the next routing.
+            next_ids, _ = following.gate(x)
+            self.prefetch(following.layer_idx, next_ids)
         needed = set(ids.unique().tolist())
         if layer == self._first_layer:
             self.stats.tokens += ids.shape[0]
@@ -353,16 +352,6 @@ class ExpertStore:
             stats.predicted += len(predicted)
             stats.predicted_used += len(predicted & needed)
         self.caches[layer].begin(needed)
-
-    def _prefetch_hook(self, following: MoE):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            # The next layer's router on this layer's input: the residual stream changes little
-            # from one layer to the next, so its top-k is a good guess of the next routing.
-            ids, _ = following.gate.forward(x.reshape(-1, x.shape[-1]))
-            self.prefetch(following.layer_idx, ids)
-
-        return hook
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Start bringing in the experts ``ids`` names for ``layer``, most-named first, up to its slots."""
@@ -398,7 +387,7 @@ class ExpertStore:
         return self.cost.run_on_host(tokens, self.source.nbytes(layer, expert), self._expert_params)
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """``MoE.expert_runner``: expert ``expert`` of ``layer`` on its tokens ``x``."""
+        """Expert ``expert`` of ``layer`` on its tokens ``x``, from its slot (brought in on a miss)."""
         cache = self.caches[layer]
         stats = self.stats.layer(layer)
         if expert not in cache and self.host_is_cheaper(layer, expert, x.shape[0]):
@@ -421,12 +410,9 @@ class ExpertStore:
         return sorted(self.caches[layer].resident)
 
     def detach(self) -> None:
-        """Unhook from the model and release the tiers; the model cannot run its experts afterwards."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for moe in self.model.moe_layers():
-            moe.expert_runner = None
+        """Let go of the model and release the tiers; the model cannot run its experts afterwards."""
+        if self.model.experts_channel.holder is self:
+            self.model.experts_channel.hold(None)
         self.slots.clear()
         self.transfer.close()
         self.source.close()

@@ -209,16 +209,21 @@ def test_a_hook_on_a_layer_takes_the_layer_by_layer_path(model: DeepseekForCausa
     assert called.count("DecoderLayer") == 4 * len(model.model.layers)  # a global hook sees every step
 
 
-def test_an_expert_runner_takes_over_from_the_plan(model: DeepseekForCausalLM) -> None:
+def test_an_expert_holder_takes_over_from_the_plan(model: DeepseekForCausalLM) -> None:
     _decode_logits(model, native=True)
     moe = model.model.layers[1].mlp
     ran: list[int] = []
 
-    def runner(layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        ran.append(layer)
-        return moe.experts[expert](x)
+    class Holder:
+        def routed(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+            pass
 
-    moe.expert_runner = runner
+        def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+            if layer == moe.layer_idx:
+                ran.append(layer)
+            return model.model.layers[layer].mlp.experts[expert](x)
+
+    model.experts_channel.hold(Holder())
     try:
         assert torch.equal(_decode_logits(model, native=True), _decode_logits(model, native=False))
         with torch.inference_mode():
@@ -227,5 +232,5 @@ def test_an_expert_runner_takes_over_from_the_plan(model: DeepseekForCausalLM) -
             ran.clear()
             model(torch.tensor([[7]]), cache=cache)  # a decode step
     finally:
-        moe.expert_runner = None
+        model.experts_channel.hold(None)
     assert len(ran) == moe.gate.top_k

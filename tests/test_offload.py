@@ -194,7 +194,7 @@ def test_prefetch_counts_predictions_and_copies(fake_device_store):
     assert store.resident(2) == [1, 3, 9]
     assert store.stats.layer(2).prefetched == 3
     assert store.stats.link_bytes == {"ram->cpu": 3 * store.plan.expert_bytes}
-    store.routed(2, torch.tensor([[1, 5]]))
+    store.routed(2, torch.zeros(1, store.model.config.hidden_size), torch.tensor([[1, 5]]))
     layer = store.stats.layer(2)
     assert (layer.predicted, layer.predicted_used) == (3, 1)
     assert store.stats.prefetch_accuracy() == pytest.approx(1 / 3)

@@ -1,0 +1,56 @@
+"""The one channel between a model's MoE layers and whoever else has a stake in their routed experts.
+
+Every MoE layer holds its model's ``ExpertChannel`` and calls it where ``MoE.forward`` shows it:
+``routed`` once the router has chosen (an expert store counts hits and starts bringing in the next
+layer's likely experts; a routing observer, such as the trace recorder, writes the choice down),
+then ``run`` for each chosen expert, which is the layer's own module unless an expert store holds
+the experts. Nothing else (no hook, no attribute on the model) connects a store to the model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from dsmoe.model.layer_plan import weights_changed
+
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
+
+
+class ExpertHolder(Protocol):
+    """What holds a model's routed experts in place of its layers (``dsmoe.offload.ExpertStore``)."""
+
+    def routed(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Layer ``layer`` routes its tokens ``x`` [N, hidden] to ``ids`` [N, k]; its experts run next."""
+
+    def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``expert`` of ``layer`` on its tokens ``x``."""
+
+
+class ExpertChannel:
+    """Who runs a model's routed experts, and who is told of each routing decision."""
+
+    def __init__(self) -> None:
+        self.holder: ExpertHolder | None = None
+        self.observer: RoutingObserver | None = None
+
+    def hold(self, holder: ExpertHolder | None) -> None:
+        """Hand the routed experts to ``holder`` (None: back to the layers' own modules).
+
+        The native decode plans read the layers' own experts, so they are made stale.
+        """
+        self.holder = holder
+        weights_changed()
+
+    def routed(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """A MoE layer's routing, before its experts run."""
+        if self.holder is not None:
+            self.holder.routed(layer, x, ids)
+        self.observe(layer, ids, weights)
+
+    def observe(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Tell the observer; the native decode step calls only this (it runs only without a holder)."""
+        if self.observer is not None:
+            self.observer(layer, ids, weights)

@@ -18,7 +18,7 @@ import torch
 
 from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.errors import EvalError, UsageError
-from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
+from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save_file
 
 from dsmoe.errors import UsageError
-from dsmoe.model.checkpoint import INDEX_NAME
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.reader import INDEX_NAME
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekForCausalLM
-from dsmoe.model.output_folder import rename_no_replace
+from dsmoe.checkpoint.output_folder import rename_no_replace
 
 # deepseek-ai/deepseek-moe-16b-base's config.json, less its token ids (ours has its own tokenizer).
 GEOMETRIES: dict[str, dict[str, Any]] = {
@@ -61,7 +61,7 @@ def parse_spec(spec: str) -> dict[str, Any]:
 
 
 class SyntheticCheckpoint:
-    """The read interface of ``dsmoe.model.checkpoint.Checkpoint``, with seeded random tensors."""
+    """The read interface of ``dsmoe.checkpoint.reader.Checkpoint``, with seeded random tensors."""
 
     def __init__(self, spec: str, seed: int = 0) -> None:
         self.raw_config = parse_spec(spec)

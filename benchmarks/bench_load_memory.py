@@ -20,7 +20,7 @@ import sys
 
 PROBE = """
 import json, sys, psutil, torch
-import dsmoe.model.loader as loader, dsmoe.model.memory as memory
+import dsmoe.model.loader as loader, dsmoe.checkpoint.memory as memory
 from dsmoe.bench.synthetic import SyntheticCheckpoint
 if sys.argv[2] == "off":
     loader.release_freed_memory = memory.release_freed_memory = lambda: None

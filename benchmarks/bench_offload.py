@@ -28,7 +28,7 @@ GB = 1e9
 def make_checkpoint(folder: Path, layers: int, experts: int, hidden: int, moe_intermediate: int) -> None:
     from safetensors.torch import save_file
 
-    from dsmoe.model.config import DeepseekConfig
+    from dsmoe.checkpoint.config import DeepseekConfig
     from dsmoe.model.deepseek import DeepseekForCausalLM
 
     raw = {

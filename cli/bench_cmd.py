@@ -21,7 +21,7 @@ from dsmoe.cli.loading import load_flags
 from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
-from dsmoe.model.checkpoint import open_checkpoint
+from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.offload import store_of
 from dsmoe.quant import spec_from_config
 

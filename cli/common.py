@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.errors import DsmoeError, UsageError
 
 console = Console(highlight=False)
@@ -158,10 +159,6 @@ def read_text_file(path: Path) -> str:
 
 def default_model() -> str:
     """The bundled demo checkpoint, so commands work on a fresh machine with no network."""
-    try:
-        from dsmoe.demo import DEMO_MODEL_PATH
-    except ImportError:
-        raise DsmoeError("no --model given and the bundled demo model is not installed") from None
     return str(DEMO_MODEL_PATH)
 
 

@@ -12,7 +12,7 @@ from dsmoe.cli.common import ModelOption, console, default_model, full_width, gu
 from dsmoe.cli.loading import load_flags
 from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import DsmoeError, UsageError
-from dsmoe.model.checkpoint import open_checkpoint
+from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
 from dsmoe.loading import LoadOptions
 from dsmoe.offload import plan_for

@@ -12,13 +12,12 @@ from dsmoe.cli import serve_cmd  # noqa: F401  (registers the command)
 from dsmoe.cli import models_cmd, perplexity_cmd  # noqa: F401
 from dsmoe.cli.app import app
 from dsmoe.cli.common import PLAIN_WIDTH, check_utf8_arguments, console, err_console, set_debug
+from dsmoe import __version__
 from dsmoe.errors import DsmoeError
 
 
 def _version(value: bool) -> None:
     if value:
-        from dsmoe import __version__
-
         typer.echo(f"dsmoe {__version__}")
         raise typer.Exit()
 

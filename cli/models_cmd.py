@@ -10,7 +10,7 @@ from rich.table import Table
 
 from dsmoe.cli.app import app
 from dsmoe.cli.common import console, err_console, full_width, guarded, human_bytes
-from dsmoe.model.registry import list_models, pull, remove
+from dsmoe.checkpoint.registry import list_models, pull, remove
 
 
 @app.command("list")

@@ -16,8 +16,8 @@ from dsmoe.cli.common import (
 from dsmoe.cli.loading import load_flags, load_with_progress
 from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
-from dsmoe.model.checkpoint import resolve_model_path
-from dsmoe.quant.perplexity import (
+from dsmoe.checkpoint.reader import resolve_model_path
+from dsmoe.quality.perplexity import (
     DEFAULT_TOP_K, PerplexityResult, check_base, load_base, perplexity, save_base, tokenizer_sha256,
 )
 

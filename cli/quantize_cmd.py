@@ -16,8 +16,8 @@ from dsmoe.cli.common import (
 )
 from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
-from dsmoe.model.checkpoint import resolve_model_path
-from dsmoe.model.registry import remember_quantized
+from dsmoe.checkpoint.reader import resolve_model_path
+from dsmoe.checkpoint.registry import remember_quantized
 from dsmoe.quant.spec import bits_error
 from dsmoe.quant.convert import DEFAULT_SHARD_BYTES, quantize_checkpoint
 

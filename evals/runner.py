@@ -21,6 +21,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._factory import TaskFactory
 from lm_eval.utils import handle_non_serializable
 
+from dsmoe import __version__
+from dsmoe.checkpoint.reader import checkpoint_fingerprint, resolve_model_path
 from dsmoe.errors import EvalError, UsageError
 from dsmoe.evals import local_data
 from dsmoe.evals.cache import CachedLM, EvalCache, cache_key
@@ -306,8 +308,6 @@ def cache_path(settings: EvalSettings, lm: DsmoeLM) -> Path | None:
     settings that change scores, so replaced weights in the same folder never reuse old answers."""
     if not settings.cache_dir:
         return None
-    from dsmoe.model.checkpoint import checkpoint_fingerprint, resolve_model_path
-
     fingerprint = checkpoint_fingerprint(resolve_model_path(settings.model))
     loading = settings.load.record()
     scoring = {**{k: loading[k] for k in _SCORING_LOAD_SETTINGS},
@@ -397,8 +397,6 @@ def _row_record(row: PlannedTask) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from dsmoe import __version__
-
     return __version__
 
 

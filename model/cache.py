@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 
 
 class KVCache:

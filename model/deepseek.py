@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.model.cache import KVCache
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
+from dsmoe.model.generate import SamplingSettings, generate_ids
 from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of
 from dsmoe.model.routing import ExpertChannel, RoutingObserver
 from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
@@ -418,8 +419,6 @@ class DeepseekForCausalLM(nn.Module):
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 20, **settings: object) -> torch.Tensor:
         """Decode after ``prompt_ids`` [1, T] and return prompt + new tokens as [1, T + new]."""
-        from dsmoe.model.generate import SamplingSettings, generate_ids
-
         settings.setdefault("stop_ids", self.config.eos_token_ids)
         sampling = SamplingSettings(max_new_tokens=max_new_tokens, **settings)  # type: ignore[arg-type]
         new = list(generate_ids(self, prompt_ids[0].tolist(), sampling))

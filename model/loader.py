@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
-from dsmoe.model.checkpoint import Checkpoint
+from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
-from dsmoe.model.memory import ReleaseEvery, release_freed_memory
+from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
 from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,

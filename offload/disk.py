@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from dsmoe.errors import CheckpointError
-from dsmoe.model.checkpoint import Checkpoint
+from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.model.deepseek import MLP
+from dsmoe.quant import linear_from_tensors, quantize_linear
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
 _DTYPES = {
@@ -121,12 +122,8 @@ class DiskExperts:
             if weight is None:
                 raise CheckpointError(f"{self.path}: tensor {name}.weight is missing from the checkpoint")
             if self.stored is not None and weight.dtype in (torch.uint8, torch.int8):
-                from dsmoe.quant import linear_from_tensors
-
                 setattr(module, proj, linear_from_tensors(tensors, name, self.stored, self.dtype))
             elif self.quantize is not None:
-                from dsmoe.quant import quantize_linear
-
                 setattr(module, proj, quantize_linear(weight, self.quantize, self.dtype))
             else:
                 expected = (self.intermediate, self.hidden) if proj != "down_proj" else (self.hidden, self.intermediate)

@@ -12,7 +12,7 @@ import psutil
 import torch
 
 from dsmoe.errors import UsageError
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, parameter_counts
 
 GB = 1e9

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dsmoe.errors import UsageError
-from dsmoe.model.checkpoint import Checkpoint, open_checkpoint
+from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
@@ -28,6 +28,7 @@ from dsmoe.offload.store import (
     Source,
     Transfer,
 )
+from dsmoe.quant import QuantSpec, spec_from_config
 
 
 @dataclass(frozen=True)
@@ -156,18 +157,14 @@ def store_of(model: DeepseekForCausalLM) -> ExpertStore | None:
     return holder if isinstance(holder, ExpertStore) else None
 
 
-def _expert_spec(checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool):  # type: ignore[no-untyped-def]
+def _expert_spec(checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool) -> QuantSpec | None:
     """The format experts are quantized into as they are read: the loader's, for ``--bits``."""
     if bits is None or bits == 16 or checkpoint.config.quantization_config is not None:
         return None
-    from dsmoe.quant import QuantSpec
-
     return QuantSpec(bits=bits, quant_type=quant_type or ("nf4" if bits == 4 else "int8"), double_quant=double_quant)
 
 
-def _stored_spec(checkpoint: Checkpoint):  # type: ignore[no-untyped-def]
+def _stored_spec(checkpoint: Checkpoint) -> QuantSpec | None:
     if checkpoint.config.quantization_config is None:
         return None
-    from dsmoe.quant import spec_from_config
-
     return spec_from_config(checkpoint.config.quantization_config)

@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dsmoe.errors import CheckpointError, ConfigError, UsageError
-from dsmoe.model.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from dsmoe.model.memory import ReleaseEvery
-from dsmoe.model.output_folder import check_destination, clear_stale_partials, move_into_place
+from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint, open_checkpoint
+from dsmoe.checkpoint.memory import ReleaseEvery
+from dsmoe.checkpoint.output_folder import check_destination, clear_stale_partials, move_into_place
 from dsmoe.quant.linear import quantize_linear, quantized_tensors
 from dsmoe.quant.spec import QuantSpec, quantization_config, spec_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekForCausalLM
 
 BASE = dict(

@@ -6,7 +6,7 @@ import torch
 
 from cli_runner import run_cli
 from dsmoe import load
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekForCausalLM, parameter_counts
 
 

@@ -128,7 +128,7 @@ def _library_cases(tiny: Path, tmp: Path):  # type: ignore[no-untyped-def]
     from dsmoe import load
     from dsmoe.bench.synthetic import SyntheticCheckpoint
     from dsmoe.evals.runner import EvalSettings
-    from dsmoe.model.config import DeepseekConfig
+    from dsmoe.checkpoint.config import DeepseekConfig
     from dsmoe.model.generate import SamplingSettings
     from dsmoe.loading import LoadOptions
     from dsmoe.quant import QuantSpec

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dsmoe.errors import EvalError
 from dsmoe.evals.cache import CHUNK_REQUESTS, CachedLM, EvalCache, request_key
-from dsmoe.model.checkpoint import checkpoint_fingerprint
+from dsmoe.checkpoint.reader import checkpoint_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

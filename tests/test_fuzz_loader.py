@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsmoe.errors import CheckpointError, DsmoeError
-from dsmoe.model.checkpoint import Checkpoint, read_safetensors_header
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.reader import Checkpoint, read_safetensors_header
+from dsmoe.checkpoint.config import DeepseekConfig
 
 TINY = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny-deepseek"
 EXAMPLES = int(os.environ.get("DSMOE_FUZZ_EXAMPLES", "100"))

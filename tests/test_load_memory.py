@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from dsmoe.bench.synthetic import SyntheticCheckpoint
 from dsmoe.model.loader import load_model
-from dsmoe.model.memory import ReleaseEvery
+from dsmoe.checkpoint.memory import ReleaseEvery
 
 MIB = 2**20
 
 
 def test_release_cadence(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr("dsmoe.model.memory.release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("dsmoe.checkpoint.memory.release_freed_memory", lambda: calls.append(1))
     release = ReleaseEvery(nbytes=100)
     for size in (40, 40, 40, 10, 90, 5):
         release.processed(size)
@@ -22,7 +22,7 @@ def test_release_cadence(monkeypatch) -> None:
 
 def test_default_cadence_is_256_mib(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr("dsmoe.model.memory.release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("dsmoe.checkpoint.memory.release_freed_memory", lambda: calls.append(1))
     release = ReleaseEvery()
     release.processed(256 * MIB - 1)
     assert calls == []
@@ -38,7 +38,7 @@ def test_a_quantizing_load_releases_freed_memory_as_it_goes(monkeypatch) -> None
     # The loader's releaser, at 64 KiB instead of 256 MiB so a small checkpoint shows the cadence.
     every = 64 * 1024
     calls: list[str] = []
-    monkeypatch.setattr("dsmoe.model.memory.release_freed_memory", lambda: calls.append("every"))
+    monkeypatch.setattr("dsmoe.checkpoint.memory.release_freed_memory", lambda: calls.append("every"))
     monkeypatch.setattr("dsmoe.model.loader.release_freed_memory", lambda: calls.append("end"))
     monkeypatch.setattr("dsmoe.model.loader.ReleaseEvery", lambda: ReleaseEvery(nbytes=every))
     checkpoint = SyntheticCheckpoint(SMALL, seed=0)

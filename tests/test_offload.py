@@ -7,8 +7,8 @@ import torch
 
 from dsmoe import load
 from dsmoe.errors import UsageError
-from dsmoe.model.checkpoint import open_checkpoint
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.reader import open_checkpoint
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.offload import (
     Budgets,
     CostModel,

@@ -214,7 +214,7 @@ def test_sigterm_cleans_up_like_ctrl_c(src: Path, tmp_path: Path, capsys: pytest
     import signal
 
     from cli_runner import run_cli
-    from dsmoe.model.memory import ReleaseEvery
+    from dsmoe.checkpoint.memory import ReleaseEvery
 
     calls = []
     original = ReleaseEvery.processed

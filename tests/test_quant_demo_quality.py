@@ -23,7 +23,7 @@ import torch
 import dsmoe
 from dsmoe.demo import DEMO_MODEL_PATH
 from tests.quant_helpers import swap_nibbles
-from dsmoe.quant.quality import compare_logits, logits_of, markdown_table, measure, text_windows
+from dsmoe.quality.report import compare_logits, logits_of, markdown_table, measure, text_windows
 
 pytestmark = pytest.mark.threads(1)
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.quant_helpers import swap_nibbles
-from dsmoe.quant.quality import compare_logits
+from dsmoe.quality.report import compare_logits
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-deepseek"
 pytestmark = [pytest.mark.skipif(not FIXTURE.is_dir(), reason="tiny-deepseek fixture not present"),
@@ -63,7 +63,7 @@ def test_broken_nibble_order_exceeds_the_bound(reference) -> None:
 def test_decode_mode_scores_token_by_token_through_the_cache(reference) -> None:
     """``logits_of(decode=True)`` is the cached decode path: in fp32 it gives the forward pass's logits."""
     from dsmoe import load
-    from dsmoe.quant.quality import logits_of
+    from dsmoe.quality.report import logits_of
 
     ids, want = reference
     model, _ = load(FIXTURE, dtype=torch.float32)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekModel, RotaryEmbedding, apply_rotary
 
 HEAD_DIM, BASE, TRAINED = 8, 10000.0, 64

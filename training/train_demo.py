@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import dsmoe
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import DeepseekForCausalLM, MoEGate, RMSNorm, parameter_counts
 from dsmoe.model.generate import SamplingSettings, stream_text
 from prepare_data import BOS, EOS, build_conversations, fetch_wordnet

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Iterator
 import torch
 
 from dsmoe.errors import CheckpointError
-from dsmoe.model.config import DeepseekConfig
+from dsmoe.checkpoint.config import DeepseekConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -6,7 +6,7 @@ the reference model's own next tokens; plus the relative L2 error of the raw log
 (``--text``), also the perplexity of each model on that text's real next tokens and its ratio to
 the reference's, the text cut into windows no longer than the model's context.
 
-    python -m dsmoe.quant.quality CHECKPOINT [--formats bf16,nf4,fp4,nf4-dq,fp4-dq,int8]
+    python -m dsmoe.quality.report CHECKPOINT [--formats bf16,nf4,fp4,nf4-dq,fp4-dq,int8]
                                              [--text FILE | --ids FILE] [--decode] [--markdown]
 """
 
@@ -19,6 +19,10 @@ from pathlib import Path
 
 import torch
 
+from dsmoe.checkpoint.reader import open_checkpoint
+from dsmoe.loading import load
+from dsmoe.model.tokenizer import load_tokenizer
+from dsmoe.quant import QuantLinear
 from dsmoe.quant.spec import QuantSpec
 
 # None: the checkpoint unquantized in bf16 compute (against an fp32 reference, the cost of bf16 alone).
@@ -108,8 +112,6 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[torch.T
 
 def quantized_params(model: torch.nn.Module) -> int:
     """How many weights the model holds in a quantized format."""
-    from dsmoe.quant import QuantLinear
-
     return sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantLinear))
 
 
@@ -124,8 +126,6 @@ def measure(checkpoint: Path, input_ids: torch.Tensor | Sequence[torch.Tensor], 
     ``decode`` runs the formats as generation does: bf16 compute, one token at a time through the
     KV cache (so with the decode kernels), against the reference's ordinary forward pass.
     """
-    from dsmoe import load
-
     unknown = [name for name in formats if name not in FORMATS]
     if unknown:
         raise ValueError(f"unknown formats {unknown} (choose from {list(FORMATS)})")
@@ -190,14 +190,10 @@ def main() -> None:
 
         input_ids = load_file(str(args.ids))["input_ids"]
     else:
-        from dsmoe.model.checkpoint import open_checkpoint
-
         checkpoint = open_checkpoint(args.checkpoint)
         config, folder = checkpoint.config, checkpoint.path
         checkpoint.close()
         if args.text is not None:
-            from dsmoe.model.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(folder)
             if tokenizer is None:
                 parser.error(f"--text needs a tokenizer.json in {args.checkpoint}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsmoe.errors import CheckpointError, DsmoeError, UsageError
-from dsmoe.model.checkpoint import DOWNLOAD_PATTERNS
+from dsmoe.checkpoint.reader import DOWNLOAD_PATTERNS
 
 DEEPSEEK_ARCHITECTURES = ("DeepseekForCausalLM",)
 

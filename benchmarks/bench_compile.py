@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dsmoe.bench.synthetic import SyntheticCheckpoint
+from dsmoe.perf.synthetic import SyntheticCheckpoint
 from dsmoe.model import deepseek
 from dsmoe.model.deepseek import Attention, DecoderLayer, DeepseekForCausalLM
 from dsmoe.model.loader import load_model

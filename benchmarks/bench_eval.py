@@ -32,7 +32,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from dsmoe.bench.synthetic import SyntheticCheckpoint, write_byte_tokenizer  # noqa: E402
+from dsmoe.perf.synthetic import SyntheticCheckpoint, write_byte_tokenizer  # noqa: E402
 from dsmoe.evals import DsmoeLM  # noqa: E402
 from dsmoe.evals.runner import EvalSettings, _leaves, build, plan, task_manager  # noqa: E402
 from dsmoe import load  # noqa: E402

@@ -21,7 +21,7 @@ import sys
 PROBE = """
 import json, sys, psutil, torch
 import dsmoe.model.loader as loader, dsmoe.checkpoint.memory as memory
-from dsmoe.bench.synthetic import SyntheticCheckpoint
+from dsmoe.perf.synthetic import SyntheticCheckpoint
 if sys.argv[2] == "off":
     loader.release_freed_memory = memory.release_freed_memory = lambda: None
 torch.set_num_threads(1)

@@ -10,8 +10,8 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from dsmoe.bench.runner import BenchResult, measure_bandwidth, run_benchmark
-from dsmoe.bench.synthetic import SyntheticCheckpoint, save_checkpoint
+from dsmoe.perf.runner import BenchResult, measure_bandwidth, run_benchmark
+from dsmoe.perf.synthetic import SyntheticCheckpoint, save_checkpoint
 from dsmoe.cli.app import app
 from dsmoe import loading
 from dsmoe.cli.common import (

@@ -10,8 +10,8 @@ import torch
 
 from cli_runner import run_cli
 from dsmoe import load
-from dsmoe.bench.runner import decode_bytes_per_token, run_benchmark
-from dsmoe.bench.synthetic import SyntheticCheckpoint, parse_spec, save_checkpoint
+from dsmoe.perf.runner import decode_bytes_per_token, run_benchmark
+from dsmoe.perf.synthetic import SyntheticCheckpoint, parse_spec, save_checkpoint
 from dsmoe.errors import UsageError
 from dsmoe.model.deepseek import MoEGate
 from dsmoe.model.loader import load_model

@@ -126,7 +126,7 @@ def test_quantize_on_a_full_disk_leaves_nothing(capsys, monkeypatch, tiny_path, 
 
 def _library_cases(tiny: Path, tmp: Path):  # type: ignore[no-untyped-def]
     from dsmoe import load
-    from dsmoe.bench.synthetic import SyntheticCheckpoint
+    from dsmoe.perf.synthetic import SyntheticCheckpoint
     from dsmoe.evals.runner import EvalSettings
     from dsmoe.checkpoint.config import DeepseekConfig
     from dsmoe.model.generate import SamplingSettings

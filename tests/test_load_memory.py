@@ -4,7 +4,7 @@ benchmarks/bench_load_memory.py: a bound on RSS here sat inside the allocator's 
 from __future__ import annotations
 
 import torch
-from dsmoe.bench.synthetic import SyntheticCheckpoint
+from dsmoe.perf.synthetic import SyntheticCheckpoint
 from dsmoe.model.loader import load_model
 from dsmoe.checkpoint.memory import ReleaseEvery
 

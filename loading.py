@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -130,7 +130,7 @@ class LoadOptions:
         if unknown:
             raise EvalError(f"unknown dsmoe model argument(s): {', '.join(unknown)} "
                             f"(loading: {', '.join(sorted(known))})")
-        converters = {"bits": int, "expert_cache": int, "gpu_mem": float, "max_ram": float,
+        converters: dict[str, Callable[[Any], Any]] = {"bits": int, "expert_cache": int, "gpu_mem": float, "max_ram": float,
                       "double_quant": _flag, "quantize_lm_head": _flag, "prefetch": _flag, "offload": _flag}
         values: dict[str, Any] = {}
         for name, value in args.items():

@@ -18,7 +18,8 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from io import BufferedReader, FileIO
+from typing import Any, Iterator
 
 import torch
 
@@ -56,7 +57,7 @@ MAX_HEADER_BYTES = 100_000_000
 """The safetensors format's own cap on a header: a larger one is a corrupted or hostile file."""
 
 
-def _open_regular(path: Path, what: str) -> BinaryIO:
+def _open_regular(path: Path, what: str) -> BufferedReader:
     """Open for reading only a regular file: a FIFO or device named by a checkpoint would hang or stream."""
     try:
         info = path.stat()
@@ -177,7 +178,7 @@ class Checkpoint:
         self.raw_config: dict[str, Any] = _read_json(path / "config.json")
         self.config = DeepseekConfig.from_dict(self.raw_config, source=str(path / "config.json"))
         self._tensors = self._index()
-        self._handles: dict[Path, BinaryIO] = {}
+        self._handles: dict[Path, FileIO] = {}
 
     def _index(self) -> dict[str, TensorInfo]:
         index_path = self.path / INDEX_NAME
@@ -246,7 +247,7 @@ class Checkpoint:
             self._handles[info.shard] = handle
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         handle.seek(info.offset)
-        if handle.readinto(raw.numpy()) != info.nbytes:
+        if handle.readinto(raw.numpy().data) != info.nbytes:
             raise CheckpointError(f"{info.shard}: truncated while reading tensor {name!r}")
         return raw.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 

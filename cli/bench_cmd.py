@@ -83,7 +83,7 @@ def bench(
     use_threads(threads)
     source = SyntheticCheckpoint(synthetic, seed=seed) if synthetic else open_checkpoint(model or default_model())
     if save is not None:
-        if not synthetic:
+        if not isinstance(source, SyntheticCheckpoint):
             raise UsageError("--save writes a synthetic checkpoint: add --synthetic")
         _save_synthetic(source, save)
         err_console.print(f"wrote {save}")

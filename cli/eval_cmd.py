@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.table import Table
 
 from dsmoe.cli.app import app
@@ -131,7 +133,7 @@ class _ProgressView:
 
     def __init__(self) -> None:
         self.live = err_console.is_terminal
-        self.bars: dict[str, int] = {}
+        self.bars: dict[str, TaskID] = {}
         self.started: dict[str, float] = {}
         self.last_line: dict[str, float] = {}
         self.bar = Progress(

@@ -215,7 +215,7 @@ class CachedLM(LM):
             for i, answer in zip(todo, scored):
                 answers[i] = answer
             if self.cache is not None:
-                self.cache.put(kind, [(keys[i], answers[i]) for i in todo if keys[i] is not None])
+                self.cache.put(kind, [(key, answers[i]) for i in todo if (key := keys[i]) is not None])
             self.use.scored += len(todo)
             done += len(todo)
         return answers

@@ -15,7 +15,7 @@ import hashlib
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -131,7 +131,10 @@ class DsmoeLM(LM):
         self.estimate = estimate
         self.answered: Counter[str] = Counter()
         """Requests of each kind this model computed (the rest of a run came from a cache)."""
-        self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if prefix_id is None:
+            raise EvalError("the tokenizer has neither a BOS nor an EOS token to start a context with")
+        self.prefix_id: int = prefix_id
         self.stop_ids = list(model.config.eos_token_ids)
 
     # ------------------------------------------------------------------ loglikelihood
@@ -176,8 +179,8 @@ class DsmoeLM(LM):
             elif self.share_context and len(continuation) <= self.max_length:
                 # The context as the model will see it after left-truncation, so choices of equal
                 # length still share it when a long few-shot prompt is cut.
-                seen = (context + continuation)[-(self.max_length + 1):][:-len(continuation)]
-                shared[tuple(seen)].append(i)
+                visible = (context + continuation)[-(self.max_length + 1):][:-len(continuation)]
+                shared[tuple(visible)].append(i)
             else:
                 alone.append(i)
         # One-token choices (MMLU's letters) all read the logits after their context: one row per
@@ -198,13 +201,13 @@ class DsmoeLM(LM):
         alone.sort(key=lambda i: -row_length(i))
         for start in range(0, len(alone), self.batch_size):
             batch = alone[start:start + self.batch_size]
-            units.append((row_length(batch[0]), lambda batch=batch: self._unshared_unit(pairs, batch, results)))
+            units.append((row_length(batch[0]), partial(self._unshared_unit, pairs, batch, results)))
         contexts = sorted(last_rows, key=len, reverse=True)
         for start in range(0, len(contexts), self.batch_size):
             chunk = contexts[start:start + self.batch_size]
-            units.append((len(chunk[0]), lambda chunk=chunk: self._last_row_unit(pairs, chunk, last_rows, results)))
+            units.append((len(chunk[0]), partial(self._last_row_unit, pairs, chunk, last_rows, results)))
         for seen, members in shared.items():
-            units.append((len(seen), lambda seen=seen, members=members: self._shared_unit(pairs, seen, members, results)))
+            units.append((len(seen), partial(self._shared_unit, pairs, seen, members, results)))
         units.sort(key=lambda unit: -unit[0])
 
         tokens = sum(row_length(i) for i in alone) + sum(len(c) for c in last_rows)

@@ -287,10 +287,11 @@ def partial_data(row: PlannedTask) -> str | None:
             continue
         have = sum(len(t.eval_docs) for t in tasks)
         if len(tasks) > 1 and key in local_data.GROUP_FULL_ROWS:
-            full = local_data.GROUP_FULL_ROWS[key]
+            full: int | None = local_data.GROUP_FULL_ROWS[key]
         else:
             sizes = [source.full_rows(t.config.dataset_name) for t in tasks]
-            full = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+            known = [size for size in sizes if size is not None]
+            full = sum(known) if len(known) == len(sizes) else None
         if full is not None and have < full:
             return f"{row.label}: partial data, {have:,} of {full:,} evaluation rows"
     return None
@@ -352,7 +353,7 @@ def run(lm: DsmoeLM, settings: EvalSettings, rows: list[PlannedTask], manager: T
     scores = results["results"]
     for row in runnable:
         names = [row.task] + [t.config.task for t in _leaves(row.built)]
-        entry = next((scores[n] for n in names if n in scores), {})
+        entry: dict[str, Any] = next((scores[n] for n in names if n in scores), {})
         key = row.metric_key or next((k for k in entry if "," in k and "_stderr" not in k), None)
         row.metric_key = key
         value = entry.get(key) if key else None

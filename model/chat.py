@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Generator, Iterator
 
 import psutil
 
@@ -153,7 +153,7 @@ class Reply:
         if not self.done:  # never iterated, so the generator's own cleanup never ran
             self._finish(interrupted=True)
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         completed = False
         stream = TextStream(self._session.tokenizer)
         tokens = generate_ids(self._session.model, self.prompt_ids, self._settings, cache=self._session.cache)

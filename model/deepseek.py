@@ -164,7 +164,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self._one_token: tuple[tuple[torch.Tensor, ...], SwiGLUKernel | None] | None = None
+        self._one_token: tuple[tuple[torch.Tensor | None, ...], SwiGLUKernel | None] | None = None
 
     def one_token_kernel(self) -> SwiGLUKernel | None:
         """The native one-call path for a single bf16 token, if these layers have one.
@@ -357,12 +357,13 @@ class DeepseekModel(nn.Module):
         stack = self._stack
         if stack is not None and stack.current():
             return stack
-        layers = list(self.layers)
+        layers: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]  # ModuleList is untyped
         plans = [layer.decode_plan(x) for layer in layers]
-        if any(plan is None for plan in plans) or not layers:
+        ready = [plan for plan in plans if plan is not None]
+        if len(ready) < len(layers) or not layers:
             self._stack = None
             return None
-        stack = self._stack = StackPlan(layers, plans)  # type: ignore[arg-type]
+        stack = self._stack = StackPlan(layers, ready)
         return stack if stack.current() else None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Generator, Iterator
 
 import torch
 
@@ -81,7 +81,7 @@ def generate_ids(
     prompt_ids: list[int],
     settings: SamplingSettings,
     cache: KVCache | None = None,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """Yield new token ids one by one; stops at ``max_new_tokens`` or a stop id (which is yielded).
 
     With a ``cache`` that already holds a prefix of ``prompt_ids``, only the rest is prefilled:
@@ -101,7 +101,7 @@ def generate_steps(
     prompt_ids: list[int],
     settings: SamplingSettings,
     cache: KVCache | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
+) -> Generator[tuple[int, torch.Tensor], None, None]:
     """``generate_ids`` with the logits each token was chosen from (a server's ``logprobs``)."""
     if not prompt_ids:
         raise UsageError("the prompt is empty")

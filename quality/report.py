@@ -188,7 +188,7 @@ def main() -> None:
     if args.ids is not None:
         from safetensors.torch import load_file
 
-        input_ids = load_file(str(args.ids))["input_ids"]
+        input_ids: torch.Tensor | list[torch.Tensor] = load_file(str(args.ids))["input_ids"]
     else:
         checkpoint = open_checkpoint(args.checkpoint)
         config, folder = checkpoint.config, checkpoint.path

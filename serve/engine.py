@@ -94,7 +94,8 @@ class Engine:
         if not 2 <= self.context <= limit:
             raise UsageError(f"the context must be 2 to {limit} tokens (the model's positions), got {self.context}")
         self.default_max_tokens = default_max_tokens
-        self.stop_ids = sorted(set(model.config.eos_token_ids) | ({tokenizer.eos_id} - {None}))
+        extra_eos = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+        self.stop_ids = sorted(set(model.config.eos_token_ids) | extra_eos)
         self.cache = model.new_cache(1, min(self.context, 256))
         self.cached_ids: list[int] = []
         self._history_text = ""

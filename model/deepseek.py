@@ -14,9 +14,9 @@ from torch import nn
 from dsmoe.model.cache import KVCache
 from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.generate import SamplingSettings, generate_ids
-from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of
+from dsmoe.model.layer_plan import LayerPlan, StackPlan, Validity, native_token, weight_of
 from dsmoe.model.routing import ExpertChannel, RoutingObserver
-from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
+from dsmoe.quant.kernels import attention_decode, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() == x.shape[-1] and x.shape[-1] % 8 == 0 and _native_row(x) and x.is_contiguous()
+        if (x.numel() == x.shape[-1] and x.shape[-1] % 8 == 0 and native_token(x) and x.is_contiguous()
                 and self.weight.dtype == torch.bfloat16):
             return rms_norm_row(x, self.weight, self.eps)
         # Normalise in fp32, as the reference does, then scale in the input dtype.
@@ -131,14 +131,9 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-def _native_row(x: torch.Tensor) -> bool:
-    """Whether a decode step's bf16 CPU tensor can go to the native kernels (the library is built)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and native_library() is not None
-
-
 def native_attention(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether the decode step's attention runs as one native call: bf16 on the CPU, built library."""
-    return head_dim % 8 == 0 and _native_row(x)
+    """Whether the decode step's attention runs as one native call (``native_token``, and the kernel's width rule)."""
+    return head_dim % 8 == 0 and native_token(x)
 
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -164,19 +159,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self._one_token: tuple[tuple[torch.Tensor | None, ...], SwiGLUKernel | None] | None = None
+        self._one_token: tuple[Validity, SwiGLUKernel | None] | None = None
 
     def one_token_kernel(self) -> SwiGLUKernel | None:
         """The native one-call path for a single bf16 token, if these layers have one.
 
-        Looked up once and kept while the three weight tensors stay the same objects (quantizing,
-        loading or moving the layers replaces them).
+        Looked up once and kept while ``Validity`` holds (model/layer_plan.py: the rule for every
+        native plan), as the decode plans are.
         """
-        modules = self._modules
-        weights = (weight_of(modules["gate_proj"]), weight_of(modules["up_proj"]), weight_of(modules["down_proj"]))
         cached = self._one_token
-        if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
-            cached = self._one_token = (weights, swiglu_kernel(self.gate_proj, self.up_proj, self.down_proj))
+        if cached is None or not cached[0].holds():
+            linears = (self.gate_proj, self.up_proj, self.down_proj)
+            validity = Validity(linears, [weight_of(linear) for linear in linears])
+            cached = self._one_token = (validity, swiglu_kernel(*linears))
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +194,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert ids [N, k], weights [N, k]) with ids ascending per token."""
-        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= 64 and _native_row(x) and x.is_contiguous()
+        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= 64 and native_token(x) and x.is_contiguous()
                 and self.weight.dtype == torch.float32):
             return route_one(x, self.weight, self.top_k, self.norm_topk_prob)
         # Scores in fp32 whatever the compute dtype (the loader keeps this weight in fp32).
@@ -317,7 +312,7 @@ class DecoderLayer(nn.Module):
 
     def decode_plan(self, x: torch.Tensor) -> LayerPlan | None:
         """The native two-call step for one token like x, rebuilt when the layer's weights change."""
-        if not _native_row(x):
+        if not native_token(x):
             return None
         plan = self._plan
         if plan is None or not plan.current():
@@ -352,7 +347,7 @@ class DeepseekModel(nn.Module):
 
     def decode_stack(self, x: torch.Tensor) -> StackPlan | None:
         """All layers' decode step for one token like x as one native call, where every layer has a plan."""
-        if not _native_row(x):
+        if not native_token(x):
             return None
         stack = self._stack
         if stack is not None and stack.current():

@@ -8,12 +8,19 @@ gathered once into a C struct, a ``LayerPlan``, and ``StackPlan`` runs all layer
 the router's choice picks the experts' weights in C. The roundings are the modules', so the result
 is theirs, bit for bit.
 
-A plan is kept while nothing could have changed its weights. Replacing a module, parameter or
-buffer anywhere (torch's global registration hooks) or moving a quantized layer (``QuantLinear``)
-calls ``weights_changed``, and so does giving a MoE layer an expert store; a plan also checks its
-layer's hooks and the addresses of its norm and router weights before each token. Changing a
-quantized weight in place is seen (the kernels read it); giving one new storage with
-``.data = ...`` is not, and the plan keeps the old storage alive so it never reads freed memory.
+Whether a plan (and a module's cached one-token kernel) may still run is one rule, ``Validity``:
+it runs while (1) no weights changed anywhere since it was built: replacing a module, parameter or
+buffer anywhere (torch's global registration hooks), moving a quantized layer (``QuantLinear``) or
+an expert store taking or returning the experts (``ExpertChannel.hold``) all call
+``weights_changed``; (2) no forward hook is registered on a module it stands in for, since it
+skips their calls; and (3) the tensors it checks by address (the norms' and router's, a kernel's
+own weights) still have those addresses, which ``param.data = ...`` changes. Changing a quantized
+weight in place needs no new plan (the kernels read it where it is); a routed expert given new
+storage with ``.data = ...`` is not seen by a layer's plan, which keeps the old storage alive so it
+never reads freed memory.
+
+``native_token`` is the one test of whether a tensor may go to the native kernels at all; each
+kernel adds only its own shape limits.
 """
 
 from __future__ import annotations
@@ -53,6 +60,37 @@ for _register in (torch_module.register_module_module_registration_hook,
                   torch_module.register_module_parameter_registration_hook,
                   torch_module.register_module_buffer_registration_hook):
     _register(weights_changed)
+
+
+def native_token(x: torch.Tensor) -> bool:
+    """Whether ``x`` may go to the native decode kernels: bf16 on the CPU, with the library built."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.native_library() is not None
+
+
+class Validity:
+    """The rule above, for one plan or kernel: built from ``modules`` it skips, reading ``watched`` by address."""
+
+    def __init__(self, modules: Sequence[nn.Module], watched: Sequence[torch.Tensor | None]) -> None:
+        self.generation = _generation
+        self.modules = tuple(modules)
+        self.watched = tuple((t, t.data_ptr()) for t in watched if t is not None)
+        self.hooks_checked = -1  # RemovableHandle.next_id when these modules were last found unhooked
+
+    def holds(self) -> bool:
+        """Checked before each use, on caches swept by the previous layer's weights: a counter, dict
+        lookups and address checks. The modules' hooks are looked at only when a hook was registered
+        anywhere since they were last found absent (every hook's handle takes an id from one counter)."""
+        if self.generation != _generation:
+            return False
+        if RemovableHandle.next_id != self.hooks_checked or torch_module._global_forward_hooks \
+                or torch_module._global_forward_pre_hooks:
+            if not _no_hooks(self.modules):
+                return False
+            self.hooks_checked = RemovableHandle.next_id
+        return all(tensor.data_ptr() == address for tensor, address in self.watched)
+
+    def release(self) -> None:
+        self.generation, self.watched = -1, ()
 
 
 def weight_of(module: nn.Module | None) -> torch.Tensor | None:
@@ -113,12 +151,11 @@ class LayerPlan:
         attn = layer.self_attn
         self.layer_idx = attn.layer_idx
         self.moe = moe
-        self.generation = _generation
         self.parts = _parts(layer)
         norms = (weight_of(layer.input_layernorm), weight_of(layer.post_attention_layernorm))
         router = weight_of(self.moe.gate) if self.moe is not None else None
-        # Checked before each token: a new storage for a norm or the router (param.data = ...) makes a new plan.
-        self.weights = tuple((w, w.data_ptr()) for w in (*norms, router) if w is not None)
+        # A new storage for a norm or the router (param.data = ...) makes a new plan.
+        self.validity = Validity(self.parts, (*norms, router))
         # Holds every storage the struct points at, routed experts' too, so none is freed under it.
         tensors = [*projections.tensors, *norms, router, *(mlp_kernel.weights.tensors if mlp_kernel else ())]
         tensors += [t for kernel in experts for t in kernel.weights.tensors]
@@ -177,18 +214,13 @@ class LayerPlan:
         return LayerPlan(layer, moe, projections, shared, experts)  # type: ignore[arg-type]
 
     def current(self) -> bool:
-        """Whether nothing changed the layer's weights since the build, and no hook or store needs its modules.
-
-        Runs before each step of a layer run alone (``StackPlan`` checks the same for all layers at
-        once), on caches swept by the previous layer's weights: a counter, dict lookups and address
-        checks only.
-        """
-        return (self.generation == _generation and _no_hooks(self.parts)
-                and all(weight.data_ptr() == address for weight, address in self.weights))
+        """``Validity.holds`` for this layer (``StackPlan`` checks the same for all layers at once)."""
+        return self.validity.holds()
 
     def release(self) -> None:
         """Stale for good: drop the references to the weights."""
-        self.generation, self.weights, self.storages = -1, (), []
+        self.validity.release()
+        self.storages = []
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
                  cache: KVCache) -> torch.Tensor:
@@ -201,25 +233,14 @@ class StackPlan:
 
     def __init__(self, layers: Sequence[DecoderLayer], plans: Sequence[LayerPlan]) -> None:
         self.plans = tuple(plans)
-        self.generation = _generation  # the layers' plans were all current when this was made
-        self.hookable = tuple(layers) + tuple(part for plan in plans for part in plan.parts)
-        self.weights = tuple(pair for plan in plans for pair in plan.weights)
-        self.handles = -1  # RemovableHandle.next_id when the hooks were last found absent
+        # The layers' plans were all current when this was made; the call skips the layers too.
+        hookable = tuple(layers) + tuple(part for plan in plans for part in plan.parts)
+        self.validity = Validity(hookable, [tensor for plan in plans for tensor, _ in plan.validity.watched])
 
     def current(self) -> bool:
-        """``LayerPlan.current`` for every layer, and no hook on a layer (the call skips them all).
-
-        The ~140 modules' hooks are looked at only when a hook was registered anywhere since they
-        were last found absent (every hook's handle takes an id from one counter): on caches cold
-        from the weights, looking cost ~0.3 ms per token at 28 layers.
-        """
-        if self.generation != _generation:
-            return False
-        if RemovableHandle.next_id != self.handles:
-            if not _no_hooks(self.hookable):
-                return False
-            self.handles = RemovableHandle.next_id
-        return all(weight.data_ptr() == address for weight, address in self.weights)
+        """``Validity.holds`` for every layer at once: looking at the ~140 modules' hooks on every
+        token cost ~0.3 ms at 28 layers, so they are looked at only after a hook was registered."""
+        return self.validity.holds()
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
                  cache: KVCache) -> torch.Tensor:

@@ -23,7 +23,7 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _libc_renameat2():  # type: ignore[no-untyped-def]
+def _libc_renameat2():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         function = libc.renameat2

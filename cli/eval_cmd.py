@@ -188,7 +188,7 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min"
 
 
-def _table(rows, suite: str | None) -> Table:  # type: ignore[no-untyped-def]
+def _table(rows, suite: str | None) -> Table:
     from dsmoe.evals.suites import SUITES
 
     names = SUITES[suite] if suite else SUITES["report"]

@@ -240,11 +240,11 @@ class _ChunkProgress:
         def report(kind: str, done: int, total: int) -> None:
             outer(self.kind, self.done + round(self.size * done / max(total, 1)), self.total)
 
-        self.lm.progress = report  # type: ignore[attr-defined]
+        self.lm.progress = report
 
     def __exit__(self, *exc: object) -> None:
         if self.outer is not None:
-            self.lm.progress = self.outer  # type: ignore[attr-defined]
+            self.lm.progress = self.outer
 
 
 def _sampled(kind: str, args: tuple[Any, ...]) -> bool:

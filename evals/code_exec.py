@@ -188,7 +188,7 @@ def _user_tasks() -> int:
     return total
 
 
-def _limits(timeout: float, cgroup: Path | None, nproc: int | None):  # type: ignore[no-untyped-def]
+def _limits(timeout: float, cgroup: Path | None, nproc: int | None):
     """Applied in the child before it runs anything (POSIX only): resource limits, then the cgroup."""
     if os.name != "posix":
         return None
@@ -353,7 +353,7 @@ def pass_at_1(references: str | list[str], predictions: str | list[str] | list[l
     if isinstance(predictions, str):
         predictions = [predictions]
     if predictions and isinstance(predictions[0], str):
-        predictions = [[p] for p in predictions]  # type: ignore[misc]
+        predictions = [[p] for p in predictions]
     return pass_at_k(references, predictions, [1]).get("pass@1", 0.0)  # type: ignore[arg-type]
 
 

@@ -41,7 +41,7 @@ def _jsonl(path: Path) -> Rows:
     if not path.is_file():
         raise EvalError(f"missing data file {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
+    with opener(path, "rt", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 

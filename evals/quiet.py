@@ -38,7 +38,7 @@ def quiet_libraries(level: int = logging.ERROR) -> Iterator[None]:
     cls = tqdm.std.tqdm
     original_init = cls.__dict__["__init__"]
 
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs):
         kwargs["disable"] = True
         original_init.__get__(self, type(self))(*args, **kwargs)
 
@@ -48,7 +48,7 @@ def quiet_libraries(level: int = logging.ERROR) -> Iterator[None]:
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < level:
             logger.setLevel(level)
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = __init__
     try:
         with warnings.catch_warnings():
             # lm-eval and datasets warn (warnings module) about deprecations users cannot act on.
@@ -56,7 +56,7 @@ def quiet_libraries(level: int = logging.ERROR) -> Iterator[None]:
                 warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
             yield
     finally:
-        cls.__init__ = original_init  # type: ignore[method-assign]
+        cls.__init__ = original_init
         for name, saved_level in saved_levels.items():
             logging.getLogger(name).setLevel(saved_level)
         for key, value in saved_env.items():
@@ -67,7 +67,7 @@ def quiet_libraries(level: int = logging.ERROR) -> Iterator[None]:
         restore_progress()
 
 
-def _switch_off_library_bars():  # type: ignore[no-untyped-def]
+def _switch_off_library_bars():
     """Turn off datasets' and huggingface_hub's own progress switches; returns what turns them back."""
     undo = []
     try:

@@ -206,12 +206,12 @@ class LayerPlan:
         if moe.shared_experts is not None and shared is None:
             return None
         experts = [e.one_token_kernel() for e in moe.experts]  # type: ignore[operator]
-        if any(k is None for k in experts) or len({k.kind for k in experts}) != 1:  # type: ignore[union-attr]
+        if any(k is None for k in experts) or len({k.kind for k in experts}) != 1:
             return None
-        kind = experts[0].kind  # type: ignore[union-attr]
+        kind = experts[0].kind
         if shared is not None and shared.kind[:3] != kind[:3]:  # one format for the whole MLP half
             return None
-        return LayerPlan(layer, moe, projections, shared, experts)  # type: ignore[arg-type]
+        return LayerPlan(layer, moe, projections, shared, experts)
 
     def current(self) -> bool:
         """``Validity.holds`` for this layer (``StackPlan`` checks the same for all layers at once)."""

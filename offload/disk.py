@@ -65,7 +65,7 @@ class DiskExperts:
     the loader would have built, so outputs match a fully loaded model.
     """
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, quantize=None, stored=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, quantize=None, stored=None) -> None:
         self.path = checkpoint.path
         self.dtype = dtype
         self.quantize = quantize

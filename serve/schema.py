@@ -132,7 +132,7 @@ class CompletionRequest(_Request):
         if isinstance(p, str):
             items: list[Union[str, list[int]]] = [p]
         elif p and isinstance(p[0], int):
-            items = [list(p)]  # type: ignore[arg-type]
+            items = [list(p)]
         else:
             items = list(p)  # type: ignore[arg-type]
         if not items:

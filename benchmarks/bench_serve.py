@@ -160,6 +160,10 @@ def prepare_vocab(src: Path, dst: Path) -> None:
     used = set(vocab.values()) | {t["id"] for t in tokenizer["added_tokens"]}
     size = json.loads((src / "config.json").read_text())["vocab_size"]
     vocab.update({f"Ġw{i}": i for i in range(size) if i not in used})  # Ġ is the byte-level space
+    # transformers' LlamaTokenizerFast appends "<unk>" after the vocabulary when it has none, which
+    # llama.cpp's converter refuses past vocab_size: the last id is that token instead.
+    vocab.pop(f"Ġw{size - 1}", None)
+    vocab["<unk>"] = size - 1
     (dst / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 

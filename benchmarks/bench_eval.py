@@ -2,6 +2,7 @@
 
     python benchmarks/bench_eval.py                       # the 16B geometry, 8 layers, 4-bit (random weights)
     python benchmarks/bench_eval.py --model PATH --dtype fp32 --context 0
+    python benchmarks/bench_eval.py --model /work/bench/16b8-q4          # a `dsmoe quantize` output, as stored
     python benchmarks/bench_eval.py --mmlu-only --questions 4 --rounds 3
 
 Two measurements:
@@ -20,6 +21,7 @@ The synthetic geometry comes with a byte-level tokenizer, so contexts are left-t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -46,8 +48,11 @@ MMLU_TASK = "mmlu_high_school_biology"
 def load_target(args: argparse.Namespace):
     """(model, tokenizer, name): a checkpoint folder, or the synthetic geometry with its byte tokenizer."""
     if args.model:
-        model, tok = load(args.model, dtype=args.dtype, bits=args.bits)
-        return model, tok, args.model
+        stored = json.loads((Path(args.model) / "config.json").read_text()).get("quantization_config")
+        if stored:  # a `dsmoe quantize` output: its stored format, not quantized again
+            args.bits = 4 if stored.get("load_in_4bit") else 8
+        model, tok = load(args.model, dtype=args.dtype, bits=None if stored else args.bits)
+        return model, tok, args.model + (" (stored)" if stored else "")
     model = load_model(SyntheticCheckpoint(args.synthetic), dtype=args.dtype, bits=args.bits)
     with tempfile.TemporaryDirectory() as folder:
         write_byte_tokenizer(Path(folder))

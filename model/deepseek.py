@@ -16,7 +16,8 @@ from torch import nn
 from dsmoe.model.cache import KVCache
 from dsmoe.model.config import DeepseekConfig
 from dsmoe.model.layer_plan import LayerPlan, StackPlan, weight_of, weights_changed
-from dsmoe.quant.kernels import attention_decode, native_library, rms_norm_row, route_one
+from dsmoe.native.library import MAX_TOP_K, native_library
+from dsmoe.native.ops import attention_decode, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -204,7 +205,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert ids [N, k], weights [N, k]) with ids ascending per token."""
-        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= 64 and _native_row(x) and x.is_contiguous()
+        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= MAX_TOP_K and _native_row(x) and x.is_contiguous()
                 and self.weight.dtype == torch.float32):
             return route_one(x, self.weight, self.top_k, self.norm_topk_prob)
         # Scores in fp32 whatever the compute dtype (the loader keeps this weight in fp32).

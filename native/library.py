@@ -143,9 +143,13 @@ def library_facts(lib: ct.CDLL) -> dict[str, int]:
 
 
 def _differences(built: dict[str, int], expected: dict[str, int]) -> list[str]:
+    """Each fact the library and this side disagree on: constants first, then sizes, then offsets."""
+    def order(name: str) -> tuple[int, str]:
+        return (0 if name.startswith("DSMOE_") else 1 if name.startswith("sizeof") else 2, name)
+
     missing = "missing"
     return [f"{name} is {built.get(name, missing)} there, {expected.get(name, missing)} here"
-            for name in sorted(built.keys() | expected.keys()) if built.get(name) != expected.get(name)]
+            for name in sorted(built.keys() | expected.keys(), key=order) if built.get(name) != expected.get(name)]
 
 
 def load_library(path: str) -> ct.CDLL:

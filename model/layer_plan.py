@@ -29,7 +29,14 @@ from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 
 from dsmoe.model.cache import KVCache
-from dsmoe.native.library import ATTENTION_POINTERS, MAX_TOP_K, MLP_POINTERS, AttentionHalf, LayerStep, native_library
+from dsmoe.native.library import (
+    ATTENTION_POINTERS,
+    MAX_TOP_K,
+    MLP_POINTERS,
+    AttentionHalf,
+    LayerStep,
+    native_library,
+)
 from dsmoe.quant.linear import NativeWeights, SwiGLUKernel, native_weights
 
 if TYPE_CHECKING:

@@ -10,9 +10,10 @@
  *
  * The kernels, by job: matmul.c (8- and 4-bit matmuls, SwiGLU MLPs, routed experts), ops.c
  * (attention for one new token, RMSNorm, the router), layer_step.c (a decoder layer's decode step),
- * abi.c (what this library was built with). Every entry point returns 0 on success, -1 for
- * arguments it cannot take (shapes, sizes, a CPU without the instruction set), -2 when out of
- * memory. Tensors are bf16 (uint16_t) unless said otherwise.
+ * abi.c (what this library was built with). Every kernel returns 0 on success, -1 for arguments
+ * it cannot take (shapes, sizes, a CPU without the instruction set), -2 when out of memory; the
+ * queries (ABI, instruction set) return what they are asked. Tensors are bf16 (uint16_t) unless
+ * said otherwise.
  */
 #ifndef DSMOE_NATIVE_H
 #define DSMOE_NATIVE_H

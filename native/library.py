@@ -22,6 +22,7 @@ import ctypes as ct
 import functools
 import importlib.util
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from dsmoe.errors import NativeLibraryError
@@ -105,7 +106,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {"attention_half": AttentionHalf, "laye
 """The structs Python fills, by their C names: their layout is part of the check."""
 
 _i64, _ptr, _int, _float = ct.c_int64, ct.c_void_p, ct.c_int, ct.c_float
-SIGNATURES: dict[str, list[type]] = {
+SIGNATURES: dict[str, Sequence[type]] = {
     "dsmoe_abi_version": [],
     "dsmoe_abi_facts": [_ptr],
     "dsmoe_native_isa": [],

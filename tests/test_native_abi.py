@@ -8,6 +8,7 @@ import importlib.util
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def _compiler() -> str:
     return compiler
 
 
-def _build_abi_library(tmp_path: Path, edit_header) -> str:  # type: ignore[no-untyped-def]
+def _build_abi_library(tmp_path: Path, edit_header: Callable[[str], str]) -> str:
     """abi.c compiled against a copy of the header changed by ``edit_header``: the facts a library
     built from that header would report."""
     header = HEADER.read_text()
@@ -101,7 +102,7 @@ def test_every_header_entry_point_has_its_argument_types_and_no_other() -> None:
     assert declared.keys() == SIGNATURES.keys()
     for name, (returns, params) in declared.items():
         assert returns == "int", name  # load_library sets restype c_int for all
-        assert [_ctype(p) for p in params] == SIGNATURES[name], name
+        assert [_ctype(p) for p in params] == list(SIGNATURES[name]), name
 
 
 def test_the_library_exports_the_header_s_entry_points_only(built: str) -> None:
@@ -136,7 +137,8 @@ def test_a_library_without_an_abi_version_is_refused(tmp_path: Path) -> None:
     assert "has no ABI version" in _refusal(str(out))
 
 
-def test_python_expecting_another_version_or_layout_refuses_the_installed_library(built: str, monkeypatch) -> None:
+def test_python_expecting_another_version_or_layout_refuses_the_installed_library(
+        built: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(library, "ABI_VERSION", ABI_VERSION + 1)
     assert f"has ABI version {ABI_VERSION} and this dsmoe needs {ABI_VERSION + 1}" in _refusal(built)
     monkeypatch.undo()
@@ -150,14 +152,15 @@ def test_python_expecting_another_version_or_layout_refuses_the_installed_librar
 
 
 @pytest.fixture
-def fresh_lookup():  # type: ignore[no-untyped-def]
+def fresh_lookup() -> Iterator[None]:
     """The library looked up again during the test and again after it."""
     library._found.cache_clear()
     yield
     library._found.cache_clear()
 
 
-def test_a_refused_library_counts_as_absent_and_says_why(built: str, monkeypatch, fresh_lookup) -> None:
+def test_a_refused_library_counts_as_absent_and_says_why(built: str, monkeypatch: pytest.MonkeyPatch,
+                                                         fresh_lookup: None) -> None:
     """Callers fall back to the PyTorch kernels, as without a build; reports carry the one line."""
     monkeypatch.setattr(library, "ABI_VERSION", ABI_VERSION + 1)
     assert library.native_library() is None

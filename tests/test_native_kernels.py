@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from dsmoe import load
 from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.model.deepseek import MLP
-from dsmoe.native.library import ACT_BLOCK, ISA_AVX2, ISA_VNNI, native_library, native_library_problem
+from dsmoe.native.library import (
+    ACT_BLOCK,
+    ISA_AVX2,
+    ISA_VNNI,
+    native_library,
+    native_library_problem,
+)
 from dsmoe.native.ops import attention_decode, rms_norm_row
 from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 from dsmoe.quant import QuantSpec, kernels, quantize_linear

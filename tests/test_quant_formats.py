@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.native.library import native_library
 from dsmoe.quant import (
     Linear4bit,
     Linear8bit,
@@ -23,7 +24,6 @@ from dsmoe.quant import (
     spec_for,
     spec_from_config,
 )
-from dsmoe.native.library import native_library
 from dsmoe.quant import kernels
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

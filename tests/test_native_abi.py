@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import ctypes as ct
 import importlib.util
 import re
@@ -173,3 +174,16 @@ def test_header_constants_must_be_plain_integers() -> None:
     assert header_constants("#define DSMOE_A 64\n#define DSMOE_GUARD_H\n#define OTHER 3\n") == {"DSMOE_A": 64}
     with pytest.raises(ValueError, match="DSMOE_B is '\\(DSMOE_A"):
         header_constants("#define DSMOE_A 64\n#define DSMOE_B (DSMOE_A + 1)\n")
+
+
+def test_the_native_package_imports_nothing_of_dsmoe_but_its_errors() -> None:
+    """Arrows point into the native layer (model -> quant -> native), never out of it."""
+    imported = set()
+    for source in NATIVE_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    outside = {m for m in imported if m.split(".")[0] == "dsmoe" and not m.startswith("dsmoe.native")}
+    assert outside == {"dsmoe.errors"}

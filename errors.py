@@ -23,3 +23,8 @@ class UsageError(DsmoeError):
 
 class EvalError(DsmoeError):
     """An evaluation cannot run: unknown task, missing data file."""
+
+
+class NativeLibraryError(DsmoeError):
+    """dsmoe's native library cannot be used as built: it was built from another interface
+    (dsmoe_native.h) than this dsmoe's, or cannot be loaded here. Rebuilding it fixes it."""

@@ -75,6 +75,7 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
         bnb_absmax = nf4._absmax_f32().view(out_f, -1).t().to(torch.bfloat16).contiguous()  # its scale layout
         int8_ref = int8.dequantized()
         int_mm = _int_mm_dynamic(int8)
+        from dsmoe.native.library import native_library
         from dsmoe.quant import kernels
 
         bnb_weight = kernels.pack_4bit(nf4_std.weight, "cpu", out_f, in_f)  # its CPU layout
@@ -94,7 +95,7 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
                 lambda x: F.linear(x, int8.dequantized(torch.bfloat16)), int8_ref, _bits_per_weight(int8)),
             "int8 _int_mm, dynamic int8 activations": (int_mm, int8_ref, _bits_per_weight(int8)),
         }
-        if kernels.native_library() is not None:
+        if native_library() is not None:
             candidates["int8 native, int8 activations per 64"] = (
                 lambda x: kernels.int8_native_mm(x, int8.weight, int8.scale), int8_ref, _bits_per_weight(int8))
         if nf4.native_codebook is not None:

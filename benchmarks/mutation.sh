@@ -41,7 +41,7 @@ EXCLUDE='"core/ReplaceBinaryOperator_.*_(BitOr|BitAnd|BitXor|LShift|RShift|MatMu
 rm -rf "$WORK"
 mkdir -p "$WORK/dsmoe"
 (cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$WORK/dsmoe")
-cp "$REPO"/quant/_native*.so "$WORK/dsmoe/quant/" 2>/dev/null || true  # the built kernels, if any
+cp "$REPO"/native/_native*.so "$WORK/dsmoe/native/" 2>/dev/null || true  # the built kernels, if any
 ln -s "$(cd "$REPO/.." && pwd)/shared" "$WORK/shared"  # the tests read ../shared
 export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"  # `import dsmoe` is the copy, ahead of an editable install
 

@@ -16,7 +16,8 @@ from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.generate import SamplingSettings, generate_ids
 from dsmoe.model.layer_plan import LayerPlan, StackPlan, Validity, native_token, weight_of
 from dsmoe.model.routing import ExpertChannel, RoutingObserver
-from dsmoe.quant.kernels import attention_decode, rms_norm_row, route_one
+from dsmoe.native.library import MAX_TOP_K
+from dsmoe.native.ops import attention_decode, rms_norm_row, route_one
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 
@@ -194,7 +195,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert ids [N, k], weights [N, k]) with ids ascending per token."""
-        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= 64 and native_token(x) and x.is_contiguous()
+        if (x.shape[0] == 1 and x.shape[1] % 8 == 0 and self.top_k <= MAX_TOP_K and native_token(x) and x.is_contiguous()
                 and self.weight.dtype == torch.float32):
             return route_one(x, self.weight, self.top_k, self.norm_topk_prob)
         # Scores in fp32 whatever the compute dtype (the loader keeps this weight in fp32).

@@ -1,4 +1,4 @@
-"""The decode step for one bf16 token as one native call over the decoder layers (quant/native/kernels.c).
+"""The decode step for one bf16 token as one native call over the decoder layers (native/layer_step.c).
 
 Around its kernels the module path runs ~60 PyTorch and Python operations per layer, and at 28
 layers even a lean Python loop around two native calls a layer cost ~6 ms of a ~60 ms token
@@ -36,7 +36,14 @@ from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 
 from dsmoe.model.cache import KVCache
-from dsmoe.quant import kernels
+from dsmoe.native.library import (
+    ATTENTION_POINTERS,
+    MAX_TOP_K,
+    MLP_POINTERS,
+    AttentionHalf,
+    LayerStep,
+    native_library,
+)
 from dsmoe.quant.linear import NativeWeights, SwiGLUKernel, native_weights
 
 if TYPE_CHECKING:  # the modules this plans for; deepseek.py imports this file to run them
@@ -64,7 +71,7 @@ for _register in (torch_module.register_module_module_registration_hook,
 
 def native_token(x: torch.Tensor) -> bool:
     """Whether ``x`` may go to the native decode kernels: bf16 on the CPU, with the library built."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.native_library() is not None
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and native_library() is not None
 
 
 class Validity:
@@ -100,43 +107,6 @@ def weight_of(module: nn.Module | None) -> torch.Tensor | None:
     return found if found is not None else module._buffers.get("weight")
 
 
-class _AttentionHalf(ct.Structure):
-    """The C struct ``attention_half``, field for field."""
-
-    _fields_ = [
-        ("lut", ct.c_void_p),
-        ("input_norm", ct.c_void_p),
-        ("post_norm", ct.c_void_p),
-        ("proj", ct.c_void_p * 8),
-        ("router", ct.c_void_p),
-        ("blocksize", ct.c_int64),
-        ("hidden", ct.c_int64),
-        ("n_heads", ct.c_int64),
-        ("n_kv", ct.c_int64),
-        ("head_dim", ct.c_int64),
-        ("n_experts", ct.c_int64),
-        ("top_k", ct.c_int64),
-        ("unit", ct.c_float),
-        ("eps", ct.c_float),
-        ("norm_topk", ct.c_int32),
-    ]
-
-
-class _LayerStep(ct.Structure):
-    """The C struct ``layer_step``, field for field."""
-
-    _fields_ = [
-        ("attn", _AttentionHalf),
-        ("mlp_lut", ct.c_void_p),
-        ("mlp_unit", ct.c_float),
-        ("mlp_blocksize", ct.c_int64),
-        ("inter", ct.c_int64),
-        ("shared_inter", ct.c_int64),
-        ("experts", ct.c_void_p),
-        ("shared", ct.c_void_p * 6),
-    ]
-
-
 def _no_hooks(modules: Sequence[nn.Module]) -> bool:
     """A plan skips the modules' calls, so it runs only where no hook, theirs or global, would notice."""
     return not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
@@ -165,11 +135,12 @@ class LayerPlan:
         # The MLP half's format: the experts' (a MoE layer), else the dense MLP's.
         head = experts[0] if experts else mlp_kernel
         assert head is not None
-        self.expert_table = (ct.c_void_p * (6 * len(experts)))(*(a for k in experts for a in k.addresses))
-        self.step = _LayerStep(
-            attn=_AttentionHalf(
+        self.expert_table = (ct.c_void_p * (MLP_POINTERS * len(experts)))(*(a for k in experts for a in k.addresses))
+        self.step = LayerStep(
+            attn=AttentionHalf(
                 lut=projections.table, input_norm=norms[0].data_ptr(), post_norm=norms[1].data_ptr(),  # type: ignore[union-attr]
-                proj=(ct.c_void_p * 8)(*projections.addresses), router=router.data_ptr() if router is not None else None,
+                proj=(ct.c_void_p * ATTENTION_POINTERS)(*projections.addresses),
+                router=router.data_ptr() if router is not None else None,
                 blocksize=projections.blocksize, hidden=layer.input_layernorm.weight.shape[0], n_heads=attn.n_heads,
                 n_kv=attn.n_kv_heads, head_dim=attn.head_dim,
                 n_experts=self.moe.n_routed_experts if self.moe is not None else 0, top_k=self.top_k,
@@ -179,7 +150,7 @@ class LayerPlan:
             mlp_lut=head.table, mlp_unit=head.unit, mlp_blocksize=head.blocksize, inter=head.inter,
             shared_inter=mlp_kernel.inter if mlp_kernel is not None else 0,
             experts=ct.addressof(self.expert_table) if experts else None,
-            shared=(ct.c_void_p * 6)(*mlp_kernel.addresses) if mlp_kernel is not None else (ct.c_void_p * 6)(),
+            shared=(ct.c_void_p * MLP_POINTERS)(*(mlp_kernel.addresses if mlp_kernel is not None else ())),
         )
 
     @staticmethod
@@ -200,7 +171,7 @@ class LayerPlan:
             kernel = mlp.one_token_kernel()  # type: ignore[operator]
             return LayerPlan(layer, None, projections, kernel, ()) if kernel is not None else None
         gate = weight_of(moe.gate)
-        if moe.channel.holder is not None or gate is None or gate.dtype != torch.float32 or moe.gate.top_k > 64:
+        if moe.channel.holder is not None or gate is None or gate.dtype != torch.float32 or moe.gate.top_k > MAX_TOP_K:
             return None
         shared = moe.shared_experts.one_token_kernel() if moe.shared_experts is not None else None
         if moe.shared_experts is not None and shared is None:
@@ -251,7 +222,7 @@ def run_layers(plans: Sequence[LayerPlan], x: torch.Tensor, cos: torch.Tensor, s
                cache: KVCache) -> torch.Tensor:
     """Consecutive layers' output for one token x [1, 1, hidden] (bf16) at ``start_pos``, in one call;
     then each MoE layer's routing observer sees the layer's choice, as in the module path."""
-    lib = kernels.native_library()
+    lib = native_library()
     assert lib is not None
     cache.reserve(start_pos + 1)
     first = plans[0].layer_idx

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, DeepseekForCausalLM, parameter_counts
+from dsmoe.native.library import native_kernels_in_use
 from dsmoe.offload import ExpertStore
-from dsmoe.quant.kernels import native_kernels_in_use
 
 
 @dataclass

@@ -11,7 +11,7 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
 * 8-bit, bf16 compute, fewer than ``INT_MM_MIN_ROWS`` rows (decode): dsmoe's own C kernel
-  (``native/kernels.c``) when it was built and the CPU has AVX512-VNNI or AVX2: the activations
+  (``native/matmul.c``) when it was built and the CPU has AVX512-VNNI or AVX2: the activations
   are rounded to int8 in blocks of 64 (llama.cpp's Q8_0 activations) and integer dot products do
   the work. Without it, ``torch._weight_int8pack_mm`` (int8 weight, float activations), exactly
   ``dequant(W) @ x``: 2x bf16 at one row. fp32 compute keeps int8pack.
@@ -33,13 +33,14 @@ from __future__ import annotations
 import ctypes as ct
 import dataclasses
 import functools
-import importlib.util
 from typing import Callable
 
 import torch
 
-CPU_BLOCK_N = 32
-"""Output rows per tile in the CPU 4-bit layouts (bitsandbytes' and dsmoe's)."""
+from dsmoe.native.library import TILE_ROWS, check_status, native_library
+
+CPU_BLOCK_N = TILE_ROWS
+"""Output rows per tile in the CPU 4-bit layouts (bitsandbytes' and dsmoe's, which share its tiles)."""
 
 
 def cpu_4bit_kernel_available() -> bool:
@@ -157,46 +158,6 @@ def int8_dynamic_mm(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor
     return (acc.float() * (row_max / 127.0) * scale).to(x.dtype)
 
 
-NATIVE_BLOCK = 64
-"""Activation values per int8 scale in the native kernels; input widths must be multiples of it."""
-
-_i64, _ptr = ct.c_int64, ct.c_void_p
-_NATIVE_SIGNATURES = {
-    "dsmoe_native_4bit": [],
-    "dsmoe_int8_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, ct.c_int],
-    "dsmoe_int8_mlp": [_i64, _i64] + [_ptr] * 8,
-    "dsmoe_4bit_gemm": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],  # from Codebook
-    "dsmoe_4bit_mlp": [_ptr, ct.c_float, _i64, _i64, _i64] + [_ptr] * 8,
-    "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
-    "dsmoe_experts": [_ptr, ct.c_float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
-    "dsmoe_rmsnorm": [_i64, ct.c_float, _ptr, _ptr, _ptr],
-    "dsmoe_router": [_i64, _i64, _i64, ct.c_int, _ptr, _ptr, _ptr, _ptr],
-    "dsmoe_decode_layers": [_ptr, _i64, _i64, _i64] + [_ptr] * 5 + [_i64, _ptr, _ptr],
-}
-
-
-@functools.cache
-def native_library() -> ct.CDLL | None:
-    """dsmoe's own decode kernels (``native/kernels.c``), or None if not built or this CPU lacks AVX2.
-
-    They are built at install as the extension ``dsmoe.quant._native`` (optional: installing without
-    a C compiler leaves them out). It has no Python entry point, so it is loaded with ctypes.
-    """
-    spec = importlib.util.find_spec("dsmoe.quant._native")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        lib = ct.CDLL(spec.origin)
-    except OSError:  # built elsewhere, and this machine lacks a library it links (libgomp)
-        return None
-    if lib.dsmoe_native_isa() == 0:
-        return None
-    for name, argtypes in _NATIVE_SIGNATURES.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, ct.c_int
-    return lib
-
-
 def native_4bit_available() -> bool:
     """Whether the native 4-bit kernels run here: they need AVX512-VNNI, which every CPU with
     bitsandbytes' CPU layout (AVX512-BF16) has."""
@@ -252,22 +213,10 @@ def native_4bit_mm(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, 
     x = x.contiguous()
     rows, (out_features, in_features) = x.shape[0], shape
     out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-    _check(lib.dsmoe_4bit_gemm(codebook.address, codebook.unit, blocksize, rows, out_features, in_features,
-                               x.data_ptr(), cpu_packed.data_ptr(), scales.data_ptr(), out.data_ptr()), "4-bit matmul")
+    check_status(lib.dsmoe_4bit_gemm(codebook.address, codebook.unit, blocksize, rows, out_features, in_features,
+                                     x.data_ptr(), cpu_packed.data_ptr(), scales.data_ptr(), out.data_ptr()),
+                 "4-bit matmul")
     return out
-
-
-def native_kernels_in_use() -> str:
-    """What runs the decode kernels on this machine, for reports: the instruction set, or why none."""
-    lib = native_library()
-    if lib is None:
-        return "none (not built, or no AVX2): PyTorch kernels"
-    return {1: "AVX512-VNNI", 2: "AVX2"}[lib.dsmoe_native_isa()]
-
-
-def _check(status: int, what: str) -> None:
-    if status != 0:
-        raise RuntimeError(f"native {what} kernel failed with status {status}")
 
 
 def int8_native_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -281,54 +230,9 @@ def int8_native_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     x = x.contiguous()
     rows, (out_features, in_features) = x.shape[0], weight.shape
     out = torch.empty(rows, out_features, dtype=out_dtype)
-    _check(lib.dsmoe_int8_gemv(rows, out_features, in_features, x.data_ptr(), weight.data_ptr(), scale.data_ptr(),
-                               out.data_ptr(), int(out_dtype == torch.float32)), "int8 matmul")
+    check_status(lib.dsmoe_int8_gemv(rows, out_features, in_features, x.data_ptr(), weight.data_ptr(),
+                                     scale.data_ptr(), out.data_ptr(), int(out_dtype == torch.float32)), "int8 matmul")
     return out
-
-
-def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     key_cache: torch.Tensor, value_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
-    """One new token's attention in one native call: rotary, cache write at ``pos``, attention.
-
-    q [n_heads * head_dim], k and v [n_kv * head_dim] bf16 straight from the projections; cos and
-    sin [head_dim] for ``pos``; the caches [1, n_kv, capacity, head_dim]. Returns [n_heads * head_dim].
-    The decode step's ~25 small PyTorch ops per layer become one call. Not a quantization kernel,
-    but it lives in the same native library.
-    """
-    lib = native_library()
-    assert lib is not None
-    _, n_kv, capacity, head_dim = key_cache.shape
-    tensors = (q, k, v, cos, sin, key_cache, value_cache)
-    if key_cache.shape[0] != 1 or value_cache.shape != key_cache.shape or not all(
-            t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors):
-        raise ValueError("attention_decode needs contiguous bf16 tensors and a cache of batch 1")
-    out = torch.empty(n_heads * head_dim, dtype=torch.bfloat16)
-    _check(lib.dsmoe_attention_decode(n_heads, n_kv, head_dim, pos, capacity, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                      cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                                      out.data_ptr()), "attention")
-    return out
-
-
-def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of one contiguous bf16 row with a bf16 weight, in one call (the decode step runs two
-    per layer, each ~8 PyTorch ops). May differ from the PyTorch module by one bf16 step, rarely."""
-    lib = native_library()
-    assert lib is not None
-    out = torch.empty_like(x)
-    _check(lib.dsmoe_rmsnorm(x.shape[-1], eps, x.data_ptr(), weight.data_ptr(), out.data_ptr()), "RMSNorm")
-    return out
-
-
-def route_one(x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router for one contiguous bf16 token: (ids [1, k] ascending, weights [1, k] fp32), as
-    ``MoEGate`` gives them; ``weight`` is the fp32 gate [experts, hidden]. One call instead of ~10 ops."""
-    lib = native_library()
-    assert lib is not None
-    ids = torch.empty(1, top_k, dtype=torch.long)
-    weights = torch.empty(1, top_k, dtype=torch.float32)
-    _check(lib.dsmoe_router(weight.shape[0], weight.shape[1], top_k, int(norm_topk), x.data_ptr(), weight.data_ptr(),
-                            ids.data_ptr(), weights.data_ptr()), "router")
-    return ids, weights
 
 
 def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.native.library import ACT_BLOCK, MLP_POINTERS, native_library
 from dsmoe.quant import kernels
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
 
@@ -112,8 +113,8 @@ class Linear4bit(QuantLinear):
             and kernels.cpu_4bit_kernel_available()
         )
         # dsmoe's kernel: whole 64-wide activation blocks, each under one absmax.
-        native = (use_cpu_kernel and self.in_features % kernels.NATIVE_BLOCK == 0
-                  and self.blocksize % kernels.NATIVE_BLOCK == 0 and kernels.native_4bit_available())
+        native = (use_cpu_kernel and self.in_features % ACT_BLOCK == 0
+                  and self.blocksize % ACT_BLOCK == 0 and kernels.native_4bit_available())
         want = "native" if native else "cpu" if use_cpu_kernel else "standard"
         if want != self.layout:
             n, k = self.out_features, self.in_features
@@ -207,7 +208,7 @@ class Linear8bit(QuantLinear):
         self.register_buffer("unit", torch.ones(self.out_features, dtype=self.compute_dtype, device=device),
                              persistent=False)
         self.native = (device.type == "cpu" and self.compute_dtype == torch.bfloat16
-                       and self.in_features % kernels.NATIVE_BLOCK == 0 and kernels.native_library() is not None)
+                       and self.in_features % ACT_BLOCK == 0 and native_library() is not None)
 
     def kernel(self, rows: int) -> str:
         if self.weight.device.type == "cuda":
@@ -293,7 +294,7 @@ class SwiGLUKernel:
     def __init__(self, hidden: int, inter: int, weights: NativeWeights) -> None:
         self.hidden, self.inter, self.weights = hidden, inter, weights
         self.table, self.unit, self.blocksize = weights.table, weights.unit, weights.blocksize
-        lib = kernels.native_library()
+        lib = native_library()
         assert lib is not None
         if weights.table is None:
             self.function = lib.dsmoe_int8_mlp
@@ -321,10 +322,10 @@ def accumulate_experts(experts: Sequence[SwiGLUKernel], mix: Sequence[float], x:
     ``mix`` are the routing weights already rounded to bf16. The roundings are PyTorch's, so the
     result is the per-expert loop's, bit for bit.
     """
-    lib = kernels.native_library()
+    lib = native_library()
     assert lib is not None
     first = experts[0]
-    pointers = (ct.c_void_p * (6 * len(experts)))(*(a for e in experts for a in e.addresses))
+    pointers = (ct.c_void_p * (MLP_POINTERS * len(experts)))(*(a for e in experts for a in e.addresses))
     weights = (ct.c_float * len(mix))(*mix)
     status = lib.dsmoe_experts(first.table, first.unit, first.blocksize, len(experts), first.hidden, first.inter,
                                x.contiguous().data_ptr(), pointers, weights, out.data_ptr())

@@ -15,7 +15,7 @@ from dsmoe.perf.synthetic import SyntheticCheckpoint, parse_spec, save_checkpoin
 from dsmoe.errors import UsageError
 from dsmoe.model.deepseek import MoEGate
 from dsmoe.model.loader import load_model
-from dsmoe.quant import kernels
+from dsmoe.native.library import native_kernels_in_use
 
 SMALL = ("16b:layers=3,vocab_size=300,hidden_size=64,intermediate_size=96,moe_intermediate_size=16,"
          "n_routed_experts=8,num_experts_per_tok=2,num_attention_heads=4,num_key_value_heads=4")
@@ -76,7 +76,7 @@ def test_bench_command_json(capsys):
     data = json.loads(result.out)
     assert data["prompt_tokens"] == 4 and data["decode_tokens_per_s"] > 0 and data["bytes_per_token"] > 0
     assert data["expert_cache_hit_rate"] is None  # every expert resident: no cache to hit
-    assert data["native_kernels"] == kernels.native_kernels_in_use()
+    assert data["native_kernels"] == native_kernels_in_use()
 
 
 def test_bench_with_an_expert_cache_reports_its_hit_rate(capsys, tiny_path):

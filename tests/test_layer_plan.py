@@ -13,12 +13,13 @@ from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.model import layer_plan
 from dsmoe.model.layer_plan import LayerPlan
 from dsmoe.model.deepseek import DecoderLayer, DeepseekForCausalLM, MoE
+from dsmoe.native.library import native_library
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
 
 
 def _native_or_skip(bits: int) -> None:
-    if kernels.native_library() is None:
+    if native_library() is None:
         pytest.skip("the native library is not built (tests/test_native_kernels.py fails for that)")
     if bits == 4 and not kernels.native_4bit_available():
         pytest.skip("the native 4-bit kernels need AVX512-BF16 and VNNI")
@@ -144,7 +145,7 @@ def _decode_logits(model: DeepseekForCausalLM, native: bool, steps: int = 3) -> 
 
 
 def test_a_decode_step_is_one_native_call_on_the_same_plan(model: DeepseekForCausalLM) -> None:
-    lib = kernels.native_library()
+    lib = native_library()
     real = lib.dsmoe_decode_layers
     calls: list[int] = []
     with mock.patch.object(lib, "dsmoe_decode_layers", lambda *a: calls.append(a[1]) or real(*a)):

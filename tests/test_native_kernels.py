@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from dsmoe import load
 from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.model.deepseek import MLP
+from dsmoe.native.library import (
+    ACT_BLOCK,
+    ISA_AVX2,
+    ISA_VNNI,
+    native_library,
+    native_library_problem,
+)
+from dsmoe.native.ops import attention_decode, rms_norm_row
 from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
@@ -27,14 +35,14 @@ def lib():
     """The library must be built wherever the CPU can run it: a silently missing build would hide here."""
     if not _cpu_has_avx2():
         pytest.skip("the native kernels need AVX2")
-    library = kernels.native_library()
-    assert library is not None, "dsmoe.quant._native was not built: reinstall with a C compiler (pip install -e .)"
+    library = native_library()
+    assert library is not None, f"dsmoe's native library is not in use: {native_library_problem()}"
     return library
 
 
 def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
     """x rounded as the kernel rounds it: int8 per block of 64 with scale absmax / 127."""
-    blocks = x.float().view(x.shape[0], -1, kernels.NATIVE_BLOCK)
+    blocks = x.float().view(x.shape[0], -1, ACT_BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True)
     # 127 / amax as one fp32 division, as the C code does (`127 / tensor` multiplies by a reciprocal,
     # and a value landing on .5 then rounds the other way).
@@ -51,7 +59,7 @@ def _int8_weight(out_features: int, in_features: int, seed: int) -> Linear8bit:
     return layer
 
 
-@pytest.mark.parametrize("isa", [1, 2], ids=["vnni", "avx2"])
+@pytest.mark.parametrize("isa", [ISA_VNNI, ISA_AVX2], ids=["vnni", "avx2"])
 @pytest.mark.parametrize("shape", [(37, 128), (96, 256), (2048, 64 * 11)], ids=str)
 def test_int8_kernel_computes_the_rounded_product(lib, isa: int, shape: tuple[int, int]) -> None:
     """Each output is the exact sum over int8 activations and weights, for any row count and shape."""
@@ -73,13 +81,13 @@ def test_int8_kernel_computes_the_rounded_product(lib, isa: int, shape: tuple[in
 
 
 def test_both_instruction_sets_give_the_same_numbers(lib) -> None:
-    if lib.dsmoe_native_use_isa(1) != 1:
+    if lib.dsmoe_native_use_isa(ISA_VNNI) != ISA_VNNI:
         pytest.skip("this CPU has no AVX512-VNNI")
     layer = _int8_weight(160, 512, seed=3)
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(4)).bfloat16()
     try:
         vnni = kernels.int8_native_mm(x, layer.weight, layer.scale, torch.float32)
-        lib.dsmoe_native_use_isa(2)
+        lib.dsmoe_native_use_isa(ISA_AVX2)
         avx2 = kernels.int8_native_mm(x, layer.weight, layer.scale, torch.float32)
     finally:
         lib.dsmoe_native_use_isa(-1)
@@ -251,7 +259,7 @@ def test_attention_decode_matches_the_pytorch_step(lib, n_heads: int, n_kv: int)
     want_values[:, :, pos] = v.view(1, n_kv, head_dim)
     want = _one_query_attention(q4, want_keys[:, :, : pos + 1], want_values[:, :, : pos + 1]).reshape(-1)
 
-    got = kernels.attention_decode(q, k, v, cos, sin, keys, values, pos, n_heads)
+    got = attention_decode(q, k, v, cos, sin, keys, values, pos, n_heads)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
     torch.testing.assert_close(got, want, rtol=0.016, atol=0.016)
 
@@ -289,7 +297,7 @@ def test_rms_norm_row_matches_the_module(lib) -> None:
     x = (torch.randn(1, 1, 2048, generator=torch.Generator().manual_seed(15)) * 3).bfloat16()
     with torch.inference_mode():
         native, torch_rows = norm(x), norm(x.repeat(1, 2, 1))
-    assert torch.equal(native, kernels.rms_norm_row(x, norm.weight, norm.eps))
+    assert torch.equal(native, rms_norm_row(x, norm.weight, norm.eps))
     for row in torch_rows[0]:
         differ = native[0, 0] != row
         assert differ.float().mean().item() < 0.01

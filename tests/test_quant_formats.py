@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.native.library import native_library
 from dsmoe.quant import (
     Linear4bit,
     Linear8bit,
@@ -248,7 +249,7 @@ def test_kernel_choice() -> None:
     odd = quantize_linear(torch.randn(40, IN), SPECS["nf4"], torch.bfloat16)
     assert odd.layout == "standard" and odd.kernel(1) == "dequant_matmul"
     int8 = quantize_linear(_weight(), SPECS["int8"], torch.bfloat16)
-    decode = "int8_native" if kernels.native_library() is not None else "int8pack"
+    decode = "int8_native" if native_library() is not None else "int8pack"
     assert int8.kernel(1) == int8.kernel(kernels.INT_MM_MIN_ROWS - 1) == decode
     assert int8.kernel(64) == int8.kernel(4096) == "int_mm_dynamic"
 

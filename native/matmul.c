@@ -1,5 +1,5 @@
-/* dsmoe native kernels for the decode step: 8- and 4-bit weights times int8-quantized activations;
- * one call per SwiGLU MLP and per token's set of routed experts; and attention for one new token.
+/* Matmuls of 8- and 4-bit weights times int8-quantized activations, for the decode step and
+ * prefill: one matmul, one SwiGLU MLP per call, and a token's set of routed experts in one call.
  *
  *   y[m, n] = scale[n] * sum_b xscale[m, b] * sum_{k in block b} xq[m, k] * w[n, k]
  *
@@ -13,6 +13,7 @@
  *
  * Plain C with no Python headers: dsmoe loads it with ctypes. Output rows are split across
  * OpenMP threads, which share libgomp with PyTorch, so torch.set_num_threads governs them too.
+ * The entry points are declared, with their contracts, in dsmoe_native.h.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -21,70 +22,40 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QBLOCK 64
+#include "internal.h"
+
+/* Short names for the interface's constants, as the loops below use them. */
+#define QBLOCK DSMOE_ACT_BLOCK
+#define TILE_ROWS DSMOE_TILE_ROWS
 #define ROWS_PER_TASK 16
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                         /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-/* 1 when the CPU can run the VNNI path, 2 for the AVX2 path, 0 for neither. */
+/* The best instruction set this CPU can run the matmuls with. */
 static int detect_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-        return 1;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-    return 0;
+        return DSMOE_ISA_VNNI;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return DSMOE_ISA_AVX2;
+    return DSMOE_ISA_NONE;
 }
 
 static int chosen_isa = -1;
 
-/* The instruction set the kernels use (1 VNNI, 2 AVX2, 0 none). */
 int dsmoe_native_isa(void) {
     if (chosen_isa < 0) chosen_isa = detect_isa();
     return chosen_isa;
 }
 
-/* 1 when the 4-bit kernels can run: they are written for AVX512-VNNI only, since dsmoe uses them
- * where bitsandbytes' CPU 4-bit kernel would run otherwise: CPUs with AVX512-BF16, all of which
- * have it. */
 int dsmoe_native_4bit(void) {
     static int known = -1;
-    if (known < 0) known = detect_isa() == 1;
+    if (known < 0) known = detect_isa() == DSMOE_ISA_VNNI;
     return known;
 }
 
-/* Run the AVX2 path on a VNNI machine (isa = 2), so tests compare the two; -1 detects again.
- * Returns the instruction set now in use; asking for one the CPU lacks changes nothing. */
 int dsmoe_native_use_isa(int isa) {
     const int best = detect_isa();
-    chosen_isa = isa < 0 || (best == 2 && isa == 1) || best == 0 ? best : isa;
+    chosen_isa = isa < 0 || (best == DSMOE_ISA_AVX2 && isa == DSMOE_ISA_VNNI) || best == DSMOE_ISA_NONE ? best : isa;
     return chosen_isa;
-}
-
-/* Activations rounded to int8: q, and per block of 64 a scale and sum(q) (for the 4-bit kernels). */
-typedef struct {
-    int8_t *q;
-    float *scale;
-    int32_t *sum;
-} qacts;
-
-/* 8 bf16 -> 8 fp32. */
-__attribute__((target("avx2,fma"))) static inline __m256 load8_bf16(const uint16_t *p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 /* One row of k fp32 values into q, a scale and sum(q) per block of 64: q = round(x * 127 / absmax),
@@ -122,14 +93,6 @@ __attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int
         sum[b] = _mm_cvtsi128_si32(t);
     }
 }
-
-__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* The row loop, written once per instruction set: DOT(acc32, |x|, signed w). One weight row at a
  * time reads the weight as one sequential stream, which measured fastest: 31 GB/s for lm_head
  * against 18-21 GB/s with 2-8 rows interleaved, with or without software prefetch. */
@@ -171,7 +134,7 @@ DEFINE_ROWS(avx2, "avx2,fma", DOT_AVX2)
 /* Rows n0..n1 of y = x @ (w * scale).T into out (row stride ld), fp32. */
 static void weight_rows(int isa, const int8_t *w, const float *scale, int64_t k, int64_t n0, int64_t n1,
                         int64_t m, const qacts *xs, float *out, int64_t ld) {
-    if (isa == 1)
+    if (isa == DSMOE_ISA_VNNI)
         rows_vnni(n0, n1, k, m, xs, w, out, ld);
     else
         rows_avx2(n0, n1, k, m, xs, w, out, ld);
@@ -179,17 +142,17 @@ static void weight_rows(int isa, const int8_t *w, const float *scale, int64_t k,
         for (int64_t n = n0; n < n1; n++) out[i * ld + n] *= scale[n];
 }
 
-static int alloc_acts(qacts *a, int64_t m, int64_t k) {
+int alloc_acts(qacts *a, int64_t m, int64_t k) {
     a->q = malloc((size_t)(m * k));
     a->scale = malloc((size_t)(m * (k / QBLOCK)) * sizeof(float));
     a->sum = malloc((size_t)(m * (k / QBLOCK)) * sizeof(int32_t));
     return a->q && a->scale && a->sum;
 }
 
-static void free_acts(qacts *a) { free(a->q), free(a->scale), free(a->sum); }
+void free_acts(qacts *a) { free(a->q), free(a->scale), free(a->sum); }
 
-__attribute__((target("avx2,fma"))) static void quantize_bf16_rows(const uint16_t *x, int64_t m, int64_t k,
-                                                                   qacts *a, float *tmp) {
+__attribute__((target("avx2,fma"))) void quantize_bf16_rows(const uint16_t *x, int64_t m, int64_t k, qacts *a,
+                                                            float *tmp) {
     for (int64_t i = 0; i < m; i++) {
         for (int64_t j = 0; j < k; j += 8) _mm256_storeu_ps(tmp + j, load8_bf16(x + i * k + j));
         quantize_row(tmp, k, a->q + i * k, a->scale + i * (k / QBLOCK), a->sum + i * (k / QBLOCK));
@@ -214,13 +177,10 @@ static float *quantized_input(const uint16_t *x, int64_t m, int64_t k, int64_t n
 #define TASKS(rows) (((rows) + ROWS_PER_TASK - 1) / ROWS_PER_TASK)
 #define TASK_END(n0, rows) ((n0) + ROWS_PER_TASK < (rows) ? (n0) + ROWS_PER_TASK : (rows))
 
-/* y [m, n] = x [m, k] bf16 @ (w [n, k] int8 * scale[n]).T, written as bf16 (out_f32 = 0) or fp32.
- * Returns 0; -1 when the CPU has neither instruction set or k is not a multiple of 64; -2 when out
- * of memory. */
 int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const int8_t *w, const float *scale,
                     void *out, int out_f32) {
     const int isa = dsmoe_native_isa();
-    if (isa == 0 || k % QBLOCK) return -1;
+    if (isa == DSMOE_ISA_NONE || k % QBLOCK) return -1;
     qacts a;
     float *acc = quantized_input(x, m, k, n, &a);
     if (!acc) return -2;
@@ -256,7 +216,6 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
  * holds exactly): the rounded codebook moves a weight by at most 0.4% of its block's absmax, far
  * below the 4-bit step. */
 
-#define TILE_ROWS 32
 #define TARGET_4BIT "avx512f,avx512bw,avx512vl,avx512vnni,fma"
 
 /* 16 bf16 -> 16 fp32. */
@@ -341,14 +300,6 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows(const uint8_t *t
 
 /* ---- MLPs for one token --------------------------------------------------------------------- */
 
-/* What a weight is: LLM.int8 (lut NULL; scale = SCB / 127 per row) or 4-bit (lut and unit from the
- * codebook, scale = absmax_t). */
-typedef struct {
-    const uint8_t *lut;
-    float unit;
-    int64_t blocksize;
-} wformat;
-
 /* Output rows handed to a thread at a time: a 4-bit tile, or 16 int8 rows. */
 static int64_t rows_per_task(const wformat *f) { return f->lut ? TILE_ROWS : ROWS_PER_TASK; }
 
@@ -367,13 +318,11 @@ static void matrix_rows(const wformat *f, const void *w, const void *scale, int6
 
 /* The 4-bit kernels need AVX512-VNNI (every CPU with AVX512-BF16, where dsmoe uses them, has it),
  * widths in whole activation blocks, and whole absmax blocks per activation block. */
-static int shape_ok(const wformat *f, int64_t n, int64_t k) {
+int shape_ok(const wformat *f, int64_t n, int64_t k) {
     if (k % QBLOCK) return 0;
-    if (!f->lut) return dsmoe_native_isa() != 0;
+    if (!f->lut) return dsmoe_native_isa() != DSMOE_ISA_NONE;
     return dsmoe_native_4bit() && n % TILE_ROWS == 0 && f->blocksize % QBLOCK == 0;
 }
-
-#define MAX_MLPS 65 /* a token's routed experts (at most 64) and the shared ones */
 
 /* This thread's share [*begin, *end) of `groups` runs of equal tasks (run g: tasks[g] tasks of cost
  * cost[g] each, in order), split into contiguous runs of about equal total cost. Call it inside a
@@ -399,8 +348,8 @@ static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *co
 }
 
 /* count SwiGLU MLPs on one bf16 token x: y_e = down_e(silu(gate_e(x)) * up_e(x)), MLP e inter[e]
- * wide (at most MAX_MLPS). weights holds 6 pointers per MLP (gate, its scale, up, its scale, down,
- * its scale). The first `mixed` MLPs are summed into out: out = out + bf16(y_e * mix[e]) for each in
+ * wide (at most DSMOE_MAX_MLPS). weights holds DSMOE_MLP_POINTERS per MLP (gate, its scale, up,
+ * its scale, down, its scale). The first `mixed` MLPs are summed into out: out = out + bf16(y_e * mix[e]) for each in
  * order, with PyTorch's bf16 roundings of `out += expert(x) * weight`, so the result is a
  * per-expert loop's, bit for bit; the others' outputs go to y [count - mixed, hidden] in bf16. One
  * thread team for all of it: the gate and up rows of every MLP are one task list split into
@@ -408,11 +357,11 @@ static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *co
  * against ~27 GB/s with each matrix split across the threads), then the same for the down rows,
  * split by their width so the threads read alike. silu(g) * u stays fp32 until it is rounded to
  * int8 for down. Returns 0, -1 for shapes the kernels cannot take, -2 when out of memory. */
-static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const int64_t *inter, const uint16_t *x,
-                        const void *const *weights, int64_t mixed, const float *mix, uint16_t *out, uint16_t *y) {
-    if (count > MAX_MLPS || mixed > count) return -1;
+int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const int64_t *inter, const uint16_t *x,
+                 const void *const *weights, int64_t mixed, const float *mix, uint16_t *out, uint16_t *y) {
+    if (count > DSMOE_MAX_MLPS || mixed > count) return -1;
     const int64_t step = rows_per_task(f), down_tasks = (hidden + step - 1) / step;
-    int64_t first_up[MAX_MLPS + 1], at[MAX_MLPS + 1], up_tasks[MAX_MLPS], down_counts[MAX_MLPS], width = 0, tasks = 0;
+    int64_t first_up[DSMOE_MAX_MLPS + 1], at[DSMOE_MAX_MLPS + 1], up_tasks[DSMOE_MAX_MLPS], down_counts[DSMOE_MAX_MLPS], width = 0, tasks = 0;
     for (int64_t e = 0; e < count; e++) {
         if (!shape_ok(f, inter[e], hidden) || !shape_ok(f, hidden, inter[e])) return -1;
         first_up[e] = tasks, at[e] = width;
@@ -438,7 +387,7 @@ static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const i
             int64_t e = 0;
             while (t >= first_up[e + 1]) e++;
             const int64_t local = t - first_up[e], which = local / up_tasks[e], n0 = (local % up_tasks[e]) * step;
-            const void *const *w = weights + 6 * e + 2 * which;
+            const void *const *w = weights + DSMOE_MLP_POINTERS * e + 2 * which;
             matrix_rows(f, w[0], w[1], inter[e], hidden, n0, n0 + step < inter[e] ? n0 + step : inter[e], &xa,
                         gu + 2 * at[e] + which * inter[e]);
         }
@@ -454,7 +403,7 @@ static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const i
         for (int64_t t = begin; t < end; t++) {
             const int64_t e = t / down_tasks, n0 = (t % down_tasks) * step, n1 = n0 + step < hidden ? n0 + step : hidden;
             const qacts h = {ha.q + at[e], ha.scale + at[e] / QBLOCK, ha.sum + at[e] / QBLOCK};
-            matrix_rows(f, weights[6 * e + 4], weights[6 * e + 5], hidden, inter[e], n0, n1, &h, yf + e * hidden);
+            matrix_rows(f, weights[DSMOE_MLP_POINTERS * e + 4], weights[DSMOE_MLP_POINTERS * e + 5], hidden, inter[e], n0, n1, &h, yf + e * hidden);
             uint16_t *dst = e < mixed ? ys + e * hidden : y + (e - mixed) * hidden;
             for (int64_t j = n0; j < n1; j++) dst[j] = f32_to_bf16(yf[e * hidden + j]);
         }
@@ -472,38 +421,29 @@ static int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const i
     return 0;
 }
 
-/* One SwiGLU MLP for one token, 8-bit: out = down(silu(gate(x)) * up(x)), bf16 in and out, in one
- * call and one thread team. gate and up are [inter, hidden], down [hidden, inter]. */
 int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const void *gate, const void *gate_scale,
                    const void *up, const void *up_scale, const void *down, const void *down_scale, uint16_t *out) {
     const wformat f = {NULL, 0.0f, 0};
-    const void *weights[6] = {gate, gate_scale, up, up_scale, down, down_scale};
+    const void *weights[DSMOE_MLP_POINTERS] = {gate, gate_scale, up, up_scale, down, down_scale};
     return swiglu_batch(&f, 1, hidden, &inter, x, weights, 0, NULL, NULL, out);
 }
 
-/* The same for 4-bit weights in the native layout; lut and unit are the codebook's table (see above). */
 int dsmoe_4bit_mlp(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, const uint16_t *x,
                    const void *gate, const void *gate_absmax, const void *up, const void *up_absmax,
                    const void *down, const void *down_absmax, uint16_t *out) {
     const wformat f = {lut, unit, blocksize};
-    const void *weights[6] = {gate, gate_absmax, up, up_absmax, down, down_absmax};
+    const void *weights[DSMOE_MLP_POINTERS] = {gate, gate_absmax, up, up_absmax, down, down_absmax};
     return swiglu_batch(&f, 1, hidden, &inter, x, weights, 0, NULL, NULL, out);
 }
 
-/* The routed experts of one token: out = out + bf16(y_e * mix[e]) for each expert e in order, all
- * in one thread team (swiglu_batch). lut NULL: 8-bit experts; else 4-bit with that table and unit.
- * mix holds the bf16-rounded routing weights. */
 int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t count, int64_t hidden, int64_t inter,
                   const uint16_t *x, const void *const *weights, const float *mix, uint16_t *out) {
     const wformat f = {lut, unit, blocksize};
-    int64_t inters[MAX_MLPS];
-    for (int64_t e = 0; e < count && e < MAX_MLPS; e++) inters[e] = inter;
+    int64_t inters[DSMOE_MAX_MLPS];
+    for (int64_t e = 0; e < count && e < DSMOE_MAX_MLPS; e++) inters[e] = inter;
     return swiglu_batch(&f, count, hidden, inters, x, weights, count, mix, out, NULL);
 }
 
-/* y [m, n] = x [m, k] bf16 @ W.T for a 4-bit weight [n, k] in the native layout with
- * tile-major scales, bf16 out: one row (decode's projections) or many (prefill). Tiles are split
- * across the threads. */
 int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m, int64_t n, int64_t k,
                     const uint16_t *x, const uint8_t *w, const uint16_t *scales, uint16_t *out) {
     const wformat f = {lut, unit, blocksize};
@@ -527,168 +467,10 @@ int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m
     return 0;
 }
 
-/* ---- attention for one new token ------------------------------------------------------------ */
+/* ---- the projections of a layer step (internal.h) ------------------------------------------- */
 
-/* One head: softmax(q . K[0..len) * scale) . V into out, fp32; scores is scratch of len floats. */
-__attribute__((target("avx2,fma"))) static void attend_one_head(const float *q, const uint16_t *keys,
-                                                               const uint16_t *values, int64_t len, int64_t dim,
-                                                               float scale, float *scores, float *out) {
-    float top = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        const uint16_t *key = keys + t * dim;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8_bf16(key + d), acc);
-        scores[t] = hsum256(acc) * scale;
-        top = fmaxf(top, scores[t]);
-    }
-    float total = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - top);
-        total += scores[t];
-    }
-    for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const __m256 p = _mm256_set1_ps(scores[t] / total);
-        const uint16_t *value = values + t * dim;
-        for (int64_t d = 0; d < dim; d += 8)
-            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, load8_bf16(value + d), _mm256_loadu_ps(out + d)));
-    }
-}
-
-/* Rotary embedding as PyTorch computes x * cos + rotate_half(x) * sin in bf16: each product and
- * the sum rounded to bf16, so the cached keys are the prefill path's, bit for bit. */
-static void rotate_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t dim, uint16_t *out) {
-    const int64_t half = dim / 2;
-    for (int64_t d = 0; d < dim; d++) {
-        const float turned = d < half ? -bf16_to_f32(x[d + half]) : bf16_to_f32(x[d - half]);
-        const float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[d]) * bf16_to_f32(cos[d])));
-        const float b = bf16_to_f32(f32_to_bf16(turned * bf16_to_f32(sin[d])));
-        out[d] = f32_to_bf16(a + b);
-    }
-}
-
-/* The decode step's attention, batch 1, bf16: rotate q and k at position `pos`, store k and v at
- * `pos` in the caches ([n_kv, capacity, head_dim] each), attend over positions 0..pos, write
- * out [n_heads * head_dim]. Scores, softmax and the weighted sum are fp32, as in SDPA; query heads
- * share KV heads in groups of n_heads / n_kv. head_dim must be a multiple of 8. */
-int dsmoe_attention_decode(int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t pos, int64_t capacity,
-                           const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos,
-                           const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out) {
-    if (head_dim % 8 || n_heads % n_kv || pos >= capacity) return -1;
-    const int64_t len = pos + 1, group = n_heads / n_kv;
-    for (int64_t h = 0; h < n_kv; h++) {
-        rotate_bf16(k + h * head_dim, cos, sin, head_dim, k_cache + (h * capacity + pos) * head_dim);
-        memcpy(v_cache + (h * capacity + pos) * head_dim, v + h * head_dim, (size_t)head_dim * sizeof(uint16_t));
-    }
-    float *scratch = malloc((size_t)(n_heads * (len + 2 * head_dim)) * sizeof(float));
-    uint16_t *rotated = malloc((size_t)(n_heads * head_dim) * sizeof(uint16_t));
-    if (!scratch || !rotated) {
-        free(scratch), free(rotated);
-        return -2;
-    }
-    const float scale = 1.0f / sqrtf((float)head_dim);
-#pragma omp parallel for schedule(static)
-    for (int64_t h = 0; h < n_heads; h++) {
-        float *scores = scratch + h * (len + 2 * head_dim), *qf = scores + len, *acc = qf + head_dim;
-        rotate_bf16(q + h * head_dim, cos, sin, head_dim, rotated + h * head_dim);
-        for (int64_t d = 0; d < head_dim; d++) qf[d] = bf16_to_f32(rotated[h * head_dim + d]);
-        const int64_t kv = h / group;
-        attend_one_head(qf, k_cache + kv * capacity * head_dim, v_cache + kv * capacity * head_dim, len, head_dim,
-                        scale, scores, acc);
-        for (int64_t d = 0; d < head_dim; d++) out[h * head_dim + d] = f32_to_bf16(acc[d]);
-    }
-    free(scratch), free(rotated);
-    return 0;
-}
-
-/* ---- the rest of a decode step: norms and the router ----------------------------------------- */
-
-/* RMSNorm of one bf16 row, as the PyTorch module computes it: x in fp32 times 1/sqrt(mean(x^2) +
- * eps), rounded to bf16, times the bf16 weight, rounded again. The sum of squares may add up in
- * another order than PyTorch's, so an output can differ from it by one bf16 step, rarely. */
-__attribute__((target("avx2,fma"))) int dsmoe_rmsnorm(int64_t n, float eps, const uint16_t *x, const uint16_t *weight,
-                                                      uint16_t *out) {
-    if (n % 8) return -1;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) {
-        const __m256 v = load8_bf16(x + i);
-        acc = _mm256_fmadd_ps(v, v, acc);
-    }
-    const float inv = 1.0f / sqrtf(hsum256(acc) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) {
-        const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * inv));
-        out[i] = f32_to_bf16(bf16_to_f32(weight[i]) * normed);
-    }
-    return 0;
-}
-
-/* DeepSeekMoE's router for one bf16 token: fp32 scores x . weight[e] for each of n_experts,
- * softmax, the top_k (the lower id first on a tie), renormalised to sum 1 when norm_topk, written
- * as ids ascending with their weights (MoEGate's output). The scores' sums may add up in another
- * order than PyTorch's matmul, so a near-tie between two experts could resolve the other way. */
-__attribute__((target("avx2,fma"))) int dsmoe_router(int64_t n_experts, int64_t hidden, int64_t top_k, int norm_topk,
-                                                     const uint16_t *x, const float *weight, int64_t *ids,
-                                                     float *weights) {
-    if (hidden % 8 || top_k > n_experts || top_k > 64) return -1;
-    float *scores = malloc((size_t)(n_experts + hidden) * sizeof(float));
-    if (!scores) return -2;
-    float *xf = scores + n_experts;
-    for (int64_t i = 0; i < hidden; i += 8) _mm256_storeu_ps(xf + i, load8_bf16(x + i));
-#pragma omp parallel for schedule(static)
-    for (int64_t e = 0; e < n_experts; e++) {
-        const float *row = weight + e * hidden;
-        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
-        for (int64_t i = 0; i < hidden; i += 16) {
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(xf + i), a);
-            if (i + 8 < hidden) b = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(xf + i + 8), b);
-        }
-        scores[e] = hsum256(_mm256_add_ps(a, b));
-    }
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t e = 0; e < n_experts; e++) top = fmaxf(top, scores[e]);
-    for (int64_t e = 0; e < n_experts; e++) total += scores[e] = expf(scores[e] - top);
-    int64_t chosen[64];
-    float picked = 0.0f;
-    for (int64_t j = 0; j < top_k; j++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < n_experts; e++) {
-            int taken = 0;
-            for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
-            if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
-        }
-        chosen[j] = best;
-        picked += scores[best] / total;
-    }
-    /* ids ascending, each with its probability (renormalised over the chosen ones). */
-    for (int64_t j = 0; j < top_k; j++) {
-        int64_t at = j;
-        for (int64_t i = j + 1; i < top_k; i++)
-            if (chosen[i] < chosen[at]) at = i;
-        const int64_t id = chosen[at];
-        chosen[at] = chosen[j];
-        chosen[j] = id;
-        const float p = scores[id] / total;
-        ids[j] = id;
-        weights[j] = norm_topk && top_k > 1 ? p / (picked + 1e-20f) : p;
-    }
-    free(scores);
-    return 0;
-}
-
-/* ---- a decoder layer for one token, in two calls ------------------------------------------------
- *
- * The decode step of one layer was ~60 PyTorch and Python operations around the kernels above
- * (3% of a decode step at the 16B geometry). Here it is two calls with the same steps and the same bf16 roundings as
- * the modules, so the result is the module path's, bit for bit: the attention half (norm, q/k/v,
- * attention, o, residual, the next norm and the router), then, once Python has looked up the
- * chosen experts, the MLP half (routed and shared experts, or a dense MLP, and the residual). */
-
-/* Rows of `count` (at most 4) weights of width k for one activation row as one task list, split
- * into contiguous runs per thread: y[i] gets weight i's n[i] outputs in bf16, as separate calls
- * would give them. An orphaned `omp for`: call it inside a parallel region. acc is fp32 scratch
- * of sum(n) values. */
-static void project_rows(const wformat *f, int64_t count, const void *const *w, const void *const *s,
-                         const int64_t *n, int64_t k, const qacts *a, float *acc, uint16_t *const *y) {
+void project_rows(const wformat *f, int64_t count, const void *const *w, const void *const *s, const int64_t *n,
+                  int64_t k, const qacts *a, float *acc, uint16_t *const *y) {
     const int64_t step = rows_per_task(f);
     int64_t tasks = 0, rows = 0, first[4], offset[4];
     for (int64_t i = 0; i < count; i++) {
@@ -706,149 +488,3 @@ static void project_rows(const wformat *f, int64_t count, const void *const *w, 
     }
 }
 
-/* What the attention half needs of a layer; Python fills it once per layer (ctypes Structure of
- * the same fields). Projections: q, k, v, o, each followed by its scale, all of one format. */
-typedef struct {
-    const uint8_t *lut; /* NULL: int8 projections */
-    const uint16_t *input_norm, *post_norm;
-    const void *proj[8];
-    const float *router; /* [n_experts, hidden] fp32; NULL for a dense layer */
-    int64_t blocksize, hidden, n_heads, n_kv, head_dim, n_experts, top_k;
-    float unit, eps;
-    int32_t norm_topk;
-} attention_half;
-
-/* x_out = x + o(attention(q, k, v of rmsnorm(x))), the token's keys and values written to the
- * caches at pos; normed = rmsnorm(x_out) for the MLP; with a router, ids [top_k] and mix [top_k]
- * (fp32) are its choice for normed. */
-static int attention_half_step(const attention_half *L, int64_t pos, int64_t capacity, const uint16_t *cos,
-                         const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache, const uint16_t *x,
-                         uint16_t *x_out, uint16_t *normed, int64_t *ids, float *mix) {
-    const wformat f = {L->lut, L->unit, L->blocksize};
-    const int64_t hidden = L->hidden, width = L->n_heads * L->head_dim, kv = L->n_kv * L->head_dim;
-    if (!shape_ok(&f, width, hidden) || !shape_ok(&f, kv, hidden) || !shape_ok(&f, hidden, width) || hidden % 8)
-        return -1;
-    uint16_t *buf = malloc((size_t)(2 * hidden + 2 * width + 2 * kv) * sizeof(uint16_t));
-    float *acc = malloc((size_t)(width + 2 * kv + hidden) * sizeof(float));
-    float *tmp = malloc((size_t)(hidden > width ? hidden : width) * sizeof(float));
-    qacts a, b;
-    const int ok = alloc_acts(&a, 1, hidden) & alloc_acts(&b, 1, width);
-    if (!buf || !acc || !tmp || !ok) {
-        free(buf), free(acc), free(tmp), free_acts(&a), free_acts(&b);
-        return -2;
-    }
-    uint16_t *h = buf, *o = h + hidden, *q = o + hidden, *att = q + width, *k = att + width, *v = k + kv;
-    int status = dsmoe_rmsnorm(hidden, L->eps, x, L->input_norm, h);
-    quantize_bf16_rows(h, 1, hidden, &a, tmp);
-    {
-        const void *w[3] = {L->proj[0], L->proj[2], L->proj[4]}, *s[3] = {L->proj[1], L->proj[3], L->proj[5]};
-        const int64_t n[3] = {width, kv, kv};
-        uint16_t *y[3] = {q, k, v};
-#pragma omp parallel
-        project_rows(&f, 3, w, s, n, hidden, &a, acc, y);
-    }
-    if (status == 0)
-        status = dsmoe_attention_decode(L->n_heads, L->n_kv, L->head_dim, pos, capacity, q, k, v, cos, sin, k_cache,
-                                        v_cache, att);
-    if (status == 0) {
-        quantize_bf16_rows(att, 1, width, &b, tmp);
-        const void *w[1] = {L->proj[6]}, *s[1] = {L->proj[7]};
-        const int64_t n[1] = {hidden};
-        uint16_t *y[1] = {o};
-#pragma omp parallel
-        project_rows(&f, 1, w, s, n, width, &b, acc, y);
-        for (int64_t j = 0; j < hidden; j++) x_out[j] = f32_to_bf16(bf16_to_f32(x[j]) + bf16_to_f32(o[j]));
-        status = dsmoe_rmsnorm(hidden, L->eps, x_out, L->post_norm, normed);
-    }
-    if (status == 0 && L->router)
-        status = dsmoe_router(L->n_experts, hidden, L->top_k, L->norm_topk, normed, L->router, ids, mix);
-    free(buf), free(acc), free(tmp), free_acts(&a), free_acts(&b);
-    return status;
-}
-
-/* x_out = x + mlp(normed): the routed experts (count of them, 6 weight pointers each as in
- * dsmoe_experts, mix their router weights in fp32, rounded to bf16 here as the module path
- * rounds them) summed in order, plus the shared experts' MLP (shared_inter wide; NULL for none).
- * A dense layer is count 0 with its MLP as the shared one. */
-static int mlp_half_step(const wformat *f, int64_t hidden, int64_t count, int64_t inter, const void *const *experts,
-                         const float *mix, int64_t shared_inter, const void *const *shared, const uint16_t *normed,
-                         const uint16_t *x, uint16_t *x_out) {
-    if (count > 64) return -1;
-    /* The routed experts and the shared MLP in one thread team: one swiglu_batch. */
-    const void *weights[6 * 65];
-    int64_t inters[65];
-    float rounded[64];
-    for (int64_t e = 0; e < count; e++) {
-        rounded[e] = bf16_to_f32(f32_to_bf16(mix[e]));
-        inters[e] = inter;
-        memcpy(weights + 6 * e, experts + 6 * e, 6 * sizeof(void *));
-    }
-    if (shared) {
-        inters[count] = shared_inter;
-        memcpy(weights + 6 * count, shared, 6 * sizeof(void *));
-    }
-    uint16_t *routed = calloc((size_t)(2 * hidden), sizeof(uint16_t));
-    if (!routed) return -2;
-    uint16_t *mlp = routed + hidden;
-    const int status = swiglu_batch(f, count + (shared != NULL), hidden, inters, normed, weights, count, rounded, routed, mlp);
-    if (status == 0) {
-        for (int64_t j = 0; j < hidden; j++) {
-            /* The module path: out = route(...) then out + shared(...); a dense MLP's output as is. */
-            float y = bf16_to_f32(routed[j]);
-            if (shared) y = count > 0 ? bf16_to_f32(f32_to_bf16(y + bf16_to_f32(mlp[j]))) : bf16_to_f32(mlp[j]);
-            x_out[j] = f32_to_bf16(bf16_to_f32(x[j]) + y);
-        }
-    }
-    free(routed);
-    return status;
-}
-
-/* A decoder layer as the decode step runs it: its attention half, then its MLP half in the
- * MLP's format, with the routed experts' weights for every expert id (experts [n_experts * 6],
- * NULL for a dense layer) and the shared experts' or the dense MLP's (shared_inter 0: none).
- * Python fills one per layer (ctypes Structure of the same fields). */
-typedef struct {
-    attention_half attn;
-    const uint8_t *mlp_lut;
-    float mlp_unit;
-    int64_t mlp_blocksize, inter, shared_inter;
-    const void *const *experts;
-    const void *shared[6];
-} layer_step;
-
-/* n_layers decoder layers for one bf16 token at position pos, in place on x [hidden]: each
- * layer's attention half, the weights of the experts its router chose, its MLP half. k_caches and
- * v_caches hold each layer's cache ([n_kv, capacity, head_dim] bf16). Each MoE layer's choice goes
- * to ids and mix at row l (route_stride entries a row), for the routing observer. The result is
- * the layer-by-layer module path's, bit for bit. Returns 0, or the first failing step's status. */
-int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64_t pos, int64_t capacity,
-                        const uint16_t *cos, const uint16_t *sin, uint16_t *const *k_caches,
-                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix) {
-    const int64_t hidden = n_layers > 0 ? layers[0]->attn.hidden : 0;
-    uint16_t *middle = malloc((size_t)(2 * hidden) * sizeof(uint16_t));
-    if (!middle) return -2;
-    uint16_t *normed = middle + hidden;
-    int status = 0;
-    for (int64_t l = 0; l < n_layers && status == 0; l++) {
-        const layer_step *L = layers[l];
-        const int moe = L->experts != NULL;
-        if (L->attn.hidden != hidden || (moe && (L->attn.top_k > route_stride || L->attn.top_k > 64))) {
-            status = -1;
-            break;
-        }
-        int64_t *chosen = ids + l * route_stride;
-        float *weights = mix + l * route_stride;
-        status = attention_half_step(&L->attn, pos, capacity, cos, sin, k_caches[l], v_caches[l], x, middle, normed,
-                                     moe ? chosen : NULL, moe ? weights : NULL);
-        if (status != 0) break;
-        const void *picked[6 * 64];
-        const int64_t count = moe ? L->attn.top_k : 0;
-        for (int64_t e = 0; e < count; e++)
-            for (int64_t i = 0; i < 6; i++) picked[6 * e + i] = L->experts[6 * chosen[e] + i];
-        const wformat f = {L->mlp_lut, L->mlp_unit, L->mlp_blocksize};
-        status = mlp_half_step(&f, hidden, count, L->inter, picked, weights, L->shared_inter,
-                               L->shared_inter ? L->shared : NULL, normed, middle, x);
-    }
-    free(middle);
-    return status;
-}

@@ -1,0 +1,162 @@
+/* dsmoe's native library: the one interface between its C kernels and Python.
+ *
+ * Everything that crosses to Python is declared here and nowhere else in C: the named constants,
+ * the structs Python fills, and every exported entry point. Python (native/library.py) reads the
+ * DSMOE_ constants from this file itself, mirrors the structs in ctypes and declares each entry
+ * point's argument types; at load it refuses a library whose DSMOE_ABI_VERSION, constants or
+ * struct layouts (dsmoe_abi_facts) differ from its own. Change anything here: raise
+ * DSMOE_ABI_VERSION and update native/library.py in the same commit (tests/test_native_abi.py
+ * checks the two agree).
+ *
+ * The kernels, by job: matmul.c (8- and 4-bit matmuls, SwiGLU MLPs, routed experts), ops.c
+ * (attention for one new token, RMSNorm, the router), layer_step.c (a decoder layer's decode step),
+ * abi.c (what this library was built with). Every kernel returns 0 on success, -1 for arguments
+ * it cannot take (shapes, sizes, a CPU without the instruction set), -2 when out of memory; the
+ * queries (ABI, instruction set) return what they are asked. Tensors are bf16 (uint16_t) unless
+ * said otherwise.
+ */
+#ifndef DSMOE_NATIVE_H
+#define DSMOE_NATIVE_H
+
+#include <stdint.h>
+
+/* Python parses the lines `#define DSMOE_<NAME> <integer>` below; keep each one a plain integer. */
+#define DSMOE_ABI_VERSION 1
+/* Activation values per int8 scale: every matmul input width is a multiple of it. */
+#define DSMOE_ACT_BLOCK 64
+/* Output rows per tile of the 4-bit layout (bitsandbytes' CPU tiles). */
+#define DSMOE_TILE_ROWS 32
+/* Weight pointers per SwiGLU MLP: gate, its scale, up, its scale, down, its scale. */
+#define DSMOE_MLP_POINTERS 6
+/* Weight pointers of an attention block: q, k, v, o, each followed by its scale. */
+#define DSMOE_ATTENTION_POINTERS 8
+/* The most routed experts per token the router and the layer step take. */
+#define DSMOE_MAX_TOP_K 64
+/* MLPs in one swiglu batch: a token's routed experts and the shared ones (DSMOE_MAX_TOP_K + 1). */
+#define DSMOE_MAX_MLPS 65
+/* The instruction sets the matmuls run with (dsmoe_native_isa). */
+#define DSMOE_ISA_NONE 0
+#define DSMOE_ISA_VNNI 1
+#define DSMOE_ISA_AVX2 2
+
+_Static_assert(DSMOE_MAX_MLPS == DSMOE_MAX_TOP_K + 1, "the routed experts and one shared MLP");
+
+/* ---- structs Python fills (ctypes mirrors in native/library.py) ------------------------------ */
+
+/* What the attention half of a layer step needs of a layer; Python fills it once per layer.
+ * Projections: q, k, v, o, each followed by its scale, all of one format. */
+typedef struct {
+    const uint8_t *lut; /* NULL: int8 projections */
+    const uint16_t *input_norm, *post_norm;
+    const void *proj[DSMOE_ATTENTION_POINTERS];
+    const float *router; /* [n_experts, hidden] fp32; NULL for a dense layer */
+    int64_t blocksize, hidden, n_heads, n_kv, head_dim, n_experts, top_k;
+    float unit, eps;
+    int32_t norm_topk;
+} attention_half;
+
+/* A decoder layer as the decode step runs it: its attention half, then its MLP half in the
+ * MLP's format, with the routed experts' weights for every expert id (experts
+ * [n_experts * DSMOE_MLP_POINTERS], NULL for a dense layer) and the shared experts' or the dense
+ * MLP's (shared_inter 0: none). Python fills one per layer. */
+typedef struct {
+    attention_half attn;
+    const uint8_t *mlp_lut;
+    float mlp_unit;
+    int64_t mlp_blocksize, inter, shared_inter;
+    const void *const *experts;
+    const void *shared[DSMOE_MLP_POINTERS];
+} layer_step;
+
+/* One fact about the interface this library was built with: a constant ("DSMOE_ACT_BLOCK"), a
+ * struct's size ("sizeof(layer_step)") or a field's offset ("offsetof(layer_step, attn)"). */
+typedef struct {
+    const char *name;
+    int64_t value;
+} dsmoe_abi_fact;
+
+/* ---- abi.c ----------------------------------------------------------------------------------- */
+
+/* DSMOE_ABI_VERSION as this library was compiled. */
+int dsmoe_abi_version(void);
+
+/* Points *facts at the table of every constant, struct size and field offset; returns its length. */
+int dsmoe_abi_facts(const dsmoe_abi_fact **facts);
+
+/* ---- matmul.c: quantized weights times int8-rounded activations ------------------------------ */
+
+/* The instruction set the matmuls use (DSMOE_ISA_VNNI, DSMOE_ISA_AVX2, DSMOE_ISA_NONE). */
+int dsmoe_native_isa(void);
+
+/* 1 when the 4-bit kernels can run: they are written for AVX512-VNNI only, since dsmoe uses them
+ * where bitsandbytes' CPU 4-bit kernel would run otherwise: CPUs with AVX512-BF16, all of which
+ * have it. */
+int dsmoe_native_4bit(void);
+
+/* Run the AVX2 path on a VNNI machine (isa = DSMOE_ISA_AVX2), so tests compare the two; -1
+ * detects again. Returns the instruction set now in use; asking for one the CPU lacks changes
+ * nothing. */
+int dsmoe_native_use_isa(int isa);
+
+/* y [m, n] = x [m, k] bf16 @ (w [n, k] int8 * scale[n]).T, written as bf16 (out_f32 = 0) or fp32.
+ * -1 also when the CPU has neither instruction set or k is not a multiple of DSMOE_ACT_BLOCK. */
+int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const int8_t *w, const float *scale,
+                    void *out, int out_f32);
+
+/* One SwiGLU MLP for one token, 8-bit: out = down(silu(gate(x)) * up(x)), bf16 in and out, in one
+ * call and one thread team. gate and up are [inter, hidden], down [hidden, inter]. */
+int dsmoe_int8_mlp(int64_t hidden, int64_t inter, const uint16_t *x, const void *gate, const void *gate_scale,
+                   const void *up, const void *up_scale, const void *down, const void *down_scale, uint16_t *out);
+
+/* The same for 4-bit weights in the native layout; lut and unit are the codebook's table (matmul.c). */
+int dsmoe_4bit_mlp(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, const uint16_t *x,
+                   const void *gate, const void *gate_absmax, const void *up, const void *up_absmax,
+                   const void *down, const void *down_absmax, uint16_t *out);
+
+/* The routed experts of one token: out = out + bf16(y_e * mix[e]) for each expert e in order, all
+ * in one thread team; weights holds DSMOE_MLP_POINTERS per expert. lut NULL: 8-bit experts; else
+ * 4-bit with that table and unit. mix holds the bf16-rounded routing weights. */
+int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t count, int64_t hidden, int64_t inter,
+                  const uint16_t *x, const void *const *weights, const float *mix, uint16_t *out);
+
+/* y [m, n] = x [m, k] bf16 @ W.T for a 4-bit weight [n, k] in the native layout with
+ * tile-major scales, bf16 out: one row (decode's projections) or many (prefill). Tiles are split
+ * across the threads. */
+int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m, int64_t n, int64_t k,
+                    const uint16_t *x, const uint8_t *w, const uint16_t *scales, uint16_t *out);
+
+/* ---- ops.c: the decode step's other kernels --------------------------------------------------- */
+
+/* The decode step's attention, batch 1, bf16: rotate q and k at position `pos`, store k and v at
+ * `pos` in the caches ([n_kv, capacity, head_dim] each), attend over positions 0..pos, write
+ * out [n_heads * head_dim]. Scores, softmax and the weighted sum are fp32, as in SDPA; query heads
+ * share KV heads in groups of n_heads / n_kv. head_dim must be a multiple of 8. */
+int dsmoe_attention_decode(int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t pos, int64_t capacity,
+                           const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos,
+                           const uint16_t *sin, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out);
+
+/* RMSNorm of one bf16 row, as the PyTorch module computes it: x in fp32 times 1/sqrt(mean(x^2) +
+ * eps), rounded to bf16, times the bf16 weight, rounded again. The sum of squares may add up in
+ * another order than PyTorch's, so an output can differ from it by one bf16 step, rarely. */
+int dsmoe_rmsnorm(int64_t n, float eps, const uint16_t *x, const uint16_t *weight, uint16_t *out);
+
+/* DeepSeekMoE's router for one bf16 token: fp32 scores x . weight[e] for each of n_experts,
+ * softmax, the top_k (at most DSMOE_MAX_TOP_K; the lower id first on a tie), renormalised to sum
+ * 1 when norm_topk, written as ids ascending with their weights (MoEGate's output). The scores'
+ * sums may add up in another order than PyTorch's matmul, so a near-tie between two experts could
+ * resolve the other way. */
+int dsmoe_router(int64_t n_experts, int64_t hidden, int64_t top_k, int norm_topk, const uint16_t *x,
+                 const float *weight, int64_t *ids, float *weights);
+
+/* ---- layer_step.c: decoder layers for one token ----------------------------------------------- */
+
+/* n_layers decoder layers for one bf16 token at position pos, in place on x [hidden]: each
+ * layer's attention half, the weights of the experts its router chose, its MLP half. k_caches and
+ * v_caches hold each layer's cache ([n_kv, capacity, head_dim] bf16). Each MoE layer's choice goes
+ * to ids and mix at row l (route_stride entries a row), for the routing observer. The result is
+ * the layer-by-layer module path's, bit for bit. Returns 0, or the first failing step's status. */
+int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64_t pos, int64_t capacity,
+                        const uint16_t *cos, const uint16_t *sin, uint16_t *const *k_caches,
+                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix);
+
+#endif

@@ -32,7 +32,7 @@ class QuantLinear(nn.Module, abc.ABC):
     out_features: int
     compute_dtype: torch.dtype
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         # model.to(torch.float16) must not round absmax or scales: only follow the device.
         device = fn(torch.empty(0)).device
         for name, buf in list(self._buffers.items()):
@@ -48,7 +48,7 @@ class QuantLinear(nn.Module, abc.ABC):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor suffixes (``weight``, ``weight.absmax``, ``SCB``, ...) -> CPU tensors."""
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
         # state_dict() gives transformers' layout, so a model with these layers saves like HF's.
         for suffix, tensor in self.checkpoint_tensors().items():
             destination[prefix + suffix] = tensor
@@ -60,7 +60,16 @@ class QuantLinear(nn.Module, abc.ABC):
 class Linear4bit(QuantLinear):
     """y = x @ dequant(W).T for an NF4/FP4 weight; no bias (DeepSeekMoE's linears have none)."""
 
-    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    # Buffers (register_buffer), declared so a type checker knows them as tensors, not submodules.
+    weight: torch.Tensor
+    absmax: torch.Tensor
+    quant_map: torch.Tensor
+    nested_absmax: torch.Tensor
+    nested_quant_map: torch.Tensor
+    runtime_absmax: torch.Tensor
+    native_codebook: kernels.Codebook | None
+
+    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype) -> None:
         super().__init__()
         out_features, in_features = (int(d) for d in state.shape)
         self.in_features, self.out_features = in_features, out_features
@@ -82,7 +91,7 @@ class Linear4bit(QuantLinear):
         self.layout = "standard"
         self._on_device_change()
 
-    def _quant_state(self):  # type: ignore[no-untyped-def]
+    def _quant_state(self):
         """The bitsandbytes QuantState of the stored (standard) form."""
         from bitsandbytes.functional import QuantState
 
@@ -168,8 +177,9 @@ class Linear4bit(QuantLinear):
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
         kernel = self.kernel(flat.shape[0])
         if kernel == "4bit_native":
-            out = kernels.native_4bit_mm(flat, self.weight, self.shape, self.runtime_absmax, self.native_codebook,
-                                         self.blocksize)
+            codebook = self.native_codebook
+            assert codebook is not None  # kernel() picks the native one only with its codebook
+            out = kernels.native_4bit_mm(flat, self.weight, self.shape, self.runtime_absmax, codebook, self.blocksize)
         elif kernel == "bnb_cpu_4bit":
             out = kernels.gemv_4bit_cpu(flat, self.weight, self.shape, self.runtime_absmax, self.quant_map,
                                         self.blocksize, self._cpu_entry)
@@ -193,6 +203,11 @@ class Linear4bit(QuantLinear):
 
 class Linear8bit(QuantLinear):
     """y = x @ (W_int8 * SCB / 127).T: LLM.int8 weights (row-wise absmax), no outlier split."""
+
+    weight: torch.Tensor  # buffers, as Linear4bit's
+    SCB: torch.Tensor
+    scale: torch.Tensor
+    unit: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, scb: torch.Tensor, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -271,16 +286,18 @@ class NativeWeights:
 def native_weights(layers: Sequence[nn.Module]) -> NativeWeights | None:
     """The layers for the native kernels, or None unless all are of one format those take: 8-bit
     with the native int8 kernel, or 4-bit with one codebook and blocksize on the native 4-bit kernel."""
-    if all(isinstance(m, Linear8bit) and m.native for m in layers):
-        return NativeWeights(None, 0.0, 0, tuple(t for m in layers for t in (m.weight, m.scale)))  # type: ignore[union-attr]
-    if not all(isinstance(m, Linear4bit) and m.native_codebook is not None for m in layers):
+    eight_bit = [m for m in layers if isinstance(m, Linear8bit) and m.native]
+    if len(eight_bit) == len(layers):
+        return NativeWeights(None, 0.0, 0, tuple(t for m in eight_bit for t in (m.weight, m.scale)))
+    four_bit = [m for m in layers if isinstance(m, Linear4bit) and m.native_codebook is not None]
+    if len(four_bit) != len(layers):
         return None
-    first: Linear4bit = layers[0]  # type: ignore[assignment]
+    first = four_bit[0]
     codebook = first.native_codebook
     assert codebook is not None
-    if not all(m.native_codebook is codebook and m.blocksize == first.blocksize for m in layers):  # type: ignore[union-attr]
+    if not all(m.native_codebook is codebook and m.blocksize == first.blocksize for m in four_bit):
         return None
-    tensors = tuple(t for m in layers for t in (m.weight, m.runtime_absmax))  # type: ignore[union-attr]
+    tensors = tuple(t for m in four_bit for t in (m.weight, m.runtime_absmax))
     return NativeWeights(codebook.address, codebook.unit, first.blocksize, tensors)
 
 

@@ -145,3 +145,25 @@ def test_temperature_sharpens_and_flattens():
     # Temperature 0.5 doubles the logit gap [0, 1]: shares e^0 : e^2 = 0.119 : 0.881.
     draws = _draws([0.0, 1.0], temperature=0.5)
     assert abs(draws.count(1) / len(draws) - 1 / (1 + math.exp(-2))) < 4 * math.sqrt(0.881 * 0.119 / len(draws))
+
+
+def test_repetition_penalty_divides_positive_scores_by_the_penalty():
+    # The CTRL rule (as Hugging Face's RepetitionPenaltyLogitsProcessor): a seen token's positive
+    # logit is divided by the penalty. 3.3 / 1.5 = 2.2 still beats an unseen 2.1 (3.3 - 1.5 = 1.8
+    # would not, nor 3.3 // 1.5 = 2.0); 0.8 / 2 = 0.4 falls below an unseen 0.5 (0.8 * 2 would not).
+    assert Sampler(SamplingSettings(repetition_penalty=1.5))(torch.tensor([3.3, 2.1]), [0]) == 0
+    assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([0.8, 0.5]), [0]) == 1
+    # And a negative one is multiplied however close to 0: -0.5 * 2 = -1.0 falls below -0.6.
+    assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([-0.5, -0.6]), [0]) == 1
+
+
+def test_settings_by_default_penalize_nothing():
+    # Penalty 1 is no penalty (the CTRL rule's neutral value, Hugging Face's default too): a seen
+    # token keeps its lead of 0.1.
+    assert Sampler(SamplingSettings())(torch.tensor([2.0, 1.9]), [0, 0, 0]) == 0
+
+
+def test_top_p_of_zero_or_below_is_a_usage_error_whatever_its_type():
+    for bad in (0.0, -0.5, -1):
+        with pytest.raises(UsageError, match="top_p"):
+            SamplingSettings(top_p=bad)

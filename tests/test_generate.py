@@ -157,6 +157,12 @@ def test_repetition_penalty_divides_positive_scores_by_the_penalty():
     assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([-0.5, -0.6]), [0]) == 1
 
 
+
+def test_a_penalty_below_one_favours_seen_tokens():
+    # The same rule with penalty 0.5 (allowed: any value > 0): 1.0 / 0.5 = 2.0 overtakes an unseen 1.5.
+    assert Sampler(SamplingSettings(repetition_penalty=0.5))(torch.tensor([1.0, 1.5]), [0]) == 0
+
+
 def test_settings_by_default_penalize_nothing():
     # Penalty 1 is no penalty (the CTRL rule's neutral value, Hugging Face's default too): a seen
     # token keeps its lead of 0.1.

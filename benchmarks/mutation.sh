@@ -105,7 +105,11 @@ EOF
     fi
     echo "== $module: $(cr-report "$session" --show-pending | grep -c '^\[job-id\]') mutants, $(cr-report "$session" --show-pending | grep -c 'SKIPPED') skipped by the filters"
     if [ -n "${DSMOE_MUTATION_COUNT_ONLY:-}" ]; then continue; fi
+    baseline_started=$(date +%s)
     cosmic-ray baseline "$config"  # the tests pass on the unmutated copy
+    # cosmic-ray counts a timeout as a kill: the limit must sit well above a full test run, which
+    # on a loaded machine is minutes for lm_model (a fixed 120 s made survivors look killed).
+    sed -i "s/^timeout = .*/timeout = $(( 3 * ($(date +%s) - baseline_started) + 60 )).0/" "$config"
     started=$(date +%s)
     cosmic-ray exec "$config" "$session"
     cr-report "$session" --show-diff --surviving-only > "$WORK/$module.survivors.txt"

@@ -41,6 +41,7 @@ def serve(path: str) -> None:
                 os.dup2(conn.fileno(), 1)
                 os.dup2(conn.fileno(), 2)
                 os.chdir(request["cwd"])
+                sys.dont_write_bytecode = True  # as cosmic-ray's own runs: no stale .pyc of a mutant
                 sys.argv = ["pytest", *request["args"]]
                 code = pytest.main(request["args"])
                 sys.stdout.flush()

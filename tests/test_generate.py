@@ -173,3 +173,11 @@ def test_top_p_of_zero_or_below_is_a_usage_error_whatever_its_type():
     for bad in (0.0, -0.5, -1):
         with pytest.raises(UsageError, match="top_p"):
             SamplingSettings(top_p=bad)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    # top_k=2 of unsorted [1, 3, 0, 2]: tokens 1 and 3 only, as e^3 : e^2 (0.731 : 0.269).
+    draws = _draws([1.0, 3.0, 0.0, 2.0], seeds=400, temperature=1.0, top_k=2)
+    assert set(draws) == {1, 3}
+    share = draws.count(1) / len(draws)
+    assert abs(share - 1 / (1 + math.exp(-1))) < 4 * math.sqrt(0.731 * 0.269 / len(draws))

@@ -155,6 +155,8 @@ def test_repetition_penalty_divides_positive_scores_by_the_penalty():
     assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([0.8, 0.5]), [0]) == 1
     # And a negative one is multiplied however close to 0: -0.5 * 2 = -1.0 falls below -0.6.
     assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([-0.5, -0.6]), [0]) == 1
+    # Multiplied, not shifted: -1.0 * 1.5 = -1.5 stays above an unseen -2.0 (-1.0 - 1.5 would not).
+    assert Sampler(SamplingSettings(repetition_penalty=1.5))(torch.tensor([-1.0, -2.0]), [0]) == 0
 
 
 
@@ -176,8 +178,14 @@ def test_top_p_of_zero_or_below_is_a_usage_error_whatever_its_type():
 
 
 def test_top_k_keeps_exactly_the_k_largest():
-    # top_k=2 of unsorted [1, 3, 0, 2]: tokens 1 and 3 only, as e^3 : e^2 (0.731 : 0.269).
-    draws = _draws([1.0, 3.0, 0.0, 2.0], seeds=400, temperature=1.0, top_k=2)
-    assert set(draws) == {1, 3}
+    # top_k=3 of unsorted [1, 3, 0, 2, -1]: tokens 1, 3 and 0 only, as e^3 : e^2 : e^1
+    # (0.665 : 0.245 : 0.090).
+    draws = _draws([1.0, 3.0, 0.0, 2.0, -1.0], seeds=400, temperature=1.0, top_k=3)
+    assert set(draws) == {0, 1, 3}
     share = draws.count(1) / len(draws)
-    assert abs(share - 1 / (1 + math.exp(-1))) < 4 * math.sqrt(0.731 * 0.269 / len(draws))
+    assert abs(share - 0.665) < 4 * math.sqrt(0.665 * 0.335 / len(draws))
+
+
+def test_a_negative_repetition_penalty_is_a_usage_error():
+    with pytest.raises(UsageError, match="repetition_penalty"):
+        SamplingSettings(repetition_penalty=-1.0)

@@ -145,3 +145,47 @@ def test_temperature_sharpens_and_flattens():
     # Temperature 0.5 doubles the logit gap [0, 1]: shares e^0 : e^2 = 0.119 : 0.881.
     draws = _draws([0.0, 1.0], temperature=0.5)
     assert abs(draws.count(1) / len(draws) - 1 / (1 + math.exp(-2))) < 4 * math.sqrt(0.881 * 0.119 / len(draws))
+
+
+def test_repetition_penalty_divides_positive_scores_by_the_penalty():
+    # The CTRL rule (as Hugging Face's RepetitionPenaltyLogitsProcessor): a seen token's positive
+    # logit is divided by the penalty. 3.3 / 1.5 = 2.2 still beats an unseen 2.1 (3.3 - 1.5 = 1.8
+    # would not, nor 3.3 // 1.5 = 2.0); 0.8 / 2 = 0.4 falls below an unseen 0.5 (0.8 * 2 would not).
+    assert Sampler(SamplingSettings(repetition_penalty=1.5))(torch.tensor([3.3, 2.1]), [0]) == 0
+    assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([0.8, 0.5]), [0]) == 1
+    # And a negative one is multiplied however close to 0: -0.5 * 2 = -1.0 falls below -0.6.
+    assert Sampler(SamplingSettings(repetition_penalty=2.0))(torch.tensor([-0.5, -0.6]), [0]) == 1
+    # Multiplied, not shifted: -1.0 * 1.5 = -1.5 stays above an unseen -2.0 (-1.0 - 1.5 would not).
+    assert Sampler(SamplingSettings(repetition_penalty=1.5))(torch.tensor([-1.0, -2.0]), [0]) == 0
+
+
+
+def test_a_penalty_below_one_favours_seen_tokens():
+    # The same rule with penalty 0.5 (allowed: any value > 0): 1.0 / 0.5 = 2.0 overtakes an unseen 1.5.
+    assert Sampler(SamplingSettings(repetition_penalty=0.5))(torch.tensor([1.0, 1.5]), [0]) == 0
+
+
+def test_settings_by_default_penalize_nothing():
+    # Penalty 1 is no penalty (the CTRL rule's neutral value, Hugging Face's default too): a seen
+    # token keeps its lead of 0.1.
+    assert Sampler(SamplingSettings())(torch.tensor([2.0, 1.9]), [0, 0, 0]) == 0
+
+
+def test_top_p_of_zero_or_below_is_a_usage_error_whatever_its_type():
+    for bad in (0.0, -0.5, -1):
+        with pytest.raises(UsageError, match="top_p"):
+            SamplingSettings(top_p=bad)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    # top_k=3 of unsorted [1, 3, 0, 2, -1]: tokens 1, 3 and 0 only, as e^3 : e^2 : e^1
+    # (0.665 : 0.245 : 0.090).
+    draws = _draws([1.0, 3.0, 0.0, 2.0, -1.0], seeds=400, temperature=1.0, top_k=3)
+    assert set(draws) == {0, 1, 3}
+    share = draws.count(1) / len(draws)
+    assert abs(share - 0.665) < 4 * math.sqrt(0.665 * 0.335 / len(draws))
+
+
+def test_a_negative_repetition_penalty_is_a_usage_error():
+    with pytest.raises(UsageError, match="repetition_penalty"):
+        SamplingSettings(repetition_penalty=-1.0)

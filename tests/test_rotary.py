@@ -8,6 +8,7 @@ base * (factor * n / L - (factor - 1)) ** (d / (d - 2)) for a sequence of n toke
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -106,3 +107,60 @@ def test_apply_rotary_turns_each_pair_by_its_angle():
     want = [1 * math.cos(0.3) - 3 * math.sin(0.3), 2 * math.cos(1.1) - 4 * math.sin(1.1),
             1 * math.sin(0.3) + 3 * math.cos(0.3), 2 * math.sin(1.1) + 4 * math.cos(1.1)]
     torch.testing.assert_close(apply_rotary(x, cos, sin), torch.tensor([want]), atol=1e-6, rtol=0)
+
+
+def test_scaling_read_from_a_config_file_is_applied(tmp_path):
+    # A checkpoint's config.json gives the type as a string parsed at run time, not a literal of this
+    # file: the scaling must be chosen by the string's value (not by its identity).
+    base = _config(None).to_dict()
+    for kind, check in (("linear", lambda r: _check(r, [4, 99], 100, _by_hand([4, 99], BASE, divide_by=4.0))),
+                        ("dynamic", lambda r: _check(r, [99], 100, _by_hand([99], BASE * (4.0 * 100 / TRAINED - 3.0)
+                                                                             ** (HEAD_DIM / (HEAD_DIM - 2)))))):
+        path = tmp_path / f"{kind}.json"
+        path.write_text(json.dumps({**base, "rope_scaling": {"type": kind, "factor": 4.0}}))
+        check(RotaryEmbedding(DeepseekConfig.from_file(path)))
+
+
+def test_dynamic_scaling_follows_the_sequence_length_up():
+    rotary = _rotary({"type": "dynamic", "factor": 2.0})
+    _check(rotary, [3, 40], 41, _by_hand([3, 40], BASE))  # a short sequence first: the trained base
+    base = BASE * (2.0 * 100 / TRAINED - 1.0) ** (HEAD_DIM / (HEAD_DIM - 2))
+    _check(rotary, [3, 99], 100, _by_hand([3, 99], base))
+
+
+def test_the_frequencies_are_kept_while_the_base_stays():
+    # The docstring's promise: a decode step reuses the frequencies (no recomputation per token).
+    # Each call names the device anew, as ``positions.device`` does (an equal, not the same, object).
+    rotary = _rotary({"type": "dynamic", "factor": 2.0})
+    first = rotary._inv_freq(10, torch.device("cpu"))
+    assert rotary._inv_freq(11, torch.device("cpu")) is first
+    assert rotary._inv_freq(TRAINED, torch.device("cpu")) is first
+    longer = rotary._inv_freq(TRAINED + 1, torch.device("cpu"))
+    assert longer is not first  # past the trained length the base grows
+    assert rotary._inv_freq(TRAINED + 1, torch.device("cpu")) is longer  # and stays while the length does
+
+
+def test_the_angles_follow_the_positions_to_another_device():
+    # A model moved to another device keeps no frequencies of the old one ("meta": no data, any machine).
+    rotary = _rotary(None)
+    rotary(torch.tensor([1, 2]), 3, torch.float32)
+    cos, sin = rotary(torch.tensor([1, 2], device="meta"), 3, torch.float32)
+    assert cos.device.type == "meta" and sin.device.type == "meta"
+    _check(rotary, [1, 2], 3, _by_hand([1, 2], BASE))  # and back
+
+
+def test_apply_rotary_turns_the_last_dimension_of_every_head():
+    # [heads, tokens, head_dim] = [2, 1, 6]: the pairs are (x0, x3), (x1, x4), (x2, x5) of each
+    # head's last dimension, whatever the sizes in front of it.
+    rows = [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [-1.0, 0.5, 2.0, 0.0, -3.0, 1.5]]
+    angles = [0.3, 1.1, 2.0]
+    cos = torch.tensor([[math.cos(a) for a in angles * 2]])
+    sin = torch.tensor([[math.sin(a) for a in angles * 2]])
+
+    def turned(v: list[float]) -> list[float]:
+        a, b = v[:3], v[3:]
+        return ([a[i] * math.cos(t) - b[i] * math.sin(t) for i, t in enumerate(angles)]
+                + [a[i] * math.sin(t) + b[i] * math.cos(t) for i, t in enumerate(angles)])
+
+    want = torch.tensor([[turned(rows[0])], [turned(rows[1])]])
+    torch.testing.assert_close(apply_rotary(torch.tensor([[rows[0]], [rows[1]]]), cos, sin), want, atol=1e-6, rtol=0)

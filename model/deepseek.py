@@ -303,11 +303,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._plan: LayerPlan | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None) -> torch.Tensor:
-        if cache is not None and x.shape[0] == x.shape[1] == 1:
-            plan = self.decode_plan(x)
-            if plan is not None:
-                return plan(x.contiguous(), cos, sin, start_pos, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None,
+                plan: LayerPlan | None = None) -> torch.Tensor:
+        """With ``plan`` (``DeepseekModel.decode_step`` chooses it), the layer's native decode step; else its modules."""
+        if plan is not None and cache is not None:
+            return plan(x.contiguous(), cos, sin, start_pos, cache)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -336,31 +336,36 @@ class DeepseekModel(nn.Module):
         x = self.embed_tokens(input_ids)
         positions = torch.arange(start_pos, start_pos + seq_len, device=input_ids.device)
         cos, sin = self.rotary(positions, start_pos + seq_len, x.dtype)
-        stack = self.decode_stack(x) if cache is not None and x.shape[0] == x.shape[1] == 1 else None
-        if stack is not None:
-            x = stack(x, cos, sin, start_pos, cache)  # type: ignore[arg-type]
+        step = self.decode_step(x, cache)
+        if isinstance(step, StackPlan) and cache is not None:
+            x = step(x, cos, sin, start_pos, cache)
         else:
-            for layer in self.layers:
-                x = layer(x, cos, sin, start_pos, cache)
+            for layer, plan in zip(self.layers, step):
+                x = layer(x, cos, sin, start_pos, cache, plan)
         if cache is not None:
             cache.advance(seq_len)
         return self.norm(x)
 
-    def decode_stack(self, x: torch.Tensor) -> StackPlan | None:
-        """All layers' decode step for one token like x as one native call, where every layer has a plan."""
-        if not native_token(x):
-            return None
+    def decode_step(self, x: torch.Tensor, cache: KVCache | None) -> StackPlan | list[LayerPlan | None]:
+        """How this forward pass runs the layers, chosen here once: all of them as one native call
+        when every layer has a plan (one bf16 token on the CPU, with a cache); else each layer by
+        its plan, or by its modules where it has none (``None``: a hook on a part, an unquantized
+        layer, experts held by a store)."""
+        layers: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]  # ModuleList is untyped
+        if cache is None or x.shape[0] != 1 or x.shape[1] != 1 or not native_token(x):
+            return [None] * len(layers)
         stack = self._stack
         if stack is not None and stack.current():
             return stack
-        layers: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]  # ModuleList is untyped
         plans = [layer.decode_plan(x) for layer in layers]
         ready = [plan for plan in plans if plan is not None]
-        if len(ready) < len(layers) or not layers:
-            self._stack = None
-            return None
-        stack = self._stack = StackPlan(layers, ready)
-        return stack if stack.current() else None
+        self._stack = None
+        if layers and len(ready) == len(layers):
+            stack = StackPlan(layers, ready)
+            if stack.current():  # else a hook on a layer: each layer runs by its plan, hooks firing
+                self._stack = stack
+                return stack
+        return plans
 
 
 class DeepseekForCausalLM(nn.Module):

@@ -57,7 +57,7 @@ def test_each_layer_gives_the_module_paths_bits(model: DeepseekForCausalLM) -> N
         for i, layer in enumerate(model.model.layers):
             assert _plan_of(layer) is not None
             x, cos, sin = _step_inputs(model, pos, seed=i)
-            got = layer(x, cos, sin, pos, planned)
+            got = layer(x, cos, sin, pos, planned, _plan_of(layer))
             want = _module_path(layer, x, cos, sin, pos, moduled)
             assert torch.equal(got, want), f"layer {i}"
             assert torch.equal(planned.keys[i], moduled.keys[i]) and torch.equal(planned.values[i], moduled.values[i])
@@ -91,7 +91,7 @@ def _assert_new_plan_gives_module_bits(model: DeepseekForCausalLM, layer: Decode
     with torch.inference_mode():
         planned, moduled = model.new_cache(1, 4), model.new_cache(1, 4)
         x, cos, sin = _step_inputs(model, 0, seed=seed)
-        assert torch.equal(layer(x, cos, sin, 0, planned), _module_path(layer, x, cos, sin, 0, moduled))
+        assert torch.equal(layer(x, cos, sin, 0, planned, plan), _module_path(layer, x, cos, sin, 0, moduled))
 
 
 def test_a_replaced_weight_makes_a_new_plan(model: DeepseekForCausalLM) -> None:

@@ -337,7 +337,8 @@ class DeepseekModel(nn.Module):
         positions = torch.arange(start_pos, start_pos + seq_len, device=input_ids.device)
         cos, sin = self.rotary(positions, start_pos + seq_len, x.dtype)
         step = self.decode_step(x, cache)
-        if isinstance(step, StackPlan) and cache is not None:
+        if isinstance(step, StackPlan):
+            assert cache is not None  # decode_step chooses a stack only with a cache
             x = step(x, cos, sin, start_pos, cache)
         else:
             for layer, plan in zip(self.layers, step):

@@ -27,7 +27,7 @@ class _Group(TyperGroup):
 
 
 class _App(typer.Typer):
-    def command(self, *args: Any, cls: type[TyperCommand] = _Command, **kwargs: Any) -> Any:  # type: ignore[override]
+    def command(self, *args: Any, cls: type[TyperCommand] = _Command, **kwargs: Any) -> Any:  # type: ignore[override]  # typer's command(), with our Command class as default
         return super().command(*args, cls=cls, **kwargs)
 
 

@@ -104,7 +104,7 @@ def guarded(command: F) -> F:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps F's signature; mypy cannot see it
 
 
 # The flags shared by the commands that load a model or compute, declared once so they read the same

@@ -148,7 +148,7 @@ class _ProgressView:
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
-            self.bar.__exit__(*exc)  # type: ignore[arg-type]
+            self.bar.__exit__(*exc)  # type: ignore[arg-type]  # passes on what __exit__ was given
 
     def estimate(self, estimate: Any) -> None:
         projected = estimate.projected_seconds

@@ -58,7 +58,7 @@ def load_flags(command: F) -> F:
     wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]  # what typer reads
     wrapper.__annotations__ = {**command.__annotations__, **{name: kind for name, (kind, _) in LOAD_FLAGS.items()}}
     del wrapper.__annotations__["load"]
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # the same command, its flags swapped for typer
 
 
 def load_with_progress(model: str | None, options: LoadOptions) -> tuple[DeepseekForCausalLM, Tokenizer | None]:

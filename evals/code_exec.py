@@ -251,8 +251,8 @@ def run_program(program: str, timeout: float | None = None, nproc: int | None = 
                 os.close(result_write)
                 result_write = -1
                 try:
-                    proc.stdin.write(token.encode() + b"\n")  # type: ignore[union-attr]
-                    proc.stdin.close()  # type: ignore[union-attr]
+                    proc.stdin.write(token.encode() + b"\n")  # type: ignore[union-attr]  # started with stdin=PIPE
+                    proc.stdin.close()  # type: ignore[union-attr]  # started with stdin=PIPE
                 except OSError:
                     pass
                 try:
@@ -354,7 +354,7 @@ def pass_at_1(references: str | list[str], predictions: str | list[str] | list[l
         predictions = [predictions]
     if predictions and isinstance(predictions[0], str):
         predictions = [[p] for p in predictions]
-    return pass_at_k(references, predictions, [1]).get("pass@1", 0.0)  # type: ignore[arg-type]
+    return pass_at_k(references, predictions, [1]).get("pass@1", 0.0)  # type: ignore[arg-type]  # lists of lists by now
 
 
 # ---------------------------------------------------------------------- HumanEval

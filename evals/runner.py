@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import lm_eval
@@ -145,17 +146,18 @@ class _LocalDataFactory(TaskFactory):
                         notes.append(note)
 
 
-def task_manager(names: list[str] = (), suite: str | None = None) -> TaskManager:  # type: ignore[assignment]
+def task_manager(names: Sequence[str] = (), suite: str | None = None) -> TaskManager:
     """lm-eval's tasks plus ours (CLUEWSC, CHID, the Pile as one set).
 
     Indexing lm-eval's whole task tree takes tens of seconds; when every name is a report
     benchmark, only the folders that define those are indexed.
     """
-    wanted = [b for b in (BENCHMARKS.get(n.lower()) or BY_TASK.get(n) for n in names)]
-    if None in wanted:
+    found = [BENCHMARKS.get(n.lower()) or BY_TASK.get(n) for n in names]
+    wanted = [b for b in found if b is not None]
+    if len(wanted) < len(found):
         return TaskManager(include_path=str(TASKS_DIR))
     benchmarks = [e.benchmark for e in suite_entries(suite)] if suite else []
-    benchmarks += wanted  # type: ignore[arg-type]
+    benchmarks += wanted
     root = Path(lm_eval.tasks.__file__).parent
     folders = dict.fromkeys(str(root / f) for b in benchmarks for f in b.folders)
     return TaskManager(include_defaults=False, include_path=[*folders, str(TASKS_DIR)])

@@ -423,7 +423,7 @@ class DeepseekForCausalLM(nn.Module):
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int = 20, **settings: object) -> torch.Tensor:
         """Decode after ``prompt_ids`` [1, T] and return prompt + new tokens as [1, T + new]."""
         settings.setdefault("stop_ids", self.config.eos_token_ids)
-        sampling = SamplingSettings(max_new_tokens=max_new_tokens, **settings)  # type: ignore[arg-type]
+        sampling = SamplingSettings(max_new_tokens=max_new_tokens, **settings)  # type: ignore[arg-type]  # its own fields, which it checks
         new = list(generate_ids(self, prompt_ids[0].tolist(), sampling))
         tail = torch.tensor([new], dtype=prompt_ids.dtype, device=prompt_ids.device)
         return torch.cat([prompt_ids, tail], dim=1)

@@ -138,7 +138,7 @@ class LayerPlan:
         self.expert_table = (ct.c_void_p * (MLP_POINTERS * len(experts)))(*(a for k in experts for a in k.addresses))
         self.step = LayerStep(
             attn=AttentionHalf(
-                lut=projections.table, input_norm=norms[0].data_ptr(), post_norm=norms[1].data_ptr(),  # type: ignore[union-attr]
+                lut=projections.table, input_norm=norms[0].data_ptr(), post_norm=norms[1].data_ptr(),  # type: ignore[union-attr]  # checked not None in for_layer
                 proj=(ct.c_void_p * ATTENTION_POINTERS)(*projections.addresses),
                 router=router.data_ptr() if router is not None else None,
                 blocksize=projections.blocksize, hidden=layer.input_layernorm.weight.shape[0], n_heads=attn.n_heads,
@@ -168,7 +168,7 @@ class LayerPlan:
         if any(n is None or n.dtype != torch.bfloat16 or n.shape[0] % 8 for n in norms):
             return None
         if moe is None:
-            kernel = mlp.one_token_kernel()  # type: ignore[operator]
+            kernel = mlp.one_token_kernel()  # type: ignore[operator]  # a dense layer's mlp is an MLP
             return LayerPlan(layer, None, projections, kernel, ()) if kernel is not None else None
         gate = weight_of(moe.gate)
         if moe.channel.holder is not None or gate is None or gate.dtype != torch.float32 or moe.gate.top_k > MAX_TOP_K:
@@ -176,7 +176,7 @@ class LayerPlan:
         shared = moe.shared_experts.one_token_kernel() if moe.shared_experts is not None else None
         if moe.shared_experts is not None and shared is None:
             return None
-        experts = [e.one_token_kernel() for e in moe.experts]  # type: ignore[operator]
+        experts = [e.one_token_kernel() for e in moe.experts]  # type: ignore[operator]  # ModuleList of MLPs, untyped
         if any(k is None for k in experts) or len({k.kind for k in experts}) != 1:
             return None
         kind = experts[0].kind

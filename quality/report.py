@@ -21,6 +21,7 @@ import torch
 
 from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.loading import load
+from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.tokenizer import load_tokenizer
 from dsmoe.quant import QuantLinear
 from dsmoe.quant.spec import QuantSpec
@@ -89,7 +90,7 @@ def text_windows(ids: torch.Tensor | Sequence[int], window: int) -> tuple[list[t
     return inputs, torch.cat(targets)
 
 
-def logits_of(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[torch.Tensor],
+def logits_of(model: DeepseekForCausalLM, input_ids: torch.Tensor | Sequence[torch.Tensor],
               decode: bool = False) -> torch.Tensor:
     """The model's logits on a [B, T] batch, or on each [1, T_i] window concatenated to [sum T_i, vocab].
 
@@ -105,7 +106,7 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[torch.T
         steps = []
         for window in windows:
             ids = window.reshape(1, -1)
-            cache = model.new_cache(1, ids.shape[1])  # type: ignore[operator]
+            cache = model.new_cache(1, ids.shape[1])
             steps.append(torch.cat([model(ids[:, t:t + 1], cache=cache)[0] for t in range(ids.shape[1])]))
         return torch.stack(steps) if isinstance(input_ids, torch.Tensor) else torch.cat(steps)
 

@@ -355,7 +355,7 @@ def swiglu_kernel(gate: nn.Module, up: nn.Module, down: nn.Module) -> SwiGLUKern
     weights = native_weights((gate, up, down))
     if weights is None:
         return None
-    return SwiGLUKernel(down.out_features, gate.out_features, weights)  # type: ignore[arg-type]
+    return SwiGLUKernel(down.out_features, gate.out_features, weights)  # type: ignore[arg-type]  # native_weights took them: quantized linears
 
 
 def quantize_int8(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,7 +134,7 @@ class CompletionRequest(_Request):
         elif p and isinstance(p[0], int):
             items = [list(p)]
         else:
-            items = list(p)  # type: ignore[arg-type]
+            items = list(p)  # type: ignore[arg-type]  # a list of prompts, as the branches above leave it
         if not items:
             raise ApiError(400, "prompt is empty", param="prompt")
         if len(items) > MAX_PROMPTS:

@@ -158,7 +158,7 @@ class BalanceLoss:
         for i, moe in enumerate(model.moe_layers()):
             moe.gate.register_forward_hook(self._hook(i))
 
-    def _hook(self, layer: int):  # type: ignore[no-untyped-def]
+    def _hook(self, layer: int):  # type: ignore[no-untyped-def]  # a torch forward hook: its signature is torch's
         def hook(gate: MoEGate, inputs: tuple[torch.Tensor], output: tuple[torch.Tensor, torch.Tensor]) -> None:
             ids = output[0]
             self.usage[layer] += torch.bincount(ids.flatten(), minlength=self.usage[layer].numel()).float()

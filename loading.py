@@ -62,11 +62,13 @@ class LoadOptions:
         if self.bits is not None and self.bits not in (4, 8, 16):
             raise UsageError(bits_error(name("bits"), self.bits, allow_16=True))
         if self.quant_type is not None:
-            if self.quant_type.lower() not in FOUR_BIT_TYPES:
-                raise UsageError(quant_type_error(name("quant_type"), self.quant_type))
-            if self.bits != 4:
-                raise UsageError(f"{name('quant_type')} needs {name('bits')} 4")
-            object.__setattr__(self, "quant_type", self.quant_type.lower())
+            kind = self.quant_type.lower()
+            if not (kind == "int8" and self.bits == 8):  # 8-bit's one format, by the name QuantSpec gives it
+                if kind not in FOUR_BIT_TYPES:
+                    raise UsageError(quant_type_error(name("quant_type"), self.quant_type))
+                if self.bits != 4:
+                    raise UsageError(f"{name('quant_type')} needs {name('bits')} 4")
+            object.__setattr__(self, "quant_type", kind)
         if self.double_quant and self.bits != 4:
             raise UsageError(f"{name('double_quant')} needs {name('bits')} 4")
         if self.quantize_lm_head and self.bits not in (4, 8):

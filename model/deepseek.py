@@ -322,8 +322,9 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, config: DeepseekConfig, channel: ExpertChannel) -> None:
+    def __init__(self, config: DeepseekConfig, channel: ExpertChannel | None = None) -> None:
         super().__init__()
+        channel = channel if channel is not None else ExpertChannel()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, channel) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -88,9 +88,8 @@ int dsmoe_abi_facts(const dsmoe_abi_fact **facts);
 /* The instruction set the matmuls use (DSMOE_ISA_VNNI, DSMOE_ISA_AVX2, DSMOE_ISA_NONE). */
 int dsmoe_native_isa(void);
 
-/* 1 when the 4-bit kernels can run: they are written for AVX512-VNNI only, since dsmoe uses them
- * where bitsandbytes' CPU 4-bit kernel would run otherwise: CPUs with AVX512-BF16, all of which
- * have it. */
+/* 1 when the 4-bit kernels can run: on AVX512-VNNI or AVX2, like the 8-bit ones (both paths give
+ * the same bits). */
 int dsmoe_native_4bit(void);
 
 /* Run the AVX2 path on a VNNI machine (isa = DSMOE_ISA_AVX2), so tests compare the two; -1

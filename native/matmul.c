@@ -48,7 +48,7 @@ int dsmoe_native_isa(void) {
 
 int dsmoe_native_4bit(void) {
     static int known = -1;
-    if (known < 0) known = detect_isa() == DSMOE_ISA_VNNI;
+    if (known < 0) known = detect_isa() != DSMOE_ISA_NONE;
     return known;
 }
 
@@ -225,9 +225,9 @@ __attribute__((target(TARGET_4BIT))) static inline __m512 load16_bf16(const uint
 }
 
 /* out[0..32) = the 32 rows of one tile times the activations a, fp32; scales is the tile's. */
-__attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, const uint16_t *scales, int64_t k,
-                                                           int64_t blocksize, const uint8_t *lut, float unit,
-                                                           const qacts *a, float *out) {
+__attribute__((target(TARGET_4BIT))) static void tile_4bit_vnni(const uint8_t *tile, const uint16_t *scales, int64_t k,
+                                                                int64_t blocksize, const uint8_t *lut, float unit,
+                                                                const qacts *a, float *out) {
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512 acc_lo = _mm512_setzero_ps(), acc_hi = _mm512_setzero_ps();
@@ -258,10 +258,10 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit(const uint8_t *tile, 
 
 /* The same for m activation rows (prefill): out[i * ld + r] for row i. Each block of the tile is
  * turned into bytes once and kept in L1 for all m rows, so the codes are not unpacked per row. */
-__attribute__((target(TARGET_4BIT))) static void tile_4bit_rows(const uint8_t *tile, const uint16_t *scales,
-                                                                int64_t k, int64_t blocksize, const uint8_t *lut,
-                                                                float unit, const qacts *a, int64_t m, float *out,
-                                                                int64_t ld) {
+__attribute__((target(TARGET_4BIT))) static void tile_4bit_rows_vnni(const uint8_t *tile, const uint16_t *scales,
+                                                                     int64_t k, int64_t blocksize, const uint8_t *lut,
+                                                                     float unit, const qacts *a, int64_t m, float *out,
+                                                                     int64_t ld) {
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512i bytes[QBLOCK / 2]; /* one block: 16 column quads x (rows 0-15, rows 16-31) */
@@ -298,6 +298,121 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows(const uint8_t *t
     }
 }
 
+/* The same two loops for AVX2, which has no vpdpbusd. vpmaddubsw multiplies unsigned by signed
+ * bytes into 16-bit pair sums, and (code + 128) * x pairs would saturate them, so here the table
+ * gives signed codes, round(codebook value / unit) (the VNNI table's bytes xor 0x80), and the
+ * activation goes in as |x| with its sign moved onto the code (vpsignb), as in the 8-bit kernel:
+ * 2 * 127 * 120 < 32767. The integer sums equal the VNNI kernel's after its 128 * sum(q)
+ * correction, and the fp32 steps are the same, so both give the same bits. A 32-byte load is half
+ * of the VNNI kernel's 64: row pairs 0-7 (rows 0-7 and 16-23) or 8-15 (rows 8-15 and 24-31). */
+
+/* The signed codes of the two halves of a 32-byte load: lo[0] the low nibbles (rows r), lo[1] the
+ * high nibbles (rows 16 + r). */
+__attribute__((target("avx2,fma"))) static inline void codes_avx2(__m256i table, const uint8_t *p, __m256i *low,
+                                                                  __m256i *high) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *low = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
+    *high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+}
+
+/* acc += the 8 dot products of |x| and the codes signed by x (4 columns per 32-bit lane). */
+#define DOT4_AVX2(acc, xabs, xv, codes) \
+    ((acc) = _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((xabs), _mm256_sign_epi8((codes), (xv))), \
+                                                       _mm256_set1_epi16(1))))
+
+__attribute__((target("avx2,fma"))) static inline __m256i signed_table_avx2(const uint8_t *lut) {
+    const __m128i table = _mm_xor_si128(_mm_loadu_si128((const __m128i *)lut), _mm_set1_epi8((char)0x80));
+    return _mm256_broadcastsi128_si256(table);
+}
+
+/* acc[q] (rows 8q..8q+7) += s[q] * bf16 scales of those rows * step. */
+__attribute__((target("avx2,fma"))) static inline void scale_add_avx2(const __m256i *s, const uint16_t *block,
+                                                                      float step, __m256 *acc) {
+    const __m256 st = _mm256_set1_ps(step);
+    for (int q = 0; q < 4; q++)
+        acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[q]), _mm256_mul_ps(load8_bf16(block + 8 * q), st), acc[q]);
+}
+
+__attribute__((target("avx2,fma"))) static void tile_4bit_avx2(const uint8_t *tile, const uint16_t *scales, int64_t k,
+                                                               int64_t blocksize, const uint8_t *lut, float unit,
+                                                               const qacts *a, float *out) {
+    const __m256i table = signed_table_avx2(lut);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < k / QBLOCK; b++) {
+        const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
+        const int8_t *xb = a->q + b * QBLOCK;
+        /* s[0]: rows 0-7, s[1]: 8-15, s[2]: 16-23, s[3]: 24-31 */
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int j = 0; j < QBLOCK / 2; j += 2) {
+            int32_t four;
+            memcpy(&four, xb + 2 * j, sizeof four);
+            const __m256i xv = _mm256_set1_epi32(four), xabs = _mm256_abs_epi8(xv);
+            __m256i low, high;
+            codes_avx2(table, p + j * TILE_ROWS, &low, &high);
+            DOT4_AVX2(s[0], xabs, xv, low);
+            DOT4_AVX2(s[2], xabs, xv, high);
+            codes_avx2(table, p + j * TILE_ROWS + 32, &low, &high);
+            DOT4_AVX2(s[1], xabs, xv, low);
+            DOT4_AVX2(s[3], xabs, xv, high);
+        }
+        scale_add_avx2(s, scales + (b * QBLOCK / blocksize) * TILE_ROWS, a->scale[b] * unit, acc);
+    }
+    for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + 8 * q, acc[q]);
+}
+
+__attribute__((target("avx2,fma"))) static void tile_4bit_rows_avx2(const uint8_t *tile, const uint16_t *scales,
+                                                                    int64_t k, int64_t blocksize, const uint8_t *lut,
+                                                                    float unit, const qacts *a, int64_t m, float *out,
+                                                                    int64_t ld) {
+    const __m256i table = signed_table_avx2(lut);
+    __m256i codes[QBLOCK / 4][4]; /* one block: per column quad, rows 0-7, 8-15, 16-23, 24-31 */
+    for (int64_t i = 0; i < m; i++)
+        for (int r = 0; r < TILE_ROWS; r++) out[i * ld + r] = 0.0f;
+    for (int64_t b = 0; b < k / QBLOCK; b++) {
+        const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
+        for (int j = 0; j < QBLOCK / 2; j += 2) {
+            codes_avx2(table, p + j * TILE_ROWS, &codes[j / 2][0], &codes[j / 2][2]);
+            codes_avx2(table, p + j * TILE_ROWS + 32, &codes[j / 2][1], &codes[j / 2][3]);
+        }
+        const uint16_t *block = scales + (b * QBLOCK / blocksize) * TILE_ROWS;
+        for (int64_t i = 0; i < m; i++) {
+            const int8_t *xb = a->q + i * k + b * QBLOCK;
+            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            _mm256_setzero_si256()};
+            for (int j = 0; j < QBLOCK / 2; j += 2) {
+                int32_t four;
+                memcpy(&four, xb + 2 * j, sizeof four);
+                const __m256i xv = _mm256_set1_epi32(four), xabs = _mm256_abs_epi8(xv);
+                for (int q = 0; q < 4; q++) DOT4_AVX2(s[q], xabs, xv, codes[j / 2][q]);
+            }
+            __m256 acc[4];
+            float *row = out + i * ld;
+            for (int q = 0; q < 4; q++) acc[q] = _mm256_loadu_ps(row + 8 * q);
+            scale_add_avx2(s, block, a->scale[i * (k / QBLOCK) + b] * unit, acc);
+            for (int q = 0; q < 4; q++) _mm256_storeu_ps(row + 8 * q, acc[q]);
+        }
+    }
+}
+
+/* One tile for one activation row, or for m rows into out with row stride ld, with the best
+ * instruction set in use. */
+static void tile_4bit(const uint8_t *tile, const uint16_t *scales, int64_t k, int64_t blocksize, const uint8_t *lut,
+                      float unit, const qacts *a, float *out) {
+    if (dsmoe_native_isa() == DSMOE_ISA_VNNI)
+        tile_4bit_vnni(tile, scales, k, blocksize, lut, unit, a, out);
+    else
+        tile_4bit_avx2(tile, scales, k, blocksize, lut, unit, a, out);
+}
+
+static void tile_4bit_rows(const uint8_t *tile, const uint16_t *scales, int64_t k, int64_t blocksize,
+                           const uint8_t *lut, float unit, const qacts *a, int64_t m, float *out, int64_t ld) {
+    if (dsmoe_native_isa() == DSMOE_ISA_VNNI)
+        tile_4bit_rows_vnni(tile, scales, k, blocksize, lut, unit, a, m, out, ld);
+    else
+        tile_4bit_rows_avx2(tile, scales, k, blocksize, lut, unit, a, m, out, ld);
+}
+
 /* ---- MLPs for one token --------------------------------------------------------------------- */
 
 /* Output rows handed to a thread at a time: a 4-bit tile, or 16 int8 rows. */
@@ -316,8 +431,8 @@ static void matrix_rows(const wformat *f, const void *w, const void *scale, int6
                   f->unit, a, out + r);
 }
 
-/* The 4-bit kernels need AVX512-VNNI (every CPU with AVX512-BF16, where dsmoe uses them, has it),
- * widths in whole activation blocks, and whole absmax blocks per activation block. */
+/* The kernels need AVX512-VNNI or AVX2, widths in whole activation blocks, and for 4-bit whole
+ * tiles and whole absmax blocks per activation block. */
 int shape_ok(const wformat *f, int64_t n, int64_t k) {
     if (k % QBLOCK) return 0;
     if (!f->lut) return dsmoe_native_isa() != DSMOE_ISA_NONE;

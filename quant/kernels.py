@@ -2,12 +2,13 @@
 
 The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
 
-* 4-bit, bf16 compute, AVX512-BF16: the weight is repacked once at load. With dsmoe's native
-  library built, into dsmoe's layout (``pack_4bit``) for its own C kernel, at any row count: the block
+* 4-bit, bf16 compute: the weight is repacked once at load. With dsmoe's native library built
+  (AVX512-VNNI or AVX2), into dsmoe's layout (``pack_4bit``) for its own C kernel, at any row count: the block
   scales in tile-major order, the same int8 activations as the 8-bit kernel, the codebook through a
   16-entry byte table to integers so the dot products are integer ones, and for several rows each
   tile's codes unpacked once for all of them (1.85-2.3x bitsandbytes' kernel at one row, 2.0-2.2x
-  at 64). Without it, into bitsandbytes' CPU layout for its fused kernel (``gemv_4bit``).
+  at 64). Without it, on AVX512-BF16, into bitsandbytes' CPU layout for its fused kernel
+  (``gemv_4bit``); elsewhere bitsandbytes dequantizes per call (20x slower on AVX2).
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
 * 8-bit, bf16 compute, fewer than ``INT_MM_MIN_ROWS`` rows (decode): dsmoe's own C kernel
@@ -15,9 +16,10 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   are rounded to int8 in blocks of 64 (llama.cpp's Q8_0 activations) and integer dot products do
   the work. Without it, ``torch._weight_int8pack_mm`` (int8 weight, float activations), exactly
   ``dequant(W) @ x``: 2x bf16 at one row. fp32 compute keeps int8pack.
-* 8-bit, bf16 compute, ``INT_MM_MIN_ROWS`` rows or more (prefill, batched scoring):
-  ``torch._int_mm`` on row-wise int8 activations, which is LLM.int8's vector-wise quantization
-  without its outlier split (bitsandbytes' own int8 matmul also rounds the activations). It was
+* 8-bit, bf16 compute, ``INT_MM_MIN_ROWS`` rows or more (prefill, batched scoring), on AVX512-VNNI
+  or without dsmoe's library (with AVX2 alone, dsmoe's kernel at every row count; see
+  ``int_mm_for_many_rows``): ``torch._int_mm`` on row-wise int8 activations, which is LLM.int8's
+  vector-wise quantization without its outlier split (bitsandbytes' own int8 matmul also rounds the activations). It was
   1.2-1.5x bf16 at 64 rows on every 16B shape where int8pack was 0.26-0.38x; the crossover is at
   8-16 rows. It rounds the activations, so its output error is ~3.5x int8pack's (0.8% vs 0.23%).
   fp32 compute (quality runs) keeps int8pack at every size.
@@ -37,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from dsmoe.native.library import TILE_ROWS, check_status, native_library
+from dsmoe.native.library import ISA_VNNI, TILE_ROWS, check_status, native_library
 
 CPU_BLOCK_N = TILE_ROWS
 """Output rows per tile in the CPU 4-bit layouts (bitsandbytes' and dsmoe's, which share its tiles)."""
@@ -141,6 +143,17 @@ def gemv_4bit_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, shape: tuple[int, i
 
 INT_MM_MIN_ROWS = 12
 """Rows from which dynamic int8 activations with ``torch._int_mm`` beat int8pack (measured crossover 8-16)."""
+
+
+def int_mm_for_many_rows() -> bool:
+    """Whether prefill-sized 8-bit matmuls go to ``torch._int_mm`` rather than dsmoe's kernel.
+
+    Only on AVX512-VNNI, where _int_mm was measured (oneDNN's VNNI GEMM). With AVX2 alone it is
+    23-25x slower than dsmoe's kernel at 64 rows on the 16B shapes (185 ms against 8 ms for an
+    expert's 1408 x 2048, 1.4 s against 80 ms for 10944 x 2048, one thread), slower even than bf16.
+    """
+    lib = native_library()
+    return lib is None or lib.dsmoe_native_isa() == ISA_VNNI
 
 
 def int8_dynamic_mm(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -115,16 +115,13 @@ class Linear4bit(QuantLinear):
 
     def _on_device_change(self) -> None:
         device = self.weight.device
-        use_cpu_kernel = (
-            device.type == "cpu"
-            and self.compute_dtype == torch.bfloat16
-            and kernels.can_pack_for_cpu(self.out_features, self.in_features, self.blocksize)
-            and kernels.cpu_4bit_kernel_available()
-        )
-        # dsmoe's kernel: whole 64-wide activation blocks, each under one absmax.
-        native = (use_cpu_kernel and self.in_features % ACT_BLOCK == 0
+        packable = (device.type == "cpu" and self.compute_dtype == torch.bfloat16
+                    and kernels.can_pack_for_cpu(self.out_features, self.in_features, self.blocksize))
+        # dsmoe's kernel (AVX512-VNNI or AVX2): whole 64-wide activation blocks, each under one absmax.
+        native = (packable and self.in_features % ACT_BLOCK == 0
                   and self.blocksize % ACT_BLOCK == 0 and kernels.native_4bit_available())
-        want = "native" if native else "cpu" if use_cpu_kernel else "standard"
+        bnb_cpu = packable and kernels.cpu_4bit_kernel_available()  # bitsandbytes' needs AVX512-BF16
+        want = "native" if native else "cpu" if bnb_cpu else "standard"
         if want != self.layout:
             n, k = self.out_features, self.in_features
             standard = self.weight if self.layout == "standard" else kernels.unpack_4bit(self.weight, self.layout, n, k)
@@ -230,7 +227,7 @@ class Linear8bit(QuantLinear):
             return "bnb_matmul_int8"
         if self.compute_dtype != torch.bfloat16:
             return "int8pack"
-        if rows >= kernels.INT_MM_MIN_ROWS:
+        if rows >= kernels.INT_MM_MIN_ROWS and kernels.int_mm_for_many_rows():
             return "int_mm_dynamic"
         return "int8_native" if self.native else "int8pack"
 

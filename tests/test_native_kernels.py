@@ -134,9 +134,7 @@ def test_int8_mlp_in_one_call_matches_the_three_layers(lib) -> None:
 
 @pytest.fixture(scope="module")
 def lib4(lib):
-    if not kernels.cpu_4bit_kernel_available():
-        pytest.skip("bitsandbytes' CPU 4-bit layout needs AVX512-BF16")
-    assert kernels.native_4bit_available(), "every CPU with AVX512-BF16 has the VNNI the 4-bit kernels need"
+    assert kernels.native_4bit_available(), "the 4-bit kernels run wherever the 8-bit ones do (VNNI or AVX2)"
     return lib
 
 
@@ -153,12 +151,23 @@ def _table_weight(layer: Linear4bit) -> torch.Tensor:
     return values * absmax
 
 
+@pytest.mark.parametrize("isa", [ISA_VNNI, ISA_AVX2], ids=["vnni", "avx2"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape,blocksize", [((32, 64), 64), ((96, 256), 64), ((64, 64 * 11), 64), ((64, 512), 128)],
                          ids=str)
-def test_4bit_kernel_computes_the_rounded_product(lib4, quant_type: str, shape: tuple[int, int],
+def test_4bit_kernel_computes_the_rounded_product(lib4, isa: int, quant_type: str, shape: tuple[int, int],
                                                   blocksize: int) -> None:
     """Each output is the exact sum over int8 activations and the table's weights, then one bf16 rounding."""
+    if lib4.dsmoe_native_use_isa(isa) != isa:
+        lib4.dsmoe_native_use_isa(-1)
+        pytest.skip("this CPU has no AVX512-VNNI")
+    try:
+        _check_4bit_kernel(quant_type, shape, blocksize)
+    finally:
+        lib4.dsmoe_native_use_isa(-1)
+
+
+def _check_4bit_kernel(quant_type: str, shape: tuple[int, int], blocksize: int) -> None:
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.02
     weight[3, :7] *= 40  # an outlier block
     layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type, blocksize=blocksize), torch.bfloat16)
@@ -175,6 +184,23 @@ def test_4bit_kernel_computes_the_rounded_product(lib4, quant_type: str, shape: 
         # int8 activations (one block holds a 50x outlier), the table, bf16: ~1-2%; a wrong unit is ~13%.
         assert ((got.double() - exact).norm() / exact.norm()).item() < 0.03
     assert torch.equal(layer(x)[:1], layer(x[:1]))  # a row's result does not depend on the others
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_both_instruction_sets_give_the_same_4bit_numbers(lib4, quant_type: str) -> None:
+    if lib4.dsmoe_native_use_isa(ISA_VNNI) != ISA_VNNI:
+        lib4.dsmoe_native_use_isa(-1)
+        pytest.skip("this CPU has no AVX512-VNNI")
+    weight = torch.randn(96, 512, generator=torch.Generator().manual_seed(5)) * 0.02
+    layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type), torch.bfloat16)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(6)).bfloat16()
+    try:
+        vnni = [layer(x[:rows]) for rows in (1, 3)]
+        lib4.dsmoe_native_use_isa(ISA_AVX2)
+        avx2 = [layer(x[:rows]) for rows in (1, 3)]
+    finally:
+        lib4.dsmoe_native_use_isa(-1)
+    assert all(torch.equal(a, b) for a, b in zip(vnni, avx2))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -195,8 +221,8 @@ def test_4bit_mlp_in_one_call_matches_the_three_layers(lib4, quant_type: str) ->
 
 @pytest.mark.parametrize("spec", [INT8, QuantSpec(bits=4, quant_type="nf4")], ids=["int8", "nf4"])
 def test_experts_in_one_call_give_the_per_expert_loops_bits(lib, spec: QuantSpec) -> None:
-    if spec.bits == 4 and not kernels.native_4bit_available():
-        pytest.skip("the native 4-bit kernels need AVX512-BF16 and VNNI")
+    if spec.bits == 4:
+        assert kernels.native_4bit_available(), "the 4-bit kernels run wherever the 8-bit ones do"
     experts = [_mlp(spec, seed=20 + i) for i in range(3)]
     fused = [e.one_token_kernel() for e in experts]
     assert all(k is not None and k.kind == fused[0].kind for k in fused)
@@ -223,8 +249,6 @@ def test_no_one_call_path_for_mixed_or_fp32_layers(lib) -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_offloaded_experts_decode_like_resident_ones_on_the_native_path(lib, bits: int) -> None:
     """The store runs each expert's MLP module, so both take the same one-call path, bit for bit."""
-    if bits == 4 and not kernels.cpu_4bit_kernel_available():
-        pytest.skip("bitsandbytes' CPU 4-bit kernel needs AVX512-BF16")
     prompt = torch.randint(0, 2048, (1, 9), generator=torch.Generator().manual_seed(10))
     resident, _ = load(DEMO_MODEL_PATH, bits=bits)
     expert = resident.moe_layers()[0].experts[0]

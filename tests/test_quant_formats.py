@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
-from dsmoe.native.library import native_library
+from dsmoe.native.library import native_kernels_in_use, native_library
 from dsmoe.quant import (
     Linear4bit,
     Linear8bit,
@@ -239,11 +239,16 @@ def test_cpu_layouts_equal_bitsandbytes_repack_and_invert() -> None:
 
 
 def test_kernel_choice() -> None:
-    fast_cpu = kernels.cpu_4bit_kernel_available()
     nf4_bf16 = quantize_linear(_weight(), SPECS["nf4"], torch.bfloat16)
-    cpu_kernel = "4bit_native" if kernels.native_4bit_available() else "bnb_cpu_4bit"
-    assert nf4_bf16.kernel(1) == nf4_bf16.kernel(64) == (cpu_kernel if fast_cpu else "dequant_matmul")
-    assert nf4_bf16.layout == (("native" if kernels.native_4bit_available() else "cpu") if fast_cpu else "standard")
+    # dsmoe's kernel where its library is built (AVX512-VNNI or AVX2), else bitsandbytes' (AVX512-BF16)
+    if kernels.native_4bit_available():
+        layout, cpu_kernel = "native", "4bit_native"
+    elif kernels.cpu_4bit_kernel_available():
+        layout, cpu_kernel = "cpu", "bnb_cpu_4bit"
+    else:
+        layout, cpu_kernel = "standard", "dequant_matmul"
+    assert nf4_bf16.kernel(1) == nf4_bf16.kernel(64) == cpu_kernel
+    assert nf4_bf16.layout == layout
     assert quantize_linear(_weight(), SPECS["nf4"], torch.float32).kernel(1) == "dequant_matmul"
     # 40 rows: not a multiple of the CPU tile, so the standard layout and dequantize + matmul.
     odd = quantize_linear(torch.randn(40, IN), SPECS["nf4"], torch.bfloat16)
@@ -251,7 +256,9 @@ def test_kernel_choice() -> None:
     int8 = quantize_linear(_weight(), SPECS["int8"], torch.bfloat16)
     decode = "int8_native" if native_library() is not None else "int8pack"
     assert int8.kernel(1) == int8.kernel(kernels.INT_MM_MIN_ROWS - 1) == decode
-    assert int8.kernel(64) == int8.kernel(4096) == "int_mm_dynamic"
+    # prefill: _int_mm where it was measured faster (VNNI), dsmoe's kernel on AVX2 (23x _int_mm there)
+    prefill = "int8_native" if native_kernels_in_use() == "AVX2" else "int_mm_dynamic"
+    assert int8.kernel(64) == int8.kernel(4096) == prefill
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -375,7 +382,8 @@ def test_int8_kernel_choice_by_rows_and_its_error() -> None:
     weight = _weight(5, torch.float32)
     fast = quantize_linear(weight, SPECS["int8"], torch.bfloat16)
     exact = quantize_linear(weight, SPECS["int8"], torch.float32)
-    assert fast.kernel(kernels.INT_MM_MIN_ROWS) == "int_mm_dynamic"
+    assert fast.kernel(kernels.INT_MM_MIN_ROWS) == ("int8_native" if native_kernels_in_use() == "AVX2"
+                                                    else "int_mm_dynamic")
     assert exact.kernel(64) == "int8pack"  # quality runs keep the weight-only numbers
     gen = torch.Generator().manual_seed(6)
     for rows in (1, kernels.INT_MM_MIN_ROWS, 64):
@@ -384,3 +392,18 @@ def test_int8_kernel_choice_by_rows_and_its_error() -> None:
         error = ((fast(x.bfloat16()).float() - reference).norm() / reference.norm()).item()
         # bf16 rounding alone is ~0.3%; int8 activations add up to ~1%; a wrong scale is far off.
         assert error < (0.006 if fast.kernel(rows) == "int8pack" else 0.015), (rows, error)
+
+
+def test_dynamic_int8_matmul_rounds_each_row_of_activations() -> None:
+    """``int8_dynamic_mm`` (prefill on VNNI, and without dsmoe's library) is exact integer sums over
+    activations rounded per row to 127 / row absmax, whichever kernel the layers pick here."""
+    layer = quantize_linear(_weight(7, torch.float32), SPECS["int8"], torch.bfloat16)
+    assert isinstance(layer, Linear8bit)
+    for rows in (3, 40):  # under and over _int_mm's 17-row minimum
+        x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        row_max = x.float().abs().amax(dim=1, keepdim=True)
+        xq = torch.round(x.double() * 127 / row_max.double()) * row_max.double() / 127
+        want = xq @ (layer.weight.double() * layer.SCB.double()[:, None] / 127).t()
+        got = kernels.int8_dynamic_mm(x, layer.weight.t(), layer.scale).double()
+        # bf16 output, and a float32 product that lands on .5 may round the other way: both ~2^-8
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-8 * want.abs().max().item())

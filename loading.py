@@ -24,7 +24,7 @@ from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload import OffloadOptions, load_offloaded
 from dsmoe.offload.plan import GB, Budgets, Resources
-from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, bits_error, quant_type_error
+from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, bits_error, lm_head_in_int8, quant_type_error
 
 Spelling = Literal["flag", "model_arg"]
 
@@ -46,7 +46,8 @@ class LoadOptions:
     bits: int | None = None
     quant_type: str | None = None
     double_quant: bool = False
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool | None = None
+    """lm_head in int8; None (the default): in every 4- or 8-bit run (``lm_head_in_int8``)."""
     device: str | None = None
     expert_cache: int | None = None
     gpu_mem: float | None = None
@@ -71,8 +72,8 @@ class LoadOptions:
             object.__setattr__(self, "quant_type", kind)
         if self.double_quant and self.bits != 4:
             raise UsageError(f"{name('double_quant')} needs {name('bits')} 4")
-        if self.quantize_lm_head and self.bits not in (4, 8):
-            raise UsageError(f"{name('quantize_lm_head')} needs {name('bits')} 4 or 8")
+        if self.quantize_lm_head and self.bits == 16:
+            raise UsageError(f"{name('quantize_lm_head')} needs {name('bits')} 4 or 8 (or a quantized checkpoint)")
         parse_dtype(self.dtype)
         for budget in ("gpu_mem", "max_ram"):
             value = getattr(self, budget)
@@ -96,7 +97,11 @@ class LoadOptions:
         if self.load_bits is None:
             return None
         return QuantSpec(bits=self.load_bits, quant_type=self.quant_type or ("nf4" if self.load_bits == 4 else "int8"),
-                         double_quant=self.double_quant, quantize_lm_head=self.quantize_lm_head)
+                         double_quant=self.double_quant, quantize_lm_head=self.lm_head_int8(quantized=True))
+
+    def lm_head_int8(self, quantized: bool) -> bool:
+        """Whether lm_head runs in int8, for a checkpoint stored quantized or not."""
+        return lm_head_in_int8(self.quantize_lm_head, quantized or self.load_bits is not None)
 
     @property
     def offloaded(self) -> bool:

@@ -91,10 +91,10 @@ def bench(
     stored = source.config.quantization_config
     if stored is not None:
         spec = spec_from_config(stored)
-        bits, lm_head_bits = spec.bits, 8 if spec.quantize_lm_head else 16
+        bits, lm_head_bits = spec.bits, 8 if spec.quantize_lm_head or load.lm_head_int8(quantized=True) else 16
     else:
         bits = load.bits or 16
-        lm_head_bits = 8 if load.quantize_lm_head and bits != 16 else 16
+        lm_head_bits = 8 if load.lm_head_int8(quantized=False) else 16
     if synthetic and load.max_ram is not None:
         raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
                          "then bench it with --model")

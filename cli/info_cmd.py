@@ -35,7 +35,7 @@ def stored_format(quant: dict[str, Any] | None) -> str:
     extras = [f"{spec.bits}-bit"]
     if spec.double_quant:
         extras.append("double quant")
-    extras.append("lm_head int8" if spec.quantize_lm_head else "lm_head unquantized")
+    extras.append("lm_head int8" if spec.quantize_lm_head else "lm_head stored unquantized (int8 when run)")
     return f"quantized: {name}, {', '.join(extras)}"
 
 

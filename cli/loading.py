@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -27,8 +27,9 @@ LOAD_FLAGS: dict[str, tuple[type, Any]] = {
     "quant_type": (str, typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4.", rich_help_panel=PANEL)),
     "double_quant": (bool, typer.Option(False, "--double-quant", help="With --bits 4: quantize the absmax scales too.",
                                         rich_help_panel=PANEL)),
-    "quantize_lm_head": (bool, typer.Option(False, "--quantize-lm-head", help="With --bits: lm_head in 8-bit too.",
-                                            rich_help_panel=PANEL)),
+    "quantize_lm_head": (Optional[bool], typer.Option(None, "--quantize-lm-head/--no-quantize-lm-head",
+                                                      help="lm_head in int8 (default: in every 4- or 8-bit run).",
+                                                      rich_help_panel=PANEL)),
     "expert_cache": (int, typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.",
                                        rich_help_panel=PANEL)),
     "gpu_mem": (float, typer.Option(None, "--gpu-mem", help="GB of GPU memory for the model; experts that do not fit stay in RAM.",

@@ -16,6 +16,7 @@ from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
 from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
+from dsmoe.quant.spec import INT8, LM_HEAD, lm_head_in_int8
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -39,24 +40,26 @@ def load_model(
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool = False,
-    quantize_lm_head: bool = False,
+    quantize_lm_head: bool | None = None,
     device: str | torch.device = "cpu",
     progress: LoadProgress | None = None,
     skip_routed_experts: bool = False,
 ) -> DeepseekForCausalLM:
     """The model of an opened checkpoint (``dsmoe.load`` opens it and adds the tokenizer).
 
-    ``bits`` 4 or 8 quantizes the linear layers while loading (lm_head too, in 8-bit, with
-    ``quantize_lm_head``); a checkpoint that is already quantized is read as it is.
+    ``bits`` 4 or 8 quantizes the linear layers while loading; a checkpoint that is already
+    quantized is read as it is. lm_head goes to int8 as ``lm_head_in_int8`` says: by default in
+    every quantized run, a stored checkpoint's float lm_head included.
     ``skip_routed_experts`` leaves the routed experts unread, on the meta device, for an expert
     store to own (see dsmoe.offload).
     """
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
-    spec = _quant_spec(checkpoint, bits, quant_type, double_quant, quantize_lm_head)
     stored_spec = None
     if checkpoint.config.quantization_config is not None:
         stored_spec = spec_from_config(checkpoint.config.quantization_config)
+    lm_head_int8 = lm_head_in_int8(quantize_lm_head, stored_spec is not None or bits in (4, 8))
+    spec = _quant_spec(checkpoint, bits, quant_type, double_quant, lm_head_int8)
     with torch.device("meta"):
         model = DeepseekForCausalLM(checkpoint.config)
     model.eval().requires_grad_(False)
@@ -76,6 +79,8 @@ def load_model(
         else:
             tensor = _read_tensor(checkpoint, model, name)
             layer_spec = spec_for(name, spec) if spec is not None and module_name in linear_names else None
+            if name == LM_HEAD and lm_head_int8:
+                layer_spec = INT8  # with no spec too: a stored checkpoint's float lm_head, or a float model's
             if layer_spec is not None:
                 _replace_module(model, module_name, quantize_linear(tensor.to(device), layer_spec, compute_dtype))
             else:

@@ -80,7 +80,7 @@ def load_offloaded(
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool = False,
-    quantize_lm_head: bool = False,
+    quantize_lm_head: bool | None = None,
     progress: LoadProgress | None = None,
     resources: Resources | None = None,
 ) -> tuple[DeepseekForCausalLM, Tokenizer | None, ExpertStore]:

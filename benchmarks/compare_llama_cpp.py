@@ -14,6 +14,12 @@ and report medians and the ratio dsmoe / llama.cpp. Prints a markdown table and 
 28 layers at 8-bit, where the disk holds the bf16 source and one 8-bit copy but not two:
 
     python benchmarks/compare_llama_cpp.py --llama-cpp /tmp/llamacpp --layers 28 --bits 8 --runs 3 --from-source
+
+What a user runs, with each tool's defaults (issue 21's acceptance): `dsmoe bench --model HF_DIR
+--bits N` with no other flag, on the bf16 checkpoint, against `llama-bench` with only the model and
+the same prompt and decode lengths (its own thread count):
+
+    python benchmarks/compare_llama_cpp.py --llama-cpp /tmp/llamacpp --layers 8 --bits 4 8 --runs 3 --defaults
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
     ggufs = {bits: work / f"16b-L{args.layers}-{LLAMA_TYPES[bits]}.gguf" for bits in args.bits}
     missing = [path for bits in args.bits for path in (ggufs[bits], dsmoe_checkpoint(work, args, bits))
                if not path.exists() and path != hf]
-    if (missing or args.from_source) and not hf.exists():
+    if (missing or args.from_source or args.defaults) and not hf.exists():
         run(["dsmoe", "bench", "--synthetic", f"16b:layers={args.layers}", "--save", str(hf)])
     if any(not path.exists() for path in ggufs.values()) and not q8.exists():
         run([str(args.llama_cpp / "venv" / "bin" / "python"), "-c", CONVERT_WRAPPER, str(src), str(hf),
@@ -69,7 +75,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
             # Q4_0 from the Q8_0 file: speed depends on the format, not on rounding twice.
             run([str(bins / "llama-quantize"), "--allow-requantize", str(q8), str(ggufs[bits]), "Q4_0", "2"])
         ours = dsmoe_checkpoint(work, args, bits)
-        if not args.from_source and not ours.exists():
+        if not (args.from_source or args.defaults) and not ours.exists():
             # Our own quantized copy of the same weights, so each run loads without re-quantizing.
             cmd = ["dsmoe", "quantize", str(hf), str(ours), "--bits", str(bits)]
             done = run(cmd + (["--quantize-lm-head"] if args.quantize_lm_head else []))
@@ -79,14 +85,15 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[int, Path]:
 
 def dsmoe_checkpoint(work: Path, args: argparse.Namespace, bits: int) -> Path:
     """dsmoe's quantized copy, or with --from-source the bf16 checkpoint it quantizes while loading."""
-    if args.from_source:
+    if args.from_source or args.defaults:
         return work / f"hf-16b-L{args.layers}"
     head = "-lmhead8" if args.quantize_lm_head else ""
     return work / f"dsmoe-16b-L{args.layers}-{bits}bit{head}"
 
 
 def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, float]:
-    out = run(["/usr/bin/time", "-f", "maxrss_kb=%M", str(bins / "llama-bench"), "-m", str(gguf), "-t", "2",
+    threads = [] if args.defaults else ["-t", "2"]
+    out = run(["/usr/bin/time", "-f", "maxrss_kb=%M", str(bins / "llama-bench"), "-m", str(gguf), *threads,
                "-p", str(args.prompt_tokens), "-n", str(args.new_tokens), "-r", "1", "-o", "json"])
     rows = json.loads(out.stdout)
     rss_kb = int(out.stderr.rsplit("maxrss_kb=", 1)[1].split()[0])
@@ -96,14 +103,28 @@ def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, f
 
 
 def dsmoe_bench(checkpoint: Path, args: argparse.Namespace, bits: int) -> dict[str, float]:
+    if args.defaults:  # the README's command and nothing else (bench's lengths are 64 and 32 already)
+        cmd = ["dsmoe", "bench", "--model", str(checkpoint), "--bits", str(bits), "--json"]
+        if (args.prompt_tokens, args.new_tokens) != (64, 32):
+            cmd += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        result = json.loads(run(cmd).stdout)
+        return _dsmoe_figures(result)
     cmd = ["dsmoe", "bench", "--model", str(checkpoint), "--threads", "2", "--json",
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     if args.from_source:
         cmd += ["--bits", str(bits)] + (["--quantize-lm-head"] if args.quantize_lm_head else [])
-    result = json.loads(run(cmd).stdout)
+    return _dsmoe_figures(json.loads(run(cmd).stdout))
+
+
+def _dsmoe_figures(result: dict[str, float]) -> dict[str, float]:
     return {"prefill": result["prefill_tokens_per_s"], "decode": result["decode_tokens_per_s"],
             "peak_rss_gib": result["peak_rss_bytes"] / 2**30, "roofline": result["roofline_fraction"],
-            "bandwidth_gbs": result["bandwidth_bytes_per_s"] / 1e9, "bytes_per_token_gb": result["bytes_per_token"] / 1e9}
+            "bandwidth_gbs": result["bandwidth_bytes_per_s"] / 1e9, "bytes_per_token_gb": result["bytes_per_token"] / 1e9,
+            "load_s": result["load_seconds"]}
+
+
+def _loads(runs: list[dict[str, float]]) -> str:
+    return ", ".join(f"{r['load_s']:.1f}" for r in runs)
 
 
 def median(runs: list[dict[str, float]], key: str) -> float:
@@ -132,6 +153,9 @@ def main() -> None:
     parser.add_argument("--from-source", action="store_true",
                         help="dsmoe quantizes the bf16 checkpoint while loading, each run, instead of writing its "
                              "own copy (the same weights; for when the disk cannot hold both copies)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="each tool as a user runs it: dsmoe bench --model HF_DIR --bits N and nothing else, "
+                             "llama-bench with its own thread count")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ggufs = prepare(args, args.work)
@@ -145,11 +169,12 @@ def main() -> None:
             ours.append(dsmoe_bench(dsmoe_checkpoint(args.work, args, bits), args, bits))
             theirs.append(llama_bench(bins, ggufs[bits], args))
         results[bits] = {"dsmoe": ours, "llama.cpp": theirs}
-    print(f"\n16B geometry, {args.layers} layers, 2 threads, median of {args.runs} alternated runs; "
+    threads = "each tool's default threads and flags" if args.defaults else "2 threads"
+    print(f"\n16B geometry, {args.layers} layers, {threads}, median of {args.runs} alternated runs; "
           "'paired' is the median of each run's ratio to the llama.cpp run after it\n")
     print("| weights | dsmoe prefill | llama.cpp prefill | ratio | paired | dsmoe decode | llama.cpp decode | ratio "
-          "| paired | dsmoe roofline | dsmoe peak RSS | llama.cpp peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| paired | dsmoe roofline | dsmoe peak RSS | llama.cpp peak RSS | dsmoe load s (each run) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for bits, both in results.items():
         ours, theirs = both["dsmoe"], both["llama.cpp"]
         print(f"| {bits}-bit vs {LLAMA_TYPES[bits]} | {median(ours, 'prefill'):.1f} | {median(theirs, 'prefill'):.1f} "
@@ -157,9 +182,10 @@ def main() -> None:
               f"| {median(ours, 'decode'):.2f} | {median(theirs, 'decode'):.2f} "
               f"| {median(ours, 'decode') / median(theirs, 'decode'):.2f} | {paired(ours, theirs, 'decode'):.2f} "
               f"| {median(ours, 'roofline'):.0%} | {median(ours, 'peak_rss_gib'):.2f} GiB "
-              f"| {median(theirs, 'peak_rss_gib'):.2f} GiB |")
+              f"| {median(theirs, 'peak_rss_gib'):.2f} GiB | {_loads(ours)} |")
     if args.output:
-        args.output.write_text(json.dumps({"layers": args.layers, "results": results}, indent=2))
+        args.output.write_text(json.dumps({"layers": args.layers, "defaults": args.defaults, "results": results},
+                                          indent=2))
 
 
 if __name__ == "__main__":

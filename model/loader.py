@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint
@@ -60,7 +61,7 @@ def load_model(
         stored_spec = spec_from_config(checkpoint.config.quantization_config)
     lm_head_int8 = lm_head_in_int8(quantize_lm_head, stored_spec is not None or bits in (4, 8))
     spec = _quant_spec(checkpoint, bits, quant_type, double_quant, lm_head_int8)
-    with torch.device("meta"):
+    with torch.device("meta"), _WithoutRandomInit():
         model = DeepseekForCausalLM(checkpoint.config)
     model.eval().requires_grad_(False)
 
@@ -92,6 +93,21 @@ def load_model(
     checkpoint.close()
     release_freed_memory()
     return model
+
+
+class _WithoutRandomInit(TorchFunctionMode):
+    """Skips the modules' random initialisation while the skeleton is built: every weight is read
+    from the checkpoint next. Even on the meta device the first random init costs 2-3 s of lazy
+    imports (torch's decompositions), 5 s on a busy machine, in every load."""
+
+    SKIPPED = frozenset({"normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                         "xavier_normal_", "trunc_normal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]  # torch's protocol
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]  # the tensor, as the in-place init returns it
+        return func(*args, **kwargs)
 
 
 def _quant_spec(

@@ -67,6 +67,19 @@ def pack_4bit(packed: torch.Tensor, layout: str, out_features: int, in_features:
     pure permutations of the 4-bit codes; ``unpack_4bit`` inverts them exactly.
     """
     n, k = out_features, in_features
+    lib = native_library()
+    if layout == "native" and lib is not None and packed.device.type == "cpu":
+        source = packed.contiguous()
+        out = torch.empty(n, k // 2, dtype=torch.uint8)
+        check_status(lib.dsmoe_pack_4bit(n, k, ct.c_void_p(source.data_ptr()), ct.c_void_p(out.data_ptr())),
+                     "4-bit repack")
+        return out
+    return pack_4bit_torch(packed, layout, n, k)
+
+
+def pack_4bit_torch(packed: torch.Tensor, layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """``pack_4bit`` in torch: the reference for the native repack, and its stand-in without the library."""
+    n, k = out_features, in_features
     flat = packed.reshape(-1)
     codes = torch.stack((flat >> 4, flat & 0xF), dim=-1)  # [n * k/2, 2]: columns 2j, 2j+1
     tiles = codes.view(n // CPU_BLOCK_N, 2, CPU_BLOCK_N // 2, k // 2, 2)

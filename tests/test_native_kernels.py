@@ -347,3 +347,14 @@ def test_router_for_one_token_matches_the_module(lib, top_k: int, norm_topk: boo
         torch.testing.assert_close(weights, want_weights[:1], rtol=1e-5, atol=1e-7)
         if norm_topk and top_k > 1:
             assert abs(weights.sum().item() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(32, 4), (32, 64), (96, 256), (64, 64 * 11)], ids=str)
+def test_native_repack_is_the_torch_permutation(lib, shape: tuple[int, int]) -> None:
+    """The load-time repack into the kernels' layout, in C, gives pack_4bit_torch's bytes (whose own
+    layout test_quant_formats checks against the layout's definition)."""
+    n, k = shape
+    packed = torch.randint(0, 256, (n * k // 2, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    assert torch.equal(kernels.pack_4bit(packed, "native", n, k), kernels.pack_4bit_torch(packed, "native", n, k))
+    out = torch.empty(40 * 64 // 2, dtype=torch.uint8)
+    assert lib.dsmoe_pack_4bit(40, 64, packed.data_ptr(), out.data_ptr()) == -1  # not whole tiles

@@ -200,7 +200,9 @@ def load(
     checkpoint = open_checkpoint(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else name_or_path
     source, cache = checkpoint, None
     spec = options.quant_spec()
-    if spec is not None and not options.no_cache and checkpoint.config.quantization_config is None:
+    # A folder on disk only: a synthetic checkpoint (dsmoe bench --synthetic) has no files to key on.
+    if (spec is not None and not options.no_cache and isinstance(checkpoint, Checkpoint)
+            and checkpoint.config.quantization_config is None):
         cache = through_cache(checkpoint, spec)
         if cache.usable:
             try:

@@ -160,3 +160,12 @@ def test_cli_says_where_and_no_cache_writes_nothing(tiny_path: Path, capsys: pyt
 
 def test_no_cache_is_a_model_arg() -> None:
     assert dsmoe.LoadOptions.from_model_args({"bits": "4", "no_cache": "true"}).no_cache is True
+
+
+def test_synthetic_weights_are_not_cached(capsys: pytest.CaptureFixture[str]) -> None:
+    """``dsmoe bench --synthetic`` has no files to key a copy on: it quantizes in memory, writes nothing."""
+    from tests.test_bench import SMALL
+
+    result = run_cli(capsys, "bench", "--synthetic", SMALL, "--bits", "4", "--prompt-tokens", "4", "-n", "2", "--json")
+    assert result.code == 0, result.err
+    assert entries() == [] and "quantized" not in result.err

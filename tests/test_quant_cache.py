@@ -169,3 +169,13 @@ def test_synthetic_weights_are_not_cached(capsys: pytest.CaptureFixture[str]) ->
     result = run_cli(capsys, "bench", "--synthetic", SMALL, "--bits", "4", "--prompt-tokens", "4", "-n", "2", "--json")
     assert result.code == 0, result.err
     assert entries() == [] and "quantized" not in result.err
+
+
+def test_an_expert_store_loads_from_the_cache_too(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct, _ = dsmoe.load(tiny_path, bits=4, expert_cache=1, no_cache=True)
+    assert dsmoe.load(tiny_path, bits=4, expert_cache=1)[0].quant_cache.action == "written"
+    forbid_quantizing(monkeypatch)
+    cached, _ = dsmoe.load(tiny_path, bits=4, expert_cache=1)
+    assert cached.quant_cache.action == "read"
+    with torch.no_grad():
+        assert torch.equal(cached(IDS), direct(IDS))

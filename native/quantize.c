@@ -38,6 +38,9 @@ static inline float f16_to_f32(uint16_t h) {
 /* The bitsandbytes clamp floor of a 4-bit absmax: 1e-38 as fp32 (a subnormal). */
 #define ABSMAX_FLOOR 1e-38f
 #define MAX_BLOCK DSMOE_MAX_QUANT_BLOCK
+/* Below this many values one thread does the work: waking the team costs more (a load quantizes
+ * hundreds of small matrices; on a busy machine a late thread costs a time slice). */
+#define PARALLEL_MIN (1 << 18)
 
 typedef struct {
     const float *bounds;   /* DSMOE_4BIT_CODES - 1 ascending midpoints */
@@ -145,7 +148,7 @@ int dsmoe_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, 
     __builtin_cpu_init();
     const int avx2 = __builtin_cpu_supports("avx2");
     const int64_t blocks = (n + blocksize - 1) / blocksize, full = n / blocksize;
-#pragma omp parallel
+#pragma omp parallel if (n >= PARALLEL_MIN)
     {
         float s[MAX_BLOCK];
 #pragma omp for schedule(static)
@@ -178,7 +181,7 @@ int dsmoe_quantize_int8(const void *x, int dtype, int64_t rows, int64_t cols, in
     if (rows < 0 || cols < 1) return -1;
     if (dtype != DSMOE_DTYPE_F32 && dtype != DSMOE_DTYPE_BF16 && dtype != DSMOE_DTYPE_F16) return -1;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel if (rows * cols >= PARALLEL_MIN)
     {
         float *s = malloc((size_t)cols * sizeof(float));
         if (s == NULL) {

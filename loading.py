@@ -12,25 +12,27 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
 from dsmoe.demo import DEMO_MODEL_PATH
-from dsmoe.errors import EvalError, UsageError
+from dsmoe.errors import CheckpointError, EvalError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload import OffloadOptions, load_offloaded
 from dsmoe.offload.plan import GB, Budgets, Resources
+from dsmoe.quant.cache import CacheOutcome, discard, through_cache
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, bits_error, lm_head_in_int8, quant_type_error
 
 Spelling = Literal["flag", "model_arg"]
 
 _FLAGS = {"bits": "--bits", "quant_type": "--quant-type", "gpu_mem": "--gpu-mem", "max_ram": "--max-ram",
           "expert_cache": "--expert-cache", "policy": "--policy", "dtype": "--dtype", "double_quant": "--double-quant",
-          "quantize_lm_head": "--quantize-lm-head"}
+          "quantize_lm_head": "--quantize-lm-head", "no_cache": "--no-cache"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class LoadOptions:
     prefetch: bool = True
     offload: bool = False
     """An expert store even with no budget (for its statistics)."""
+    no_cache: bool = False
+    """Quantize while loading every time: neither read nor write the quantized-checkpoint cache."""
     spelling: Spelling = field(default="flag", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +124,8 @@ class LoadOptions:
 
     def record(self) -> dict[str, Any]:
         """The settings as JSON values, for results files and cache keys."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spelling"}
+        # no_cache decides where the weights come from, not a byte of them.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("spelling", "no_cache")}
         return {**values, "dtype": str(self.dtype).removeprefix("torch.")}
 
     def replace(self, **changes: Any) -> LoadOptions:
@@ -138,7 +143,8 @@ class LoadOptions:
             raise EvalError(f"unknown dsmoe model argument(s): {', '.join(unknown)} "
                             f"(loading: {', '.join(sorted(known))})")
         converters: dict[str, Callable[[Any], Any]] = {"bits": int, "expert_cache": int, "gpu_mem": float, "max_ram": float,
-                      "double_quant": _flag, "quantize_lm_head": _flag, "prefetch": _flag, "offload": _flag}
+                      "double_quant": _flag, "quantize_lm_head": _flag, "prefetch": _flag, "offload": _flag,
+                      "no_cache": _flag}
         values: dict[str, Any] = {}
         for name, value in args.items():
             if value in (None, "", "none", "None"):
@@ -187,11 +193,43 @@ def load(
     quantized is read as it is. With an expert budget the routed experts go to an expert store
     (``dsmoe.offload.store_of(model)``), read from disk when RAM cannot hold them. With no name,
     the demo model bundled with dsmoe, so a first try needs no download.
+
+    Quantizing a float checkpoint goes through the quantized-checkpoint cache (``dsmoe.quant.cache``)
+    unless ``no_cache``: the first load writes the quantized copy, later ones read it. What was done
+    is ``model.quant_cache`` (a ``CacheOutcome``: the entry's path, read / written / not written
+    and why), None where nothing was quantized.
     """
     options = options.replace(**settings) if options is not None and settings else options or LoadOptions(**settings)
     if name_or_path is None:
         name_or_path = DEMO_MODEL_PATH
     checkpoint = open_checkpoint(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else name_or_path
+    source, cache = checkpoint, None
+    spec = options.quant_spec()
+    # A folder on disk only: a synthetic checkpoint (dsmoe bench --synthetic) has no files to key on.
+    if (spec is not None and not options.no_cache and isinstance(checkpoint, Checkpoint)
+            and checkpoint.config.quantization_config is None):
+        cache = through_cache(checkpoint, spec)
+        if cache.usable:
+            try:
+                model, tokenizer = _load(open_checkpoint(cache.path), options.replace(**_STORED), progress, resources,
+                                         tokenizer_from=source.path)
+            except CheckpointError as exc:  # damaged past what the manifest shows: quantize from the source
+                discard(cache.path)
+                cache = CacheOutcome(cache.path, "not_written", f"the cached copy was unreadable ({exc}); removed")
+            else:
+                model.quant_cache = cache
+                return model, tokenizer
+    model, tokenizer = _load(checkpoint, options, progress, resources, tokenizer_from=source.path)
+    model.quant_cache = cache
+    return model, tokenizer
+
+
+_STORED = {"bits": None, "quant_type": None, "double_quant": False, "quantize_lm_head": False}
+"""The quantization settings of a load from a stored quantized checkpoint: none, it says its own."""
+
+
+def _load(checkpoint: Checkpoint, options: LoadOptions, progress: LoadProgress | None, resources: Resources | None,
+          tokenizer_from: Path) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
     offload = options.offload_options()
     if offload is not None:
         model, tokenizer, _ = load_offloaded(checkpoint, offload, progress=progress, resources=resources,
@@ -199,7 +237,7 @@ def load(
                                              double_quant=options.double_quant,
                                              quantize_lm_head=options.quantize_lm_head)
         return model, tokenizer
-    tokenizer = load_tokenizer(checkpoint.path, checkpoint.config.vocab_size)  # its mistakes before the weights' time
+    tokenizer = load_tokenizer(tokenizer_from, checkpoint.config.vocab_size)  # its mistakes before the weights' time
     model = load_model(checkpoint, dtype=options.dtype, bits=options.load_bits, quant_type=options.quant_type,
                        double_quant=options.double_quant, quantize_lm_head=options.quantize_lm_head,
                        device=options.device or "cpu", progress=progress)

@@ -37,7 +37,7 @@ def eval_command(
     data_dir: Path = typer.Option(None, "--data-dir", help="Local benchmark data laid out like shared/evaldata (default: download)."),
     allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Run the model's programs with the tests (HumanEval, MBPP): each in a subprocess with time, memory and process limits, and no network or view of other processes where unshare works; it can still read and write your files (docs/RELIABILITY.md)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where answers are kept so an interrupted run resumes (default ~/.cache/dsmoe/eval)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor keep answers."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor keep answers, nor the quantized weights (--bits)."),
     no_shared_context: bool = typer.Option(False, "--no-shared-context", help="Recompute a question's context for every choice."),
     ctx_size: int = CtxSizeOption,
     threads: int = ThreadsOption,

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
-from dsmoe.cli.common import default_model, progress_report
+from dsmoe.cli.common import default_model, err_console, progress_report
 from dsmoe.loading import LoadOptions, load
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.tokenizer import Tokenizer
+from dsmoe.quant.cache import CacheOutcome
 
 PANEL = "Loading and offloading"
 
@@ -39,6 +41,8 @@ LOAD_FLAGS: dict[str, tuple[type, Any]] = {
     "policy": (str, typer.Option("lru", "--policy", help="Expert cache eviction: lru or lfu.", rich_help_panel=PANEL)),
     "prefetch": (bool, typer.Option(True, "--prefetch/--no-prefetch", help="Guess the next layer's experts and load them early.",
                                     rich_help_panel=PANEL)),
+    "no_cache": (bool, typer.Option(False, "--no-cache", help="With --bits: quantize every time, without the "
+                                    "quantized-checkpoint cache (~/.cache/dsmoe/quantized).", rich_help_panel=PANEL)),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,16 +52,18 @@ def load_flags(command: F) -> F:
     """Give ``command`` every loading flag; it receives them as ``load: LoadOptions``, already checked."""
     signature = inspect.signature(command)
     kept = [p for name, p in signature.parameters.items() if name != "load"]
+    # A command's own flag of the same name (eval's --no-cache, for its answers) serves both.
+    shared = {name for name in LOAD_FLAGS if name in signature.parameters}
     added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-             for name, (kind, option) in LOAD_FLAGS.items()]
+             for name, (kind, option) in LOAD_FLAGS.items() if name not in shared]
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flags = {name: kwargs.pop(name) for name in LOAD_FLAGS}
+        flags = {name: kwargs[name] if name in shared else kwargs.pop(name) for name in LOAD_FLAGS}
         return command(*args, load=LoadOptions(**flags), **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]  # what typer reads
-    wrapper.__annotations__ = {**command.__annotations__, **{name: kind for name, (kind, _) in LOAD_FLAGS.items()}}
+    wrapper.__annotations__ = {**{name: kind for name, (kind, _) in LOAD_FLAGS.items()}, **command.__annotations__}
     del wrapper.__annotations__["load"]
     return wrapper  # type: ignore[return-value]  # the same command, its flags swapped for typer
 
@@ -67,4 +73,20 @@ def load_with_progress(model: str | None, options: LoadOptions) -> tuple[Deepsee
     path = model or default_model()
     action = f"loading {path}" + (f" and quantizing to {options.bits}-bit" if options.bits in (4, 8) else "")
     with progress_report(action, unit=" tensors") as report:
-        return load(path, options, progress=report)
+        loaded, tokenizer = load(path, options, progress=report)
+    if (line := cache_line(loaded.quant_cache)) is not None:
+        err_console.print(line, markup=False)
+    return loaded, tokenizer
+
+
+def cache_line(outcome: CacheOutcome | None) -> str | None:
+    """The one line saying what the load did with the quantized-checkpoint cache."""
+    if outcome is None:
+        return None
+    where = str(outcome.path).replace(str(Path.home()), "~", 1)
+    if outcome.action == "written":
+        again = "replaced a damaged copy; " if outcome.replaced else ""
+        return f"quantized once into {where}; {again}later starts load it directly (--no-cache: not this way)"
+    if outcome.action == "read":
+        return f"loaded the quantized copy in {where} (--no-cache quantizes again)"
+    return f"the quantized copy was not cached: {outcome.reason}"

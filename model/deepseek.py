@@ -18,6 +18,7 @@ from dsmoe.model.layer_plan import LayerPlan, StackPlan, Validity, native_token,
 from dsmoe.model.routing import ExpertChannel, RoutingObserver
 from dsmoe.native.library import MAX_TOP_K
 from dsmoe.native.ops import attention_decode, rms_norm_row, route_one
+from dsmoe.quant.cache import CacheOutcome
 from dsmoe.quant.linear import SwiGLUKernel, accumulate_experts, swiglu_kernel
 
 
@@ -378,6 +379,8 @@ class DeepseekForCausalLM(nn.Module):
         self.config = config
         self.experts_channel = ExpertChannel()
         """Who runs the routed experts (an expert store may hold them) and who hears the routing."""
+        self.quant_cache: CacheOutcome | None = None
+        """What ``dsmoe.load`` did with the quantized-checkpoint cache (None: nothing was quantized)."""
         self.model = DeepseekModel(config, self.experts_channel)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

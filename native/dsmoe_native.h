@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 /* Python parses the lines `#define DSMOE_<NAME> <integer>` below; keep each one a plain integer. */
-#define DSMOE_ABI_VERSION 1
+#define DSMOE_ABI_VERSION 2
 /* Activation values per int8 scale: every matmul input width is a multiple of it. */
 #define DSMOE_ACT_BLOCK 64
 /* Output rows per tile of the 4-bit layout (bitsandbytes' CPU tiles). */
@@ -162,5 +162,28 @@ int dsmoe_router(int64_t n_experts, int64_t hidden, int64_t top_k, int norm_topk
 int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64_t pos, int64_t capacity,
                         const uint16_t *cos, const uint16_t *sin, uint16_t *const *k_caches,
                         uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix);
+
+/* ---- quantize.c: float weights into the stored formats, while loading ------------------------ */
+
+/* The element types the quantizers read (the weight as the checkpoint holds it). */
+#define DSMOE_DTYPE_F32 0
+#define DSMOE_DTYPE_BF16 1
+#define DSMOE_DTYPE_F16 2
+/* Entries of a 4-bit codebook (NF4, FP4). */
+#define DSMOE_4BIT_CODES 16
+/* The largest 4-bit blocksize the quantizer takes (bitsandbytes' largest). */
+#define DSMOE_MAX_QUANT_BLOCK 4096
+
+/* n values of x (dtype DSMOE_DTYPE_*) into bitsandbytes' blockwise 4-bit format, bit for bit
+ * what its quantize_4bit gives on the CPU: absmax [ceil(n / blocksize)] fp32 and packed
+ * [ceil(n / 2)] bytes, two codes a byte, the first high. bounds are the DSMOE_4BIT_CODES - 1
+ * midpoints of the sorted codebook, codes the stored code of each of the DSMOE_4BIT_CODES
+ * buckets between them. blocksize even, at most DSMOE_MAX_QUANT_BLOCK; x finite. */
+int dsmoe_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, const float *bounds,
+                        const uint8_t *codes, uint8_t *packed, float *absmax);
+
+/* x [rows, cols] (dtype DSMOE_DTYPE_*) into LLM.int8 rows, bit for bit quant/linear.py's
+ * quantize_int8: q [rows, cols] int8 and scb [rows] fp32 (each row's max |x|); x finite. */
+int dsmoe_quantize_int8(const void *x, int dtype, int64_t rows, int64_t cols, int8_t *q, float *scb);
 
 #endif

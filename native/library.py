@@ -57,6 +57,11 @@ ATTENTION_POINTERS = CONSTANTS["DSMOE_ATTENTION_POINTERS"]
 MAX_TOP_K = CONSTANTS["DSMOE_MAX_TOP_K"]
 """The most routed experts per token the native router and layer step take."""
 ISA_NONE, ISA_VNNI, ISA_AVX2 = (CONSTANTS[f"DSMOE_ISA_{name}"] for name in ("NONE", "VNNI", "AVX2"))
+DTYPE_F32, DTYPE_BF16, DTYPE_F16 = (CONSTANTS[f"DSMOE_DTYPE_{name}"] for name in ("F32", "BF16", "F16"))
+"""The element types the native quantizers read."""
+CODES_4BIT = CONSTANTS["DSMOE_4BIT_CODES"]
+MAX_QUANT_BLOCK = CONSTANTS["DSMOE_MAX_QUANT_BLOCK"]
+"""The largest 4-bit blocksize the native quantizer takes."""
 
 
 class AttentionHalf(ct.Structure):
@@ -122,6 +127,8 @@ SIGNATURES: dict[str, Sequence[type]] = {
     "dsmoe_rmsnorm": [_i64, _float, _ptr, _ptr, _ptr],
     "dsmoe_router": [_i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_decode_layers": [_ptr, _i64, _i64, _i64] + [_ptr] * 5 + [_i64, _ptr, _ptr],
+    "dsmoe_quantize_4bit": [_ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "dsmoe_quantize_int8": [_ptr, _int, _i64, _i64, _ptr, _ptr],
 }
 """Every entry point of dsmoe_native.h and its argument types; each returns a C int."""
 

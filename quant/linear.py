@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import ctypes as ct
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
-from dsmoe.native.library import ACT_BLOCK, MLP_POINTERS, native_library
+from dsmoe.native.library import (ACT_BLOCK, DTYPE_BF16, DTYPE_F16, DTYPE_F32, MAX_QUANT_BLOCK, MLP_POINTERS,
+                                  check_status, native_library)
 from dsmoe.quant import kernels
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
 
@@ -372,16 +374,86 @@ def quantize_int8(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torc
     return q, scb
 
 
+_NATIVE_DTYPES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16, torch.float16: DTYPE_F16}
+
+
+def _native_quantizer(weight: torch.Tensor) -> ct.CDLL | None:
+    """The native library where it can quantize ``weight`` (a CPU tensor of a type it reads), else None."""
+    if weight.device.type != "cpu" or weight.dtype not in _NATIVE_DTYPES:
+        return None
+    return native_library()
+
+
+@functools.cache
+def codebook_buckets(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-bit codebook as bitsandbytes' quantize_4bit searches it: the midpoints between its
+    sorted entries (fp32) and the stored code of each bucket between them (uint8)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    code = get_4bit_type(quant_type, device="cpu")
+    order = torch.argsort(code)
+    midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+    return midpoints.contiguous(), order.to(torch.uint8).contiguous()
+
+
+def quantize_4bit_native(lib: ct.CDLL, weight: torch.Tensor, blocksize: int,
+                         quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' ``quantize_4bit`` output without the statistics' compression: packed
+    [ceil(n / 2), 1] uint8 and absmax [blocks] fp32, bit for bit, from the native quantizer."""
+    source = weight.contiguous()
+    n = source.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    bounds, codes = codebook_buckets(quant_type)
+    check_status(lib.dsmoe_quantize_4bit(source.data_ptr(), _NATIVE_DTYPES[source.dtype], n, blocksize,
+                                         bounds.data_ptr(), codes.data_ptr(), packed.data_ptr(), absmax.data_ptr()),
+                 "4-bit quantizer")
+    return packed, absmax
+
+
+def quantize_int8_native(lib: ct.CDLL, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int8``'s output, bit for bit, from the native quantizer."""
+    source = weight.contiguous()
+    q = torch.empty(source.shape, dtype=torch.int8)
+    scb = torch.empty(source.shape[0], dtype=torch.float32)
+    check_status(lib.dsmoe_quantize_int8(source.data_ptr(), _NATIVE_DTYPES[source.dtype], source.shape[0],
+                                         source.shape[1], q.data_ptr(), scb.data_ptr()), "int8 quantizer")
+    return q, scb
+
+
+def _quant_state_of(absmax: torch.Tensor, weight: torch.Tensor, spec: QuantSpec):
+    """The QuantState bitsandbytes' ``quantize_4bit`` builds around these absmax; with double
+    quantization, its own ``quantize_blockwise`` compresses them (they are 1/blocksize of the weight)."""
+    from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
+
+    code = get_4bit_type(spec.quant_type, device=weight.device)
+    if not spec.double_quant:
+        return QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=spec.blocksize, code=code,
+                          quant_type=spec.quant_type)
+    offset = absmax.mean()
+    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+    return QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=spec.blocksize, code=code,
+                      quant_type=spec.quant_type, offset=offset, state2=state2)
+
+
 def quantize_linear(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> QuantLinear:
-    """Quantize one [out, in] weight into a module that computes in ``compute_dtype``."""
+    """Quantize one [out, in] weight into a module that computes in ``compute_dtype``.
+
+    The native quantizer (both threads, the same bytes) where the library is built; bitsandbytes'
+    and PyTorch's code otherwise, which is ~10x slower and what made quantizing while loading wait.
+    """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise UsageError(f"quantize_linear needs a 2-D float weight, got {tuple(weight.shape)} {weight.dtype}")
+    lib = _native_quantizer(weight)
     if spec.bits == 8:
-        q, scb = quantize_int8(weight)
+        q, scb = quantize_int8(weight) if lib is None else quantize_int8_native(lib, weight)
         return Linear8bit(q, scb, compute_dtype)
+    source = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.float()
+    if lib is not None and spec.blocksize <= MAX_QUANT_BLOCK:
+        packed, absmax = quantize_4bit_native(lib, source, spec.blocksize, spec.quant_type)
+        return Linear4bit(packed, _quant_state_of(absmax, source, spec), compute_dtype)
     from bitsandbytes.functional import quantize_4bit
 
-    source = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.float()
     packed, state = quantize_4bit(source.contiguous(), blocksize=spec.blocksize,
                                   compress_statistics=spec.double_quant, quant_type=spec.quant_type)
     return Linear4bit(packed, state, compute_dtype)

@@ -40,3 +40,9 @@ def _threads(request: pytest.FixtureRequest) -> None:
 def _own_model_list(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """``dsmoe quantize`` records its folders in $XDG_CACHE_HOME/dsmoe/models.json: never the user's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _own_quantized_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--bits`` loads write quantized copies under $DSMOE_CACHE: a fresh one per test, never the user's."""
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path_factory.mktemp("dsmoe-cache")))

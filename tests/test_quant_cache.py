@@ -1,0 +1,182 @@
+"""The quantized-checkpoint cache on the tiny fixture: the first --bits load writes it, the next
+reads it without quantizing, and its logits are those of quantizing while loading, exactly. It
+misses when the source changes, replaces what is damaged, survives a race and a full or
+read-only disk, and --no-cache leaves nothing."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsmoe
+from dsmoe.cli.loading import cache_line
+from dsmoe.quant import cache as quant_cache
+from dsmoe.quant import linear
+from tests.cli_runner import run_cli
+
+IDS = torch.tensor([[1, 5, 7, 9, 3, 2, 11]])
+
+
+def entries() -> list[Path]:
+    root = quant_cache.cache_root()
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+
+
+def forbid_quantizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized although a cached copy was there")
+    monkeypatch.setattr(linear, "quantize_4bit_native", refuse)
+    monkeypatch.setattr(linear, "quantize_int8_native", refuse)
+    monkeypatch.setattr(linear, "quantize_int8", refuse)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_first_load_writes_second_reads_with_the_same_logits(tiny_path: Path, bits: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    direct, _ = dsmoe.load(tiny_path, bits=bits, no_cache=True)
+    assert direct.quant_cache is None and entries() == []
+    first, _ = dsmoe.load(tiny_path, bits=bits)
+    assert first.quant_cache is not None and first.quant_cache.action == "written"
+    assert entries() == [first.quant_cache.path]
+    forbid_quantizing(monkeypatch)
+    second, _ = dsmoe.load(tiny_path, bits=bits)
+    assert second.quant_cache is not None and second.quant_cache.action == "read"
+    with torch.no_grad():
+        expected = direct(IDS)
+        assert torch.equal(first(IDS), expected)
+        assert torch.equal(second(IDS), expected)
+
+
+def test_key_covers_the_settings(tiny_path: Path) -> None:
+    dsmoe.load(tiny_path, bits=4)
+    dsmoe.load(tiny_path, bits=4, quant_type="fp4")
+    dsmoe.load(tiny_path, bits=4, double_quant=True)
+    dsmoe.load(tiny_path, bits=4, quantize_lm_head=False)
+    dsmoe.load(tiny_path, bits=4, quantize_lm_head=True)  # lm_head int8 is the default: bits=4's entry
+    dsmoe.load(tiny_path, bits=8)
+    dsmoe.load(tiny_path, bits=4, dtype="fp32")  # the compute dtype changes no stored byte: the same entry
+    assert len(entries()) == 5
+
+
+def test_a_changed_source_misses(tiny_copy: Path) -> None:
+    first, _ = dsmoe.load(tiny_copy, bits=4)
+    shard = sorted(tiny_copy.glob("model-*.safetensors"))[0]
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second, _ = dsmoe.load(tiny_copy, bits=4)
+    assert second.quant_cache is not None and second.quant_cache.action == "written"
+    assert second.quant_cache.path != first.quant_cache.path and len(entries()) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_manifest", "unreadable"])
+def test_a_damaged_entry_is_not_used_and_is_replaced(tiny_path: Path, damage: str) -> None:
+    direct, _ = dsmoe.load(tiny_path, bits=4, no_cache=True)
+    first, _ = dsmoe.load(tiny_path, bits=4)
+    entry = first.quant_cache.path
+    shard = sorted(entry.glob("model-*.safetensors"))[0]
+    if damage == "truncated":  # a copy cut short
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "no_manifest":  # an entry some other tool left without its manifest
+        (entry / quant_cache.MANIFEST).unlink()
+    else:  # same size, garbage header: only reading it shows
+        size = shard.stat().st_size
+        shard.write_bytes(b"\xff" * size)
+    again, _ = dsmoe.load(tiny_path, bits=4)
+    if damage == "unreadable":
+        assert again.quant_cache.action == "not_written" and "unreadable" in again.quant_cache.reason
+        again, _ = dsmoe.load(tiny_path, bits=4)
+    else:
+        assert again.quant_cache.replaced
+    assert again.quant_cache.action == "written" and quant_cache.is_complete(entry)
+    with torch.no_grad():
+        assert torch.equal(again(IDS), direct(IDS))
+
+
+def _load_in_process(path: str, cache_dir: str) -> str:
+    os.environ["DSMOE_CACHE"] = cache_dir
+    model, _ = dsmoe.load(path, bits=4)
+    return model.quant_cache.action
+
+
+def test_two_processes_racing_leave_one_valid_entry(tiny_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        actions = pool.starmap(_load_in_process, [(str(tiny_path), os.environ["DSMOE_CACHE"])] * 2)
+    assert all(a in ("written", "read", "not_written") for a in actions) and "written" in actions
+    assert len(entries()) == 1 and quant_cache.is_complete(entries()[0])
+    assert not [p for p in quant_cache.cache_root().iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_an_unwritable_cache_does_not_fail_the_load(tiny_path: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DSMOE_CACHE", str(blocker))  # read-only for root too: a file where a folder must be
+    model, _ = dsmoe.load(tiny_path, bits=4)
+    assert model.quant_cache.action == "not_written" and "cannot create" in model.quant_cache.reason
+    assert model(IDS).isfinite().all()
+    assert cache_line(model.quant_cache).startswith("the quantized copy was not cached: cannot create")
+
+
+def test_low_disk_space_refuses_to_write(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(quant_cache.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=quant_cache.SPACE_MARGIN + 1000))
+    model, _ = dsmoe.load(tiny_path, bits=4)
+    assert model.quant_cache.action == "not_written" and "GB free" in model.quant_cache.reason
+    assert entries() == []
+
+
+def test_a_write_failure_midway_leaves_nothing(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("dsmoe.quant.convert.save_file", full)
+    model, _ = dsmoe.load(tiny_path, bits=4)
+    assert model.quant_cache.action == "not_written" and "No space left" in model.quant_cache.reason
+    assert list(quant_cache.cache_root().iterdir()) == []
+
+
+def test_hub_snapshot_is_keyed_by_its_commit(tmp_path: Path) -> None:
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert quant_cache.source_identity(snapshot) == {"hub": "models--org--name", "commit": "0123abc", "subfolder": ""}
+
+
+def test_cli_says_where_and_no_cache_writes_nothing(tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    command = ["generate", "--model", str(tiny_path), "--bits", "4", "--max-new-tokens", "2", "hi"]
+    off = run_cli(capsys, *command, "--no-cache")
+    assert off.code == 0, off.err
+    assert entries() == [] and "quantized" not in off.err
+    first = run_cli(capsys, *command)
+    assert first.code == 0, first.err
+    assert "quantized once into" in first.err and "later starts load it directly" in first.err
+    second = run_cli(capsys, *command)
+    assert second.code == 0 and "loaded the quantized copy in" in second.err
+
+
+def test_no_cache_is_a_model_arg() -> None:
+    assert dsmoe.LoadOptions.from_model_args({"bits": "4", "no_cache": "true"}).no_cache is True
+
+
+def test_synthetic_weights_are_not_cached(capsys: pytest.CaptureFixture[str]) -> None:
+    """``dsmoe bench --synthetic`` has no files to key a copy on: it quantizes in memory, writes nothing."""
+    from tests.test_bench import SMALL
+
+    result = run_cli(capsys, "bench", "--synthetic", SMALL, "--bits", "4", "--prompt-tokens", "4", "-n", "2", "--json")
+    assert result.code == 0, result.err
+    assert entries() == [] and "quantized" not in result.err
+
+
+def test_an_expert_store_loads_from_the_cache_too(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct, _ = dsmoe.load(tiny_path, bits=4, expert_cache=1, no_cache=True)
+    assert dsmoe.load(tiny_path, bits=4, expert_cache=1)[0].quant_cache.action == "written"
+    forbid_quantizing(monkeypatch)
+    cached, _ = dsmoe.load(tiny_path, bits=4, expert_cache=1)
+    assert cached.quant_cache.action == "read"
+    with torch.no_grad():
+        assert torch.equal(cached(IDS), direct(IDS))

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from head_rows import HeadRows
 
 from dsmoe import load
@@ -141,3 +142,42 @@ def _generate_request(context: str, gen_kwargs: dict, idx: int):
     from lm_eval.api.instance import Instance
 
     return Instance(request_type="generate_until", doc={}, arguments=(context, gen_kwargs), idx=idx)
+
+
+def test_rows_read_are_lm_eval_s_left_truncated_windows(tiny):
+    """HFLM reads (context + continuation)[-(max_length + 1):][:-1]; with max_length 4 and the context
+    [1, 10, ..., 15]: [12, 13, 14, 15] before the one-token choice 20, and [13, 14, 15, 20] / [13, 14, 15, 22]
+    for the two-token choices, whose shared part [13, 14, 15] is prefilled ([13, 14]) once."""
+    model, tok = tiny
+    read: list[list[list[int]]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda _m, args, _out: read.append(args[0].tolist()))
+    context = [1, 10, 11, 12, 13, 14, 15]
+    try:
+        DsmoeLM(model=model, tokenizer=tok, max_length=4).score_pairs([(context, [20])])
+        assert read == [[[12, 13, 14, 15]]]
+        read.clear()
+        DsmoeLM(model=model, tokenizer=tok, max_length=4).score_pairs([(context, [20, 21]), (context, [22, 23])])
+        assert read == [[[13, 14]], [[15, 20], [15, 22]]]
+    finally:
+        hook.remove()
+
+
+def test_a_one_token_row_batched_with_a_longer_continuation(tiny):
+    """Unshared rows [1] and [1, 2, 3, 4]: the short row's unused positions stay inside it."""
+    model, tok = tiny
+    lm = DsmoeLM(model=model, tokenizer=tok, batch_size=2, share_context=False)
+    (short, _), (long, _) = lm.score_pairs([([1], [5]), ([1, 2], [3, 4, 5])])
+    logprobs = torch.log_softmax(model(torch.tensor([[1, 2, 3, 4]]))[0], dim=-1)
+    assert short == pytest.approx(float(logprobs[0, 5]), abs=1e-4)
+    assert long == pytest.approx(float(logprobs[1, 3] + logprobs[2, 4] + logprobs[3, 5]), abs=1e-4)
+
+
+def test_padding_with_a_bos_id_of_zero(tiny):
+    """A tokenizer whose BOS is id 0 (the prefix, and the padding): rows of unequal length still score."""
+    model, _ = tiny
+    lm = DsmoeLM(model=model, tokenizer=SimpleNamespace(bos_id=0, eos_id=2), batch_size=2,  # type: ignore[arg-type]
+                 share_context=False)
+    (short, _), (long, _) = lm.score_pairs([([0, 5], [6]), ([0, 5, 7, 8], [9])])
+    logprobs = torch.log_softmax(model(torch.tensor([[0, 5, 7, 8]]))[0], dim=-1)
+    assert short == pytest.approx(float(logprobs[1, 6]), abs=1e-4)
+    assert long == pytest.approx(float(logprobs[3, 9]), abs=1e-4)

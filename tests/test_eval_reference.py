@@ -392,4 +392,8 @@ def test_model_args_as_lm_eval_passes_them(tiny):
     lm.set_cache_hook(hook)
     args = ("The sky is", " blue")
     (result,) = lm.loglikelihood(_requests("loglikelihood", [args]))
-    assert hook.dbdict == {hash_args("loglikelihood", args): result}
+    (total,) = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [("The sky",)]))
+    assert hook.dbdict == {hash_args("loglikelihood", args): result, hash_args("loglikelihood_rolling", ("The sky",)): total}
+    for bad in ("eight", 0):
+        with pytest.raises(EvalError, match="batch_size must be a positive integer"):
+            DsmoeLM(model=model, tokenizer=tok, batch_size=bad)

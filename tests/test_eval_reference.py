@@ -351,6 +351,7 @@ def test_generation_kwargs_read_as_lm_eval_s_hf_model_reads_them(tiny):
     ids = tok.encode(text)
     lm = DsmoeLM(model=model, tokenizer=tok, max_length=8)
     assert lm._generation_prompt(text, {"until": [], "max_gen_toks": 3})[0] == ids[-5:]  # 8 - 3 = 5 kept
+    assert lm._generation_prompt(text, {"until": [], "max_gen_toks": 8})[0] == ids[-1:]  # HFLM refuses; we keep one
 
 
 def test_chat_template_edges(tiny):
@@ -370,6 +371,7 @@ def test_chat_template_edges(tiny):
     assert lm.apply_chat_template(json.loads(json.dumps(turns)), add_generation_prompt=False).endswith("Assistant: 6")
     assert lm.apply_chat_template([], add_generation_prompt=False) == BOS
     assert lm.apply_chat_template(turns[:1], add_generation_prompt=False) == f"{BOS}User: 2+2?\n\n"
+    assert lm.apply_chat_template(turns[:2]) == f"{BOS}User: 2+2?\n\nAssistant: 4{EOS}Assistant:"  # a new answer
     assert lm.chat_template() is None  # lm-eval's default: chat templating off
 
 

@@ -345,6 +345,8 @@ def test_generation_kwargs_read_as_lm_eval_s_hf_model_reads_them(tiny):
     assert settings(do_sample=True, temperature=0.7).temperature == 0.7
     assert settings(do_sample=False, temperature=0.7).temperature == 0.0
     assert settings(do_sample=True, temperature=0).temperature == 0.0
+    plain = settings(do_sample=True, temperature=0.7)  # neither given: no nucleus, no top-k (vLLM's defaults)
+    assert (plain.top_p, plain.top_k) == (1.0, 0)
     loose = settings(do_sample=True, temperature=0.7, top_p=None, top_k=None)  # None: no limit, as in HF
     assert (loose.top_p, loose.top_k) == (1.0, 0)
     text = "one two three four five six seven eight nine ten"

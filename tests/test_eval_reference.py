@@ -347,6 +347,7 @@ def test_generation_kwargs_read_as_lm_eval_s_hf_model_reads_them(tiny):
     assert settings(do_sample=True, temperature=0).temperature == 0.0
     plain = settings(do_sample=True, temperature=0.7)  # neither given: no nucleus, no top-k (vLLM's defaults)
     assert (plain.top_p, plain.top_k) == (1.0, 0)
+    assert (settings(do_sample=True, temperature=0.7, top_p=0.9, top_k=5).top_p, settings(top_k=5).top_k) == (0.9, 5)
     loose = settings(do_sample=True, temperature=0.7, top_p=None, top_k=None)  # None: no limit, as in HF
     assert (loose.top_p, loose.top_k) == (1.0, 0)
     text = "one two three four five six seven eight nine ten"
@@ -375,6 +376,7 @@ def test_chat_template_edges(tiny):
     assert lm.apply_chat_template(turns[:1], add_generation_prompt=False) == f"{BOS}User: 2+2?\n\n"
     assert lm.apply_chat_template(turns[:2]) == f"{BOS}User: 2+2?\n\nAssistant: 4{EOS}Assistant:"  # a new answer
     assert lm.chat_template() is None  # lm-eval's default: chat templating off
+    assert lm.chat_template(None) is None and lm.chat_template("chatml") == tok.chat_template  # a name: our one template
 
 
 def test_model_args_as_lm_eval_passes_them(tiny):

@@ -174,9 +174,11 @@ class DsmoeLM(LM):
         shared: dict[tuple[int, ...], list[int]] = defaultdict(list)
         alone: list[int] = []
         for i, (context, continuation) in enumerate(pairs):
+            if len(continuation) > self.max_length:  # lm-eval's HF model refuses these too
+                raise EvalError(f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}")
             if not continuation:
                 results[i] = (0.0, True)
-            elif self.share_context and len(continuation) <= self.max_length:
+            elif self.share_context:
                 # The context as the model will see it after left-truncation, so choices of equal
                 # length still share it when a long few-shot prompt is cut.
                 visible = (context + continuation)[-(self.max_length + 1):][:-len(continuation)]

@@ -289,3 +289,117 @@ def test_report_chat_suite_asks_lm_eval_for_chat_prompts(tiny, monkeypatch):
         settings = EvalSettings(model=str(TINY), tasks=[], suite=suite, cache_dir=None, apply_chat_template=switch)
         runner.run(lm, settings, [row], task_manager(["mmlu"]))
     assert asked == [(True, True), (False, False), (True, True), (False, False)]
+
+
+# ---------------------------------------------------------------------- section 4: lm-eval's rules, edge by edge
+
+
+def test_empty_context_splits_a_leading_prefix_token_off_like_lm_eval(tiny):
+    """TemplateLM.loglikelihood with context "": BOS is the context, unless the continuation starts with it."""
+    from lm_eval_peer import LmEvalPeer
+
+    model, tok = tiny
+    lm = DsmoeLM(model=model, tokenizer=tok)
+    peer = LmEvalPeer(model, tok)
+    pairs = [("", BOS + "hello"), ("", "<pad>hello"), ("", "hello")]  # <pad> is id 0, below BOS's 1
+    peer.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    hello = tok.backend.encode("hello", add_special_tokens=False).ids
+    assert peer.pairs == [([1], hello), ([1], [0] + hello), ([1], hello)]  # lm-eval's own answer, spelled out
+    assert [lm._encode_pair(*p) for p in pairs] == peer.pairs
+
+
+class _LargeIdTokenizer:
+    """Characters as ids 1000 + code point, BOS text "^" as id 100000 (DeepSeek's BOS id), or no BOS at all."""
+
+    def __init__(self, bos: bool) -> None:
+        self.bos_id, self.eos_id = (100000 if bos else None), 100001
+        self.bos_token = "^" if bos else None
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = [100000 if self.bos_id and c == "^" else 1000 + ord(c) for c in text]
+        return ([self.bos_id] if self.bos_id and add_bos is not False else []) + ids
+
+
+def test_empty_context_rule_with_large_ids_and_without_bos(tiny):
+    model, _ = tiny
+    lm = DsmoeLM(model=model, tokenizer=_LargeIdTokenizer(bos=True))  # type: ignore[arg-type]
+    ab = [1000 + ord("a"), 1000 + ord("b")]
+    assert lm._encode_pair("", "^ab") == ([100000], ab)  # the same BOS id, computed twice: equal, not identical
+    assert lm._encode_pair("", "ab") == ([100000], ab)
+    lm = DsmoeLM(model=model, tokenizer=_LargeIdTokenizer(bos=False))  # type: ignore[arg-type]
+    assert lm._encode_pair("", "ab") == ([100001], ab)  # lm-eval's prefix_token_id falls back to EOS
+
+
+def test_generation_kwargs_read_as_lm_eval_s_hf_model_reads_them(tiny):
+    """HFLM: max_gen_toks 256 by default; temperature 0.0 unless given; lm-eval's normalize_gen_kwargs
+    samples when do_sample is true or a positive temperature is given without it; the prompt
+    left-truncated to max_length - max_gen_toks."""
+    model, tok = tiny
+
+    def settings(**kwargs):
+        return DsmoeLM(model=model, tokenizer=tok)._generation_prompt("Hello", {"until": [], **kwargs})[1]
+
+    assert settings().max_new_tokens == 256
+    assert settings(do_sample=True).temperature == 0.0  # HFLM's generation_kwargs.get("temperature", 0.0)
+    assert settings(temperature=0.7).temperature == 0.7
+    assert settings(do_sample=True, temperature=0.7).temperature == 0.7
+    assert settings(do_sample=False, temperature=0.7).temperature == 0.0
+    assert settings(do_sample=True, temperature=0).temperature == 0.0
+    plain = settings(do_sample=True, temperature=0.7)  # neither given: no nucleus, no top-k (vLLM's defaults)
+    assert (plain.top_p, plain.top_k) == (1.0, 0)
+    assert (settings(do_sample=True, temperature=0.7, top_p=0.9, top_k=5).top_p, settings(top_k=5).top_k) == (0.9, 5)
+    loose = settings(do_sample=True, temperature=0.7, top_p=None, top_k=None)  # None: no limit, as in HF
+    assert (loose.top_p, loose.top_k) == (1.0, 0)
+    text = "one two three four five six seven eight nine ten"
+    ids = tok.encode(text)
+    lm = DsmoeLM(model=model, tokenizer=tok, max_length=8)
+    assert lm._generation_prompt(text, {"until": [], "max_gen_toks": 3})[0] == ids[-5:]  # 8 - 3 = 5 kept
+    assert lm._generation_prompt(text, {"until": [], "max_gen_toks": 8})[0] == ids[-1:]  # HFLM refuses; we keep one
+
+
+def test_chat_template_edges(tiny):
+    model, tok = tiny
+    lm = DsmoeLM(model=model, tokenizer=tok)
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+             {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    assert lm.apply_chat_template(turns, add_generation_prompt=False) == (
+        f"{BOS}User: 2+2?\n\nAssistant: 4{EOS}User: 3+3?\n\nAssistant: 6")  # the last message stays open
+    # "A" is also in the template's "Assistant:": the cut is at the answer, not after a generation prompt.
+    answer = [{"role": "user", "content": "Pick one"}, {"role": "assistant", "content": "A"}]
+    assert lm.apply_chat_template(answer, add_generation_prompt=False) == f"{BOS}User: Pick one\n\nAssistant: A"
+    # An empty answer: the closed render, as the template writes it (nothing to leave open).
+    empty = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    assert lm.apply_chat_template(empty, add_generation_prompt=False) == f"{BOS}User: hi\n\nAssistant: {EOS}"
+    # Roles read from a file are equal strings, not the same objects.
+    assert lm.apply_chat_template(json.loads(json.dumps(turns)), add_generation_prompt=False).endswith("Assistant: 6")
+    assert lm.apply_chat_template([], add_generation_prompt=False) == BOS
+    assert lm.apply_chat_template(turns[:1], add_generation_prompt=False) == f"{BOS}User: 2+2?\n\n"
+    assert lm.apply_chat_template(turns[:2]) == f"{BOS}User: 2+2?\n\nAssistant: 4{EOS}Assistant:"  # a new answer
+    assert lm.chat_template() is None  # lm-eval's default: chat templating off
+    assert lm.chat_template(None) is None and lm.chat_template("chatml") == tok.chat_template  # a name: our one template
+
+
+def test_model_args_as_lm_eval_passes_them(tiny):
+    """simple_evaluate calls create_from_arg_string with batch_size, max_batch_size and device added;
+    model_args values arrive as strings; the model is registered under the name "dsmoe"."""
+    from lm_eval.api.model import CacheHook, hash_args
+    from lm_eval.api.registry import get_model
+
+    assert get_model("dsmoe") is DsmoeLM
+    model, tok = tiny
+    lm = DsmoeLM(model=model, tokenizer=tok, device="cpu", max_batch_size=64)
+    assert lm.batch_size == 8  # the default
+    assert DsmoeLM(model=model, tokenizer=tok, batch_size=None).batch_size == 8
+    assert DsmoeLM(model=model, tokenizer=tok, batch_size="auto:4").batch_size == 8
+    assert DsmoeLM(model=model, tokenizer=tok, share_context="false").share_context is False
+    assert DsmoeLM(model=model, tokenizer=tok, share_context="True").share_context is True
+    hook = CacheHook(None)
+    hook.dbdict = {}  # type: ignore[assignment]  # a dict stands in for lm-eval's sqlite cache
+    lm.set_cache_hook(hook)
+    args = ("The sky is", " blue")
+    (result,) = lm.loglikelihood(_requests("loglikelihood", [args]))
+    (total,) = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [("The sky",)]))
+    assert hook.dbdict == {hash_args("loglikelihood", args): result, hash_args("loglikelihood_rolling", ("The sky",)): total}
+    for bad in ("eight", 0):
+        with pytest.raises(EvalError, match="batch_size must be a positive integer"):
+            DsmoeLM(model=model, tokenizer=tok, batch_size=bad)

@@ -316,7 +316,9 @@ class _LargeIdTokenizer:
         self.bos_token = "^" if bos else None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = [100000 if self.bos_id and c == "^" else 1000 + ord(c) for c in text]
+        # int(str(...)): an equal id in a new object (the module's constants are one object), so an
+        # adapter comparing ids with `is` fails here
+        ids = [int(str(self.bos_id)) if self.bos_id and c == "^" else 1000 + ord(c) for c in text]
         return ([self.bos_id] if self.bos_id and add_bos is not False else []) + ids
 
 

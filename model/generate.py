@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class SamplingSettings:
-    """How to pick tokens. ``temperature`` 0 is greedy."""
+    """How to pick tokens. ``temperature`` 0 is greedy. Left unset, a reply stops after 256 new
+    tokens (the CLI and the server pass their own limits)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0

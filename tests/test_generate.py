@@ -17,6 +17,12 @@ def loaded(tiny_path):
     return load(tiny_path, dtype=torch.float32)
 
 
+def test_unset_settings_stop_a_reply_at_256_new_tokens(loaded):
+    """The documented default limit (SamplingSettings' docstring), counted on a run with no stop id."""
+    model, tokenizer = loaded
+    assert len(list(generate_ids(model, tokenizer.encode("The software"), SamplingSettings()))) == 256
+
+
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(loaded):
     model, tokenizer = loaded
     prompt = tokenizer.encode("The software is provided")

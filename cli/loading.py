@@ -22,7 +22,7 @@ from dsmoe.quant.cache import CacheOutcome
 PANEL = "Loading and offloading"
 
 # name -> (type, option): LoadOptions' fields, as flags.
-LOAD_FLAGS: dict[str, tuple[type, Any]] = {
+LOAD_FLAGS: dict[str, tuple[Any, Any]] = {  # (annotation, typer option)
     "dtype": (str, typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32.", rich_help_panel=PANEL)),
     "bits": (int, typer.Option(None, "--bits", help="Quantize while loading: 4 or 8 (16 = no quantization).",
                                rich_help_panel=PANEL)),

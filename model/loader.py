@@ -103,7 +103,7 @@ class _WithoutRandomInit(TorchFunctionMode):
     SKIPPED = frozenset({"normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                          "xavier_normal_", "trunc_normal_"})
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]  # torch's protocol
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in self.SKIPPED:
             return args[0] if args else kwargs["tensor"]  # the tensor, as the in-place init returns it

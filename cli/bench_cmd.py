@@ -23,7 +23,7 @@ from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
 from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.offload import store_of
-from dsmoe.quant import spec_from_config
+from dsmoe.quant import Linear8bit, spec_from_config
 
 
 def _render(result: BenchResult) -> None:
@@ -91,10 +91,9 @@ def bench(
     stored = source.config.quantization_config
     if stored is not None:
         spec = spec_from_config(stored)
-        bits, lm_head_bits = spec.bits, 8 if spec.quantize_lm_head or load.lm_head_int8(quantized=True) else 16
+        bits = spec.bits
     else:
         bits = load.bits or 16
-        lm_head_bits = 8 if load.lm_head_int8(quantized=False) else 16
     if synthetic and load.max_ram is not None:
         raise UsageError("--max-ram reads experts from a checkpoint on disk: write one with --save, "
                          "then bench it with --model")
@@ -108,6 +107,7 @@ def bench(
         err_console.print(plan_table(store.plan))
     load_seconds = time.perf_counter() - started
     name = f"synthetic {synthetic}" if synthetic else str(source.path)
+    lm_head_bits = 8 if isinstance(loaded.lm_head, Linear8bit) else 16  # as loaded, whatever decided it
     result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
                            bandwidth=bandwidth, lm_head_bits=lm_head_bits, store=store)
     if as_json:

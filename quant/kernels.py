@@ -8,7 +8,8 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   16-entry byte table to integers so the dot products are integer ones, and for several rows each
   tile's codes unpacked once for all of them (1.85-2.3x bitsandbytes' kernel at one row, 2.0-2.2x
   at 64). Without it, on AVX512-BF16, into bitsandbytes' CPU layout for its fused kernel
-  (``gemv_4bit``); elsewhere bitsandbytes dequantizes per call (20x slower on AVX2).
+  (``gemv_4bit``); elsewhere bitsandbytes dequantizes per call (on AVX2, 16B-8L decoded at
+  0.9 tok/s that way against 24 tok/s with dsmoe's kernel; docs/PERFORMANCE.md).
   Other compute dtypes (fp32 for quality runs, fp16) dequantize with bitsandbytes and use
   ``F.linear``, which is exact.
 * 8-bit, bf16 compute, fewer than ``INT_MM_MIN_ROWS`` rows (decode): dsmoe's own C kernel

@@ -169,3 +169,17 @@ def test_bench_command_reports_the_scripted_hit_rate(scripted_routing, capsys, t
                      "--prompt-tokens", "4", "--new-tokens", "6", "--dtype", "fp32", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)["expert_cache_hit_rate"] == 0.5
+
+
+def test_bench_counts_the_lm_head_as_it_was_loaded(capsys, tiny_path):
+    """An int8 lm_head (the default with --bits) reads one byte a weight per token, a kept bf16 one two:
+    the runs differ by exactly vocab x hidden bytes (2048 x 192 on the fixture, from its config)."""
+    config = json.loads((tiny_path / "config.json").read_text())
+    per_token = {}
+    for head in ("--quantize-lm-head", "--no-quantize-lm-head"):
+        result = run_cli(capsys, "bench", "--model", str(tiny_path), "--bits", "8", head, "--prompt-tokens", "4",
+                         "--new-tokens", "3", "--json")
+        assert result.code == 0, result.err
+        per_token[head] = json.loads(result.out)["bytes_per_token"]
+    difference = per_token["--no-quantize-lm-head"] - per_token["--quantize-lm-head"]
+    assert difference == config["vocab_size"] * config["hidden_size"]

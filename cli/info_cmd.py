@@ -88,6 +88,8 @@ def info(
     if plan:
         placement = plan_for(checkpoint, load.store_options(), load.dtype, load.bits)
         console.print(plan_table(placement, _prediction(checkpoint, placement, load, hit_rate, trace)))
+        if placement.fitted is not None:  # what a load with no budget would say, and do
+            console.print(placement.fitted, markup=False)
     elif hit_rate is not None or trace is not None:
         raise UsageError("--hit-rate and --trace go with --plan")
 

@@ -33,7 +33,7 @@ def plan_table(plan: Plan, prediction: Prediction | None = None) -> Table:
         table.add_row(tier.name, holds, human_bytes(plan.tier_bytes(tier)), budget)
     parts = [f"{layers} MoE layers x {n} experts of {mb(plan.expert_bytes)}, top-{plan.top_k}"]
     parts += [f"{link}: ~{mb(b)}/token (even routing)" for link, b in plan.expected_link_bytes().items()]
-    parts += plan.notes + ([plan.fitted] if plan.fitted else [])
+    parts += plan.notes
     if prediction is not None:
         parts.append(prediction_line(prediction))
     table.caption = "; ".join(parts)

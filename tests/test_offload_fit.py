@@ -189,6 +189,11 @@ def test_prediction_matches_a_hand_computation(tiny_path):
     assert given.disk_bytes == 98_304 and given.tokens_per_second == pytest.approx(1 / 1.763328e-4)
     whole = make_plan(open_checkpoint(tiny_path).config, torch.device("cpu"), Budgets(), ROOMY, torch.float32)
     assert predict(whole, 10e9, 1e9).disk_bytes == 0
+    # Four slots copied into within RAM: each of the 3/4 that miss is read and written once more,
+    # 780,288 + 2 x 196,608 x 3/4 = 1,075,200 bytes, none from disk.
+    copies = make_plan(open_checkpoint(tiny_path).config, torch.device("cpu"), Budgets(expert_cache=4), ROOMY,
+                       torch.float32)
+    assert (predict(copies, 10e9, 1e9).memory_bytes, predict(copies, 10e9, 1e9).disk_bytes) == (1_075_200, 0)
     caption = str(plan_table(plan, even).caption)
     assert "predicted decode: 4434.9 tok/s" in caption and "RAM hit rate 25%" in caption
     with pytest.raises(UsageError, match="between 0 and 1"):

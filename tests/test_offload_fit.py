@@ -300,3 +300,36 @@ def test_peak_rss_stays_under_max_ram(synthetic_path, tmp_path):
     peak, err = _peak_rss(tmp_path, *run, "--max-ram", f"{budget / 1e9:.3f}")
     assert "disk->ram" in err, err
     assert peak < budget, (peak, budget, resident)
+
+
+def _own_memory_cgroup() -> Path | None:
+    """This process's v1 memory cgroup folder, where a child cgroup can be made; None elsewhere."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            folder = Path("/sys/fs/cgroup/memory") / path.strip("/")
+            return folder if (folder / "memory.limit_in_bytes").exists() and os.access(folder, os.W_OK) else None
+    return None
+
+
+CAP = 500 * 10**6  # below what the synthetic model needs in memory (302 MB of experts + the interpreter + workspace)
+
+
+def test_with_no_flag_a_run_capped_below_the_model_plans_itself_and_completes(synthetic_path, tmp_path):
+    parent = _own_memory_cgroup()
+    if parent is None:
+        pytest.skip("no writable cgroup v1 memory controller here to cap a child with")
+    group = parent / f"dsmoe-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(CAP))
+        join = group / "cgroup.procs"
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, "generate", "hello", "-m", str(synthetic_path), "-n", "2", "--dtype", "bf16"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "PEAK_FILE": str(tmp_path / "peak.txt")},
+            preexec_fn=lambda: join.write_text(str(os.getpid())),  # joins the capped cgroup before exec
+        )
+    finally:
+        group.rmdir()
+    assert child.returncode == 0, child.stderr  # 137 would be the OOM killer
+    assert "memory cgroup limit" in child.stderr and "routed experts stay on disk" in child.stderr, child.stderr

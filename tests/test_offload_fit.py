@@ -211,7 +211,8 @@ def test_info_plan_predicts_from_a_hit_rate_or_a_trace(capsys, monkeypatch, tiny
     assert given.code == 0, given.err
     assert "predicted decode:" in given.out and "RAM hit rate 50%" in given.out
     simulated = run_cli(capsys, *base, "--trace", str(trace))
-    assert simulated.code == 0, simulated.err and "predicted decode:" in simulated.out
+    assert simulated.code == 0, simulated.err
+    assert "predicted decode:" in simulated.out and "RAM hit rate" in simulated.out
     alone = run_cli(capsys, "info", str(tiny_path), "--hit-rate", "0.5")
     assert alone.code == 1 and "go with --plan" in alone.err
 

@@ -25,9 +25,11 @@ kernel adds only its own shape limits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,10 +65,30 @@ def weights_changed(*_: object) -> None:
     _live.clear()
 
 
+_detached = threading.local()
+
+
+@contextlib.contextmanager
+def building_detached() -> Iterator[None]:
+    """Modules built inside (on this thread) are reachable from no plan yet, so registering their
+    tensors need not make every plan stale: an expert store builds its slots' modules this way
+    while the decode plans keep running."""
+    _detached.depth = getattr(_detached, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _detached.depth -= 1
+
+
+def _registered(*_: object) -> None:
+    if not getattr(_detached, "depth", 0):
+        weights_changed()
+
+
 for _register in (torch_module.register_module_module_registration_hook,
                   torch_module.register_module_parameter_registration_hook,
                   torch_module.register_module_buffer_registration_hook):
-    _register(weights_changed)
+    _register(_registered)
 
 
 def native_token(x: torch.Tensor) -> bool:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from dsmoe.errors import UsageError
+from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload.disk import DiskExperts
+from dsmoe.offload.pack import ExpertSlots, Layout, PackReader, layout_of, pack_path, read_manifest, write_pack
 from dsmoe.offload.plan import Budgets, Plan, Resources, make_plan
 from dsmoe.offload.policies import POLICIES
 from dsmoe.offload.store import (
@@ -23,12 +25,14 @@ from dsmoe.offload.store import (
     ExpertStore,
     HostCopy,
     InPlace,
+    PackedSource,
     RamCachedSource,
     ResidentSource,
     Source,
     Transfer,
 )
 from dsmoe.quant import QuantSpec, spec_from_config
+from dsmoe.quant.cache import discard, source_identity
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class OffloadOptions:
     prefetch: bool = True
     host_compute: CostModel | None = None
     device: str | None = None
+    disk_cache: bool = True
+    """Experts on disk on the CPU are read from an expert pack (``offload/pack.py``), written on
+    first use; False reads them from the checkpoint's files every time."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -103,7 +110,8 @@ def load_offloaded(
             plan = _replan_after_load(checkpoint, options, dtype, bits, plan)
         for moe in model.moe_layers():
             moe.experts = nn.ModuleList()
-        source: Source = DiskSource(disk, pinned=plan.pinned)
+        source, note = _disk_source(checkpoint, disk, plan, options)
+        plan = replace(plan, notes=[*plan.notes, note])
         if plan.host_slots is not None:
             source = RamCachedSource(source, plan.host_slots, options.policy)
         store = _store(model, plan, source, options)
@@ -112,6 +120,37 @@ def load_offloaded(
                            quantize_lm_head=quantize_lm_head, device="cpu", progress=progress)
         store = attach(model, plan, options)
     return model, load_tokenizer(checkpoint.path, checkpoint.config.vocab_size), store
+
+
+def _disk_source(checkpoint: Checkpoint, disk: DiskExperts, plan: Plan, options: OffloadOptions) -> tuple[Source, str]:
+    """The expert pack's slots where the CPU computes in a packable format (the pack written now if
+    it is not there yet), else the checkpoint's own files; and one line saying which, and why."""
+    fallback = DiskSource(disk, pinned=plan.pinned)
+    if plan.compute != "cpu" or plan.host_slots is not None:
+        return fallback, "experts read from the checkpoint's files (the expert pack serves CPU compute)"
+    if not options.disk_cache:
+        return fallback, "experts read from the checkpoint's files (--no-cache: no expert pack)"
+    keys = disk.keys()
+    layout = layout_of(disk.build(*keys[0]))
+    if layout is None:
+        return fallback, "experts read from the checkpoint's files (their format has no expert pack)"
+    entry = pack_path(checkpoint.path, disk.quantize)
+    manifest = read_manifest(entry)
+    if manifest is not None and Layout.from_json(manifest["layout"]) != layout:
+        return fallback, f"experts read from the checkpoint's files ({entry} holds another layout)"
+    done = "read from the expert pack in"
+    if manifest is None:
+        if os.path.lexists(entry):
+            discard(entry)  # damaged or partial: set aside in one rename, then written again
+        try:
+            write_pack(disk.build, keys, entry, source_identity(checkpoint.path))
+        except (OSError, CheckpointError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return fallback, f"experts read from the checkpoint's files (the expert pack was not written: {reason})"
+        done = "packed once into"
+    slots = ExpertSlots(PackReader(entry), plan.moe_layers, plan.device_slots, disk.dtype)
+    where = str(entry).replace(str(Path.home()), "~", 1)
+    return PackedSource(slots), f"experts {done} {where} (direct reads: {'yes' if slots.reader.direct else 'no'})"
 
 
 def _replan_after_load(checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype,
@@ -146,7 +185,7 @@ def _store(model: DeepseekForCausalLM, plan: Plan, source: Source, options: Offl
     elif plan.tiers[0].name == "cpu":
         transfer = HostCopy()
     else:
-        transfer = InPlace(background=options.prefetch and plan.on_disk)
+        transfer = InPlace(background=plan.on_disk)
     cost = options.host_compute if plan.compute != "cpu" else None
     return ExpertStore(model, plan, source, transfer, options.policy, options.prefetch, cost)
 

@@ -12,7 +12,8 @@ from torch import nn
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
-from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
+from dsmoe.model.deepseek import RowEmbedding
+from dsmoe.model.loader import EMBEDDING, LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload.disk import DiskExperts
 from dsmoe.offload.pack import ExpertSlots, Layout, PackReader, layout_of, pack_path, read_manifest, write_pack
@@ -103,9 +104,12 @@ def load_offloaded(
     if plan.on_disk:
         disk = DiskExperts(checkpoint, parse_dtype(dtype), quantize=_expert_spec(checkpoint, bits, quant_type, double_quant),
                            stored=_stored_spec(checkpoint))
+        on_cpu = device.type == "cpu"
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
                            quantize_lm_head=quantize_lm_head, device=device, progress=progress,
-                           skip_routed_experts=True)
+                           skip_routed_experts=True, skip_embedding=on_cpu)
+        if on_cpu:  # a token needs one row of the table: read from the file, not held in RAM
+            model.model.embed_tokens = RowEmbedding(checkpoint.rows(EMBEDDING), parse_dtype(dtype))
         if options.budgets.max_ram is not None and resources is None:
             plan = _replan_after_load(checkpoint, options, dtype, bits, plan)
         for moe in model.moe_layers():

@@ -16,6 +16,7 @@ import torch
 from dsmoe import load
 from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.errors import CheckpointError
+from dsmoe.model.deepseek import RowEmbedding
 from dsmoe.offload import Budgets, LayerCache, OffloadOptions, Resources, load_offloaded
 from dsmoe.offload.pack import ALIGN, DATA, PackReader, read_manifest
 from dsmoe.offload.plan import WORKSPACE, expert_sizes
@@ -59,6 +60,9 @@ def test_packed_disk_tier_equals_the_resident_model(small_path, prompt, bits, po
     for attempt in ("written", "read"):
         model, _, store = load_offloaded(small_path, options, bits=bits, resources=ROOMY)
         assert isinstance(store.source, PackedSource)
+        # The embedding table stays in the file: no parameter holds it.
+        assert isinstance(model.model.embed_tokens, RowEmbedding)
+        assert not any("embed_tokens" in name for name, _ in model.named_parameters())
         assert ("packed once into" if attempt == "written" else "read from the expert pack") in store.plan.notes[-1]
         with torch.inference_mode():
             assert torch.equal(model(prompt), want_logits)
@@ -145,3 +149,13 @@ def test_serving_a_pass_keeps_all_its_experts_until_they_run():
     assert cache.resident == {1, 5, 6}
     with pytest.raises(ValueError):
         cache.serve([1, 2, 3, 4])
+
+
+def test_table_rows_are_the_stored_rows(small_path):
+    checkpoint = open_checkpoint(small_path)
+    table = checkpoint.get("model.embed_tokens.weight")
+    rows = checkpoint.rows("model.embed_tokens.weight")
+    assert torch.equal(rows.get([5, 0, 511, 5]), table[[5, 0, 511, 5]])
+    with pytest.raises(IndexError):
+        rows.get([512])
+    rows.close()

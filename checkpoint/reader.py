@@ -284,7 +284,7 @@ class TensorRows:
             raise CheckpointError(f"{info.shard}: tensor {name!r} is {info.dtype} {list(info.shape)}, not a table of rows")
         self.info, self.name = info, name
         self.dtype = _TORCH_DTYPES[info.dtype]
-        self.shape = info.shape
+        self.shape: tuple[int, int] = (info.shape[0], info.shape[1])
         self.row_bytes = info.nbytes // info.shape[0]
         try:
             self.fd: int | None = os.open(info.shard, os.O_RDONLY)
@@ -295,7 +295,7 @@ class TensorRows:
         """Rows ``ids`` (each in range) as a [len(ids), width] tensor of the stored dtype."""
         assert self.fd is not None, "rows read after close"
         out = torch.empty((len(ids), self.row_bytes), dtype=torch.uint8)
-        view = memoryview(out.numpy()).cast("B")
+        view = memoryview(out.numpy().data).cast("B")
         for i, row in enumerate(ids):
             if not 0 <= row < self.shape[0]:
                 raise IndexError(f"row {row} of {self.name} ({self.shape[0]} rows)")

@@ -222,6 +222,7 @@ class MoE(nn.Module):
         assert config.n_routed_experts is not None
         self.layer_idx = layer_idx
         self.n_routed_experts = config.n_routed_experts
+        self.expert_inter = config.moe_intermediate_size
         self.gate = MoEGate(config)
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
@@ -327,7 +328,8 @@ class DecoderLayer(nn.Module):
 class RowsSource(Protocol):
     """Rows of a table kept outside memory (``checkpoint.reader.TensorRows``)."""
 
-    shape: tuple[int, ...]
+    @property
+    def shape(self) -> tuple[int, int]: ...
 
     def get(self, ids: list[int]) -> torch.Tensor: ...
 

@@ -125,7 +125,8 @@ def layout_of(module: nn.Module) -> Layout | None:
     tensors = _tensors_of(module)
     if tensors is None:
         return None
-    gate = module.gate_proj
+    gate = module.get_submodule("gate_proj")
+    assert isinstance(gate, (Linear4bit, Linear8bit))  # _tensors_of took only these
     fields, offset = [], 0
     for (proj, name), tensor in tensors.items():
         dtype = str(tensor.dtype).removeprefix("torch.")

@@ -129,7 +129,7 @@ class LayerCache:
             raise ValueError(f"a pass of {len(needed)} experts cannot be held in {self.capacity} slots")
         held = set(needed)
         self._pending = set()
-        served = []
+        served: list[tuple[int, bool, list[int]]] = []
         for expert in needed:
             self.policy.accessed(expert)
             if expert in self.resident:

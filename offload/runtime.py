@@ -109,7 +109,8 @@ def load_offloaded(
                            quantize_lm_head=quantize_lm_head, device=device, progress=progress,
                            skip_routed_experts=True, skip_embedding=on_cpu)
         if on_cpu:  # a token needs one row of the table: read from the file, not held in RAM
-            model.model.embed_tokens = RowEmbedding(checkpoint.rows(EMBEDDING), parse_dtype(dtype))
+            rows = RowEmbedding(checkpoint.rows(EMBEDDING), parse_dtype(dtype))
+            model.model.embed_tokens = rows  # type: ignore[assignment]  # nn.Embedding's interface, its rows on disk
         if options.budgets.max_ram is not None and resources is None:
             plan = _replan_after_load(checkpoint, options, dtype, bits, plan)
         for moe in model.moe_layers():
@@ -186,8 +187,8 @@ def _store(model: DeepseekForCausalLM, plan: Plan, source: Source, options: Offl
     transfer: Transfer
     if plan.compute != "cpu":
         transfer = CudaCopy(torch.device(plan.compute))
-    elif plan.tiers[0].name == "cpu":
-        transfer = HostCopy()
+    elif plan.tiers[0].name == "cpu" and plan.device_slots < plan.n_experts:
+        transfer = HostCopy()  # a stand-in device's copies; with a slot for every expert the slot is the weight itself
     else:
         transfer = InPlace(background=plan.on_disk)
     cost = options.host_compute if plan.compute != "cpu" else None

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsmoe.model.deepseek import DeepseekForCausalLM, MoE
+from dsmoe.model.deepseek import MLP, DeepseekForCausalLM, MoE
+from dsmoe.model.layer_plan import building_detached
+from dsmoe.quant.linear import SwiGLUKernel
 from dsmoe.offload.disk import DiskExperts
 from dsmoe.offload.pack import ExpertSlots
 from dsmoe.offload.plan import Plan
@@ -122,8 +124,9 @@ class DiskSource(Source):
     def module(self, layer: int, expert: int) -> nn.Module:
         if self.stats is not None:
             self.stats.moved("disk->ram", self.disk.nbytes(layer, expert))
-        built = self.disk.build(layer, expert)
-        return pin(built) if self.pinned else built
+        with building_detached():  # a new module, reachable from no decode plan yet
+            built = self.disk.build(layer, expert)
+            return pin(built) if self.pinned else built
 
     def nbytes(self, layer: int, expert: int) -> int:
         return self.disk.nbytes(layer, expert)
@@ -274,7 +277,9 @@ class HostCopy(Transfer):
         self.link = f"ram->{name}"
 
     def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
-        return ReadySlot(clone_to(source.module(layer, expert), torch.device("cpu")))
+        module = source.module(layer, expert)
+        with building_detached():  # the copy is reachable from no decode plan yet
+            return ReadySlot(clone_to(module, torch.device("cpu")))
 
 
 class CudaCopy(Transfer):
@@ -373,7 +378,7 @@ class ExpertStore:
         Where the pass fits the slots (and no cost model may send a miss to the host), every miss's
         read starts here, all at once, before the next layer's prefetch; ``run`` then only waits.
         """
-        needed = set(ids.unique().tolist())
+        needed = set(ids.reshape(-1).tolist())  # torch.unique costs ~0.1 ms, a decode step's whole budget here
         if layer == self._first_layer:
             self.stats.tokens += ids.shape[0]
         stats = self.stats.layer(layer)
@@ -456,6 +461,24 @@ class ExpertStore:
             stats.misses += 1
             self._fill(layer, expert, ahead=False)
         return self.slots[(layer, expert)].ready()(x)
+
+    def serves_native(self, layer: int, top_k: int) -> bool:
+        """The native decode step may ask for a token's experts at once: CPU compute, no cost model
+        deciding per expert, and slots for all ``top_k`` (so serving one cannot evict another)."""
+        return self.device.type == "cpu" and self.cost is None and self.caches[layer].capacity >= top_k
+
+    def native_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> list[SwiGLUKernel]:
+        """``routed`` for one token, then its experts' one-token kernels in ``ids``' order (hits
+        from their slots, misses once read): the native decode step runs them."""
+        self.routed(layer, x, ids)
+        kernels = []
+        for expert in ids[0].tolist():
+            module = self.slots[(layer, expert)].ready()
+            kernel = module.one_token_kernel() if isinstance(module, MLP) else None
+            if kernel is None:
+                raise RuntimeError(f"expert {expert} of layer {layer} has no native kernel")
+            kernels.append(kernel)
+        return kernels
 
     def resident(self, layer: int) -> list[int]:
         """The experts of ``layer`` in device slots now, ascending."""

@@ -53,12 +53,14 @@ def budget_for(path: Path, bits: int, slots: int) -> float:
 @pytest.mark.parametrize("policy,prefetch", [("lru", False), ("lfu", True)])
 def test_packed_disk_tier_equals_the_resident_model(small_path, prompt, bits, policy, prefetch):
     resident, _ = load(small_path, bits=bits, no_cache=True)
+    want_steps = decode_logits(resident, prompt)
     with torch.inference_mode():
         want_logits = resident(prompt)
         want_ids = resident.generate(prompt, max_new_tokens=8)
     options = OffloadOptions(Budgets(max_ram=budget_for(small_path, bits, 3)), policy, prefetch)
     for attempt in ("written", "read"):
         model, _, store = load_offloaded(small_path, options, bits=bits, resources=ROOMY)
+        asked = count_native_calls(store)
         assert isinstance(store.source, PackedSource)
         # The embedding table stays in the file: no parameter holds it.
         assert isinstance(model.model.embed_tokens, RowEmbedding)
@@ -67,11 +69,59 @@ def test_packed_disk_tier_equals_the_resident_model(small_path, prompt, bits, po
         with torch.inference_mode():
             assert torch.equal(model(prompt), want_logits)
             assert torch.equal(model.generate(prompt, max_new_tokens=8), want_ids)
+        asked.clear()
+        assert torch.equal(decode_logits(model, prompt), want_steps)
+        assert len(asked) == 4 * len(store.plan.moe_layers)
+        asked.clear()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=8)
+        # Each decode step after the first token ran natively, the store naming every MoE layer's experts.
+        assert len(asked) == 7 * len(store.plan.moe_layers)
         assert store.plan.device_slots == 3 and store.stats.misses() > 0
         record = store.source.nbytes(1, 0)
         reads = store.stats.misses() + sum(layer.prefetched for layer in store.stats.layers.values())
         assert store.stats.link_bytes == {"disk->ram": reads * record}
         store.detach()
+
+
+def decode_logits(model, prompt: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """The logits of ``steps`` one-token decode steps after the prompt (the native path's input)."""
+    cache = model.new_cache(1, prompt.shape[1] + steps)
+    with torch.inference_mode():
+        model(prompt, cache=cache)
+        out = [model(torch.tensor([[7 + 11 * i]]), cache=cache) for i in range(steps)]
+    return torch.cat(out, dim=1)
+
+
+def count_native_calls(store) -> list[int]:
+    """The layers the native decode step asked ``store`` for, in order."""
+    asked: list[int] = []
+    real = store.native_experts
+
+    def native_experts(layer, x, ids):
+        asked.append(layer)
+        return real(layer, x, ids)
+
+    store.native_experts = native_experts
+    return asked
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_expert_in_a_slot_runs_the_resident_weights_natively(small_path, prompt, bits):
+    """--expert-cache of all experts on the CPU: the slots are the loaded weights (no copy) and
+    decode runs the native step through the store."""
+    resident, _ = load(small_path, bits=bits, no_cache=True)
+    with torch.inference_mode():
+        want = resident.generate(prompt, max_new_tokens=6)
+    model, _, store = load_offloaded(small_path, OffloadOptions(Budgets(expert_cache=8)), bits=bits, resources=ROOMY)
+    asked = count_native_calls(store)
+    assert torch.equal(decode_logits(model, prompt), decode_logits(resident, prompt))
+    asked.clear()
+    with torch.inference_mode():
+        assert torch.equal(model.generate(prompt, max_new_tokens=6), want)
+    assert len(asked) == 5 * len(store.plan.moe_layers) and store.stats.misses() == 0
+    assert store.stats.link_bytes == {}  # nothing was copied
+    store.detach()
 
 
 def test_record_size_is_the_kernels_bytes_rounded_to_the_alignment(small_path):

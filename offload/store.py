@@ -143,9 +143,10 @@ class PackedSource(Source):
         self.slots = slots
 
     def module(self, layer: int, expert: int) -> nn.Module:
-        if self.stats is not None:
-            self.stats.moved("disk->ram", self.slots.nbytes())
-        return self.slots.fill(layer, expert)
+        if self.stats is None:
+            return self.slots.fill(layer, expert)
+        with self.stats.transfer("disk->ram", self.slots.nbytes()):
+            return self.slots.fill(layer, expert)
 
     def nbytes(self, layer: int, expert: int) -> int:
         return self.slots.nbytes()

@@ -145,13 +145,20 @@ class LayerCache:
             served.append((expert, False, evicted))
         return served
 
-    def prefetch(self, expert: int) -> list[int] | None:
-        """Make ``expert`` resident ahead of use: the evicted experts, or None if no slot may be freed."""
+    def prefetch(self, expert: int, keep: int | None = None) -> list[int] | None:
+        """Make ``expert`` resident ahead of use: the evicted experts, or None if no slot may be freed
+        (announced experts not yet used, and ``keep``, are never evicted)."""
         if expert in self.resident or self.capacity == 0:
             return []
-        if len(self.resident) >= self.capacity and not (self.resident - self._pending):
-            return None
-        evicted = self._admit(expert, protect_all_pending=True)
+        if keep is not None and keep in self.resident:
+            self._pending.add(keep)
+        try:
+            if len(self.resident) >= self.capacity and not (self.resident - self._pending):
+                return None
+            evicted = self._admit(expert, protect_all_pending=True)
+        finally:
+            if keep is not None:
+                self._pending.discard(keep)
         self.policy.inserted(expert)
         return evicted
 

@@ -358,6 +358,8 @@ class ExpertStore:
         self.slots: dict[Key, Slot] = {}
         self._predicted: dict[int, set[int]] = {}
         self._served: dict[int, bool] = {}  # per layer: its current pass was served in ``routed``
+        self._ahead_order: dict[int, list[int]] = {}  # per layer: a big pass's experts yet to run
+        self._read_early: set[Key] = set()  # read ahead for the current pass, not yet run
         config = model.config
         self._expert_params = 3 * config.hidden_size * config.moe_intermediate_size
         moes = model.moe_layers()
@@ -389,6 +391,7 @@ class ExpertStore:
             stats.predicted_used += len(predicted & needed)
         cache = self.caches[layer]
         self._served[layer] = self.cost is None and len(needed) <= cache.capacity
+        self._ahead_order.pop(layer, None)
         if self._served[layer]:
             for expert, hit, evicted in cache.serve(sorted(needed)):
                 self._drop(layer, evicted)
@@ -399,6 +402,10 @@ class ExpertStore:
                     self._fill(layer, expert, ahead=True)
         else:
             cache.begin(needed)
+            if self.prefetch_enabled and self.cost is None:
+                # Bigger than the slots (a prompt): read the next experts of the pass ahead of use.
+                self._ahead_order[layer] = sorted(needed)
+                self._read_ahead(layer)
         following = self._following.get(layer)
         if following is not None:
             # The next layer's router on this layer's input: the residual stream changes little
@@ -432,6 +439,20 @@ class ExpertStore:
                 slot.future.result()  # a read still landing in memory the source is about to reuse
             self.source.release(layer, expert)
 
+    def _read_ahead(self, layer: int, keep: int | None = None) -> None:
+        """Start reading the next ``READ_WORKERS`` missing experts of a pass bigger than the slots,
+        into slots no unused expert of the pass holds (``keep``: the expert about to run)."""
+        cache = self.caches[layer]
+        for expert in self._ahead_order.get(layer, [])[:READ_WORKERS]:
+            if expert in cache:
+                continue
+            evicted = cache.prefetch(expert, keep=keep)
+            if evicted is None:
+                break
+            self._drop(layer, evicted)
+            self._fill(layer, expert, ahead=True)
+            self._read_early.add((layer, expert))
+
     def _fill(self, layer: int, expert: int, ahead: bool) -> None:
         if self.transfer.link is not None:
             self.stats.moved(self.transfer.link, self.source.nbytes(layer, expert))
@@ -454,13 +475,20 @@ class ExpertStore:
             stats.host_runs += 1
             host = self.source.module(layer, expert)
             return host(x.to(_device_of(host))).to(x.device)
+        order = self._ahead_order.get(layer)
+        if order and order[0] == expert:
+            order.pop(0)
         hit, evicted = cache.access(expert)
         self._drop(layer, evicted)
-        if hit:
+        if hit and (layer, expert) not in self._read_early:
             stats.hits += 1
         else:
-            stats.misses += 1
-            self._fill(layer, expert, ahead=False)
+            stats.misses += 1  # read for this pass: now, or ahead by _read_ahead
+            self._read_early.discard((layer, expert))
+            if not hit:
+                self._fill(layer, expert, ahead=False)
+        if order:
+            self._read_ahead(layer, keep=expert)
         return self.slots[(layer, expert)].ready()(x)
 
     def serves_native(self, layer: int, top_k: int) -> bool:

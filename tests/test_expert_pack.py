@@ -209,3 +209,26 @@ def test_table_rows_are_the_stored_rows(small_path):
     with pytest.raises(IndexError):
         rows.get([512])
     rows.close()
+
+
+def test_a_prompt_bigger_than_the_slots_reads_its_next_experts_ahead(small_path, prompt):
+    """A prefill pass needing more experts than a layer's slots: reads start ahead of use (on the
+    reader threads), each counted once as a miss, and the logits are the resident model's."""
+    resident, _ = load(small_path, bits=4, no_cache=True)
+    model, _, store = load_offloaded(small_path, OffloadOptions(Budgets(max_ram=budget_for(small_path, 4, 2))),
+                                     bits=4, resources=ROOMY)
+    fills: list[bool] = []
+    real = store._fill
+
+    def fill(layer, expert, ahead):
+        fills.append(ahead)
+        real(layer, expert, ahead)
+
+    store._fill = fill
+    tokens = torch.arange(0, 512, 16).view(1, -1)  # 32 tokens: every layer routes to most of its 8 experts
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), resident(tokens))
+    prefetched = sum(layer.prefetched for layer in store.stats.layers.values())  # the next layer's guesses
+    assert fills.count(True) > prefetched and len(fills) == store.stats.misses() + prefetched
+    assert store.stats.link_bytes["disk->ram"] == len(fills) * store.source.nbytes(1, 0)
+    store.detach()

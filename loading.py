@@ -24,7 +24,7 @@ from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
 from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload import OffloadOptions, load_offloaded
-from dsmoe.offload.plan import GB, Budgets, Resources
+from dsmoe.offload.plan import GB, Budgets, Resources, fits_in_ram
 from dsmoe.quant.cache import CacheOutcome, discard, through_cache
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, bits_error, lm_head_in_int8, quant_type_error
 
@@ -192,7 +192,10 @@ def load(
 
     ``bits`` 4 or 8 quantizes the linear layers while loading; a checkpoint that is already
     quantized is read as it is. With an expert budget the routed experts go to an expert store
-    (``dsmoe.offload.store_of(model)``), read from disk when RAM cannot hold them. With no name,
+    (``dsmoe.offload.store_of(model)``), read from disk when RAM cannot hold them. With no budget,
+    a model larger than the available memory (MemAvailable, or the memory cgroup's room when that
+    is less; ``resources`` stands in for the measurement) gets such a store too, its experts on
+    disk, rather than the OOM killer: ``store_of(model).plan.fitted`` is the line saying so. With no name,
     the demo model bundled with dsmoe, so a first try needs no download.
 
     Quantizing a float checkpoint goes through the quantized-checkpoint cache (``dsmoe.quant.cache``)
@@ -225,6 +228,20 @@ def load(
     return model, tokenizer
 
 
+def _fits(checkpoint: Checkpoint, options: LoadOptions, resources: Resources | None) -> bool:
+    """Whether loading the whole model into RAM leaves the workspace free (a GPU load is not RAM's).
+
+    Only a checkpoint on disk with routed experts can do otherwise: a synthetic one has no
+    files to read experts back from, a dense one nothing to offload.
+    """
+    config = checkpoint.config
+    if (options.device not in (None, "cpu") or not isinstance(checkpoint, Checkpoint)
+            or not config.n_routed_experts or not config.moe_layers):
+        return True
+    resources = resources or Resources.measure(torch.device("cpu"))
+    return fits_in_ram(config, resources, parse_dtype(options.dtype), options.load_bits)
+
+
 _STORED = {"bits": None, "quant_type": None, "double_quant": False, "quantize_lm_head": False}
 """The quantization settings of a load from a stored quantized checkpoint: none, it says its own."""
 
@@ -232,6 +249,10 @@ _STORED = {"bits": None, "quant_type": None, "double_quant": False, "quantize_lm
 def _load(checkpoint: Checkpoint, options: LoadOptions, progress: LoadProgress | None, resources: Resources | None,
           tokenizer_from: Path) -> tuple[DeepseekForCausalLM, Tokenizer | None]:
     offload = options.offload_options()
+    if offload is None and not _fits(checkpoint, options, resources):
+        # Loading it whole would end with the OOM killer: plan from the free memory instead
+        # (the plan's ``fitted`` line says so), on the device the in-memory load would use.
+        offload = dataclasses.replace(options.store_options(), device=options.device or "cpu")
     if offload is not None:
         model, tokenizer, _ = load_offloaded(checkpoint, offload, progress=progress, resources=resources,
                                              dtype=options.dtype, bits=options.load_bits, quant_type=options.quant_type,

@@ -17,7 +17,7 @@ from dsmoe import loading
 from dsmoe.cli.common import (
     ThreadsOption, console, default_model, err_console, full_width, guarded, human_bytes, use_threads,
 )
-from dsmoe.cli.loading import cache_line, load_flags
+from dsmoe.cli.loading import load_flags, load_lines
 from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
@@ -100,7 +100,7 @@ def bench(
     bandwidth = measure_bandwidth()  # before loading: its 1 GB buffer must not add to the run's peak RSS
     started = time.perf_counter()
     loaded, _ = loading.load(source, load)
-    if (line := cache_line(loaded.quant_cache)) is not None:
+    for line in load_lines(loaded):
         err_console.print(line, markup=False)
     store = store_of(loaded)
     if store is not None:

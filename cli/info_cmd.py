@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -12,10 +14,13 @@ from dsmoe.cli.common import ModelOption, console, default_model, full_width, gu
 from dsmoe.cli.loading import load_flags
 from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import DsmoeError, UsageError
-from dsmoe.checkpoint.reader import open_checkpoint
+from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import parameter_counts, weight_bytes
 from dsmoe.loading import LoadOptions
-from dsmoe.offload import plan_for
+from dsmoe.offload import Plan, plan_for, read_trace, simulate
+from dsmoe.offload.bandwidth import PROBE_BYTES, disk_bandwidth
+from dsmoe.offload.plan import Prediction, predict
+from dsmoe.perf.runner import measure_bandwidth
 from dsmoe.quant import spec_from_config
 
 
@@ -45,7 +50,12 @@ def stored_format(quant: dict[str, Any] | None) -> str:
 def info(
     model: str = typer.Argument(None, help="Checkpoint folder or Hugging Face repo id (default: the demo model)."),
     model_flag: str = ModelOption,
-    plan: bool = typer.Option(False, "--plan", help="Also show where the experts would live under these budgets."),
+    plan: bool = typer.Option(False, "--plan", help="Also show where the experts would live under these budgets "
+                              "and the decode tok/s predicted from the measured RAM and disk bandwidth."),
+    hit_rate: float = typer.Option(None, "--hit-rate", help="With --plan: the RAM hit rate to predict with "
+                                   "(default: what even routing gives)."),
+    trace: Path = typer.Option(None, "--trace", help="With --plan: predict with the hit rate `dsmoe simulate` "
+                               "finds on this routing trace (from --trace of generate or bench)."),
     *,
     load: LoadOptions,
 ) -> None:
@@ -76,4 +86,27 @@ def info(
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(full_width(table))
     if plan:
-        console.print(plan_table(plan_for(checkpoint, load.store_options(), load.dtype, load.bits)))
+        placement = plan_for(checkpoint, load.store_options(), load.dtype, load.bits)
+        console.print(plan_table(placement, _prediction(checkpoint, placement, load, hit_rate, trace)))
+        if placement.fitted is not None:  # what a load with no budget would say, and do
+            console.print(placement.fitted, markup=False)
+    elif hit_rate is not None or trace is not None:
+        raise UsageError("--hit-rate and --trace go with --plan")
+
+
+def _prediction(checkpoint: Checkpoint, plan: Plan, load: LoadOptions, hit_rate: float | None,
+                trace: Path | None) -> Prediction | None:
+    """The CPU plan's decode speed from bandwidths measured now (GPU plans: none, nothing measures the GPU)."""
+    if plan.compute != "cpu":
+        return None
+    if trace is not None:
+        if hit_rate is not None:
+            raise UsageError("give --hit-rate or --trace, not both")
+        routing = read_trace(trace)
+        if routing.header.n_experts != plan.n_experts:
+            raise UsageError(f"{trace} records {routing.header.n_experts} experts per layer, this model has {plan.n_experts}")
+        slots = (plan.tiers[-2] if len(plan.tiers) > 1 else plan.tiers[0]).slots
+        hit_rate = simulate(routing, load.policy, slots).hit_rate if slots < plan.n_experts else 1.0
+    memory = measure_bandwidth(PROBE_BYTES, repeats=3)
+    disk = disk_bandwidth(sorted(checkpoint.path.glob("*.safetensors"))) if plan.on_disk else math.inf
+    return predict(plan, memory, disk, hit_rate)

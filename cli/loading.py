@@ -17,6 +17,7 @@ from dsmoe.cli.common import default_model, err_console, progress_report
 from dsmoe.loading import LoadOptions, load
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.tokenizer import Tokenizer
+from dsmoe.offload import store_of
 from dsmoe.quant.cache import CacheOutcome
 
 PANEL = "Loading and offloading"
@@ -74,9 +75,16 @@ def load_with_progress(model: str | None, options: LoadOptions) -> tuple[Deepsee
     action = f"loading {path}" + (f" and quantizing to {options.bits}-bit" if options.bits in (4, 8) else "")
     with progress_report(action, unit=" tensors") as report:
         loaded, tokenizer = load(path, options, progress=report)
-    if (line := cache_line(loaded.quant_cache)) is not None:
+    for line in load_lines(loaded):
         err_console.print(line, markup=False)
     return loaded, tokenizer
+
+
+def load_lines(model: DeepseekForCausalLM) -> list[str]:
+    """What the load decided on its own: the quantized-checkpoint cache, and a plan fitted to RAM."""
+    store = store_of(model)
+    lines = [cache_line(model.quant_cache), store.plan.fitted if store is not None else None]
+    return [line for line in lines if line is not None]
 
 
 def cache_line(outcome: CacheOutcome | None) -> str | None:

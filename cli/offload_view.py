@@ -7,6 +7,7 @@ from rich.table import Table
 
 from dsmoe.cli.common import full_width, human_bytes
 from dsmoe.offload import Plan, StoreStats
+from dsmoe.offload.plan import Prediction
 
 ExpertCacheOption = typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.")
 GpuMemOption = typer.Option(None, "--gpu-mem", help="GB of GPU memory for the model; experts that do not fit stay in RAM.")
@@ -19,8 +20,8 @@ def mb(n: float) -> str:
     return human_bytes(n)
 
 
-def plan_table(plan: Plan) -> Table:
-    """What lives where, and the bytes per token expected over each link."""
+def plan_table(plan: Plan, prediction: Prediction | None = None) -> Table:
+    """What lives where, the bytes per token expected over each link, and the decode speed predicted."""
     table = Table(title=f"expert placement (compute on {plan.compute})", title_justify="left")
     for column in ("tier", "holds", "size", "budget"):
         table.add_column(column)
@@ -32,9 +33,21 @@ def plan_table(plan: Plan) -> Table:
         table.add_row(tier.name, holds, human_bytes(plan.tier_bytes(tier)), budget)
     parts = [f"{layers} MoE layers x {n} experts of {mb(plan.expert_bytes)}, top-{plan.top_k}"]
     parts += [f"{link}: ~{mb(b)}/token (even routing)" for link, b in plan.expected_link_bytes().items()]
-    table.caption = "; ".join(parts + plan.notes)
+    parts += plan.notes
+    if prediction is not None:
+        parts.append(prediction_line(prediction))
+    table.caption = "; ".join(parts)
     table.caption_justify = "left"
     return full_width(table)
+
+
+def prediction_line(prediction: Prediction) -> str:
+    """The predicted decode speed with the sum behind it."""
+    reads = f"{mb(prediction.memory_bytes)}/token from RAM at {prediction.memory_bandwidth / 1e9:.1f} GB/s"
+    if prediction.disk_bytes:
+        reads += (f" + {mb(prediction.disk_bytes)}/token from disk at {prediction.disk_bandwidth / 1e9:.2f} GB/s "
+                  f"(RAM hit rate {prediction.hit_rate:.0%})")
+    return f"predicted decode: {prediction.tokens_per_second:.1f} tok/s ({reads})"
 
 
 def stats_table(stats: StoreStats) -> Table:

@@ -6,7 +6,9 @@ built from, so the numbers a user reads are the ones the run uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import psutil
 import torch
@@ -20,6 +22,8 @@ GB = 1e9
 FREE_SHARE = 0.9
 # Bytes kept free for activations, a KV cache of a few thousand tokens and the runtime's buffers.
 WORKSPACE = 128 * 2**20
+# A cgroup limit at or above this reads as "no limit" (v1 writes 2**63 rounded down to a page).
+UNLIMITED = 2**60
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,78 @@ class Resources:
     gpu_free: int | None
     ram_available: int
     process_rss: int
+    ram_source: str = "MemAvailable"
+    """Which reading ``ram_available`` is: the kernel's MemAvailable or the memory cgroup's room."""
 
     @classmethod
     def measure(cls, device: torch.device) -> "Resources":
         gpu_free = None
         if device.type == "cuda":
             gpu_free, _ = torch.cuda.mem_get_info(device)
-        return cls(gpu_free, psutil.virtual_memory().available, psutil.Process().memory_info().rss)
+        available, source = psutil.virtual_memory().available, "MemAvailable"
+        room = cgroup_room()
+        if room is not None and room < available:
+            available, source = room, "memory cgroup limit"
+        return cls(gpu_free, available, psutil.Process().memory_info().rss, source)
+
+
+def cgroup_room(root: Path = Path("/")) -> int | None:
+    """Bytes the memory cgroup this process is in still lets it take; None where no cgroup limits it.
+
+    MemAvailable is the machine's figure: inside a cgroup (a container, a capped shell) the cap
+    is what the OOM killer enforces, so the plan must see it. Every limited level from the
+    process's cgroup up to the root counts (a parent's cap binds its children); the room at a
+    level is limit - (usage - reclaimable file pages). A cgroup's usage counts the page cache its
+    processes filled, which the kernel drops before it kills anyone, so a warm cache (the
+    checkpoint just read) must not read as memory gone. ``root`` is "/" except in tests.
+    """
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy for every controller
+            for mount in (root / "sys/fs/cgroup", root / "sys/fs/cgroup/unified"):
+                rooms += _levels(mount, path, "memory.max", "memory.current", ("active_file", "inactive_file"), "file")
+        elif "memory" in controllers.split(","):
+            rooms += _levels(root / "sys/fs/cgroup/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                             ("total_active_file", "total_inactive_file"), "total_cache")
+    return max(0, min(rooms)) if rooms else None
+
+
+def _levels(mount: Path, path: str, limit_file: str, usage_file: str, file_pages: tuple[str, str],
+            cache_key: str) -> list[int]:
+    """The room at each limited level of one hierarchy, from the process's cgroup up to the mount."""
+    folder = mount / path.strip("/")
+    if not folder.is_dir():  # a cgroup namespace: the process sees its own cgroup as the mount's root
+        folder = mount
+    rooms = []
+    while True:
+        room = _room(folder, limit_file, usage_file, file_pages, cache_key)
+        if room is not None:
+            rooms.append(room)
+        if folder == mount or not folder.is_relative_to(mount):
+            return rooms
+        folder = folder.parent
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, file_pages: tuple[str, str], cache_key: str) -> int | None:
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= UNLIMITED:
+            return None
+        usage = int((folder / usage_file).read_text())
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.strip())
+    except (OSError, ValueError):
+        return None
+    if all(key in stat for key in file_pages):
+        reclaimable = sum(int(stat[key]) for key in file_pages)
+    else:  # older kernels: the v1 cache figure, or v2's one file figure, or the non-hierarchical names
+        names = (cache_key, cache_key.removeprefix("total_"), "file")
+        reclaimable = next((int(stat[name]) for name in names if name in stat), 0)
+    return int(limit_text) - max(0, usage - reclaimable)
 
 
 @dataclass(frozen=True)
@@ -73,6 +142,11 @@ class Plan:
     top_k: int
     pinned: bool
     notes: list[str] = field(default_factory=list)
+    fitted: str | None = None
+    """With no RAM budget given, the one line saying the model did not fit and dsmoe planned this itself."""
+    rest_read_bytes: int | None = None
+    """Bytes of the resident part one decoded token reads: all of it but the embedding table, of
+    which it reads one row (None: ``rest_bytes``)."""
 
     @property
     def device_slots(self) -> int:
@@ -118,6 +192,29 @@ def expert_sizes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None) -
     return int(per_expert * per_weight), int(rest)
 
 
+def model_bytes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None) -> int:
+    """Bytes of every weight at the runtime precision: what a load held wholly in memory takes."""
+    expert, rest = expert_sizes(config, dtype, bits)
+    return rest + (config.n_routed_experts or 0) * len(config.moe_layers) * expert
+
+
+def fits_in_ram(config: DeepseekConfig, resources: Resources, dtype: torch.dtype, bits: int | None) -> bool:
+    """Whether the whole model and the workspace fit in the share of available RAM a plan may use."""
+    return model_bytes(config, dtype, bits) + WORKSPACE <= resources.ram_available * FREE_SHARE
+
+
+def size_text(n: float) -> str:
+    """Bytes for a message: GB down to 1 GB, then MB, then kB (a tiny model's sizes stay readable)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def _precision(dtype: torch.dtype, bits: int | None) -> str:
+    return f"{bits}-bit" if bits in (4, 8) else str(dtype).removeprefix("torch.")
+
+
 def make_plan(
     config: DeepseekConfig,
     device: torch.device,
@@ -133,39 +230,54 @@ def make_plan(
         raise UsageError("--gpu-mem needs a CUDA GPU (none is in use); use --max-ram or --expert-cache on the CPU")
     if budgets.expert_cache is not None and budgets.expert_cache < 1:
         raise UsageError(f"--expert-cache must be at least 1 slot per layer, got {budgets.expert_cache}")
+    if bits is None and config.quantization_config is not None:
+        bits = 4 if config.quantization_config.get("load_in_4bit") else 8
     expert, rest = expert_sizes(config, dtype, bits)
     layers, n = config.moe_layers, config.n_routed_experts
+    top_k = config.num_experts_per_tok or 0
     per_slot = expert * len(layers)
     # Working room: one expert being read and converted, activations and a short KV cache.
     reserve = 2 * expert + WORKSPACE
+    element = torch.empty((), dtype=dtype).element_size()
+    # A token reads one row of the embedding table (a tied table is read whole, as lm_head).
+    rest_read = rest - (0 if config.tie_word_embeddings else (config.vocab_size - 1) * config.hidden_size * element)
     notes: list[str] = []
 
-    def slots_within(budget: float, fixed: int, what: str) -> int:
-        slots = int((budget - fixed - reserve) // per_slot)
+    def slots_within(budget: float, used: int, fixed: int, what: str) -> int:
+        """Slots per layer in ``budget`` once ``used``, the workspace and ``fixed`` are taken."""
+        slots = int((budget - used - fixed - reserve) // per_slot)
         if slots < 1:
-            raise UsageError(
-                f"{what} of {budget / GB:.2f} GB cannot hold {fixed / GB:.2f} GB of resident weights "
-                f"plus one expert per layer ({per_slot / GB:.3f} GB)"
-            )
+            raise UsageError(_too_small(what, budget, used, reserve, fixed, per_slot))
         return min(slots, n)
 
     ram_budget = budgets.max_ram
     ram_cap = int(ram_budget) if ram_budget is not None else None
     if ram_budget is None:
-        ram_room = resources.ram_available * FREE_SHARE
-        notes.append(f"RAM: {resources.ram_available / GB:.2f} GB available at start, planning with {FREE_SHARE:.0%}")
+        ram_room, ram_used, ram_what = resources.ram_available * FREE_SHARE, 0, "available RAM"
+        notes.append(f"RAM: {resources.ram_available / GB:.2f} GB available at start ({resources.ram_source}), "
+                     f"planning with {FREE_SHARE:.0%}")
     else:
-        ram_room = ram_budget - resources.process_rss
+        ram_room, ram_used, ram_what = ram_budget, resources.process_rss, "--max-ram"
         notes.append(f"RAM: budget {ram_budget / GB:.2f} GB, {resources.process_rss / GB:.2f} GB already used by the process")
 
+    def finish(name: str, tiers: list[Tier], pinned: bool) -> Plan:
+        plan = Plan(name, tiers, expert, rest, layers, n, top_k, pinned, notes, rest_read_bytes=rest_read)
+        if ram_budget is None and plan.on_disk:
+            ram_slots = plan.tiers[-2].slots
+            fitted = (f"the model needs {size_text(model_bytes(config, dtype, bits) + WORKSPACE)} at "
+                      f"{_precision(dtype, bits)} with its workspace and {size_text(resources.ram_available)} is "
+                      f"available ({resources.ram_source}): routed experts stay on disk, {ram_slots} of {n} per "
+                      f"layer cached in RAM (--max-ram sets the budget)")
+            plan = replace(plan, fitted=fitted)
+        return plan
+
     if device.type == "cpu":
-        if budgets.max_ram is None and rest + n * per_slot <= ram_room:
+        if budgets.max_ram is None and fits_in_ram(config, resources, dtype, bits):
             slots = n
         else:
-            slots = slots_within(ram_room, rest, "--max-ram" if budgets.max_ram is not None else "available RAM")
+            slots = slots_within(ram_room, ram_used, rest, ram_what)
         if slots == n and budgets.expert_cache is None:
-            return Plan("cpu", [Tier("ram", n, True, ram_cap)],
-                        expert, rest, layers, n, config.num_experts_per_tok or 0, False, notes)
+            return finish("cpu", [Tier("ram", n, True, ram_cap)], False)
         if slots == n:
             # Everything fits in RAM, yet slots were asked for: a copy-in "device" within RAM,
             # which runs the same decisions as a GPU cache (useful to test and to measure).
@@ -174,21 +286,86 @@ def make_plan(
         else:
             cache = min(budgets.expert_cache or slots, slots)
             tiers = [Tier("ram", cache, True, ram_cap), Tier("disk", n, False, None)]
-        return Plan("cpu", tiers, expert, rest, layers, n, config.num_experts_per_tok or 0, False, notes)
+        return finish("cpu", tiers, False)
 
     name = str(device if device.index is not None else torch.device("cuda", 0))
     gpu_budget = budgets.gpu_mem
     if gpu_budget is None:
         gpu_budget = (resources.gpu_free or 0) * FREE_SHARE
         notes.append(f"GPU: {(resources.gpu_free or 0) / GB:.2f} GB free at start, planning with {FREE_SHARE:.0%}")
-    device_slots = slots_within(gpu_budget, rest, "--gpu-mem" if budgets.gpu_mem is not None else "free GPU memory")
+    device_slots = slots_within(gpu_budget, 0, rest, "--gpu-mem" if budgets.gpu_mem is not None else "free GPU memory")
     if budgets.expert_cache is not None:
         device_slots = min(budgets.expert_cache, device_slots)
     gpu_tier = Tier(name, device_slots, True, int(gpu_budget))
-    if n * per_slot + reserve <= ram_room:
+    if ram_used + n * per_slot + reserve <= ram_room:
         tiers = [gpu_tier, Tier("ram", n, False, ram_cap)]
     else:
-        ram_slots = slots_within(ram_room, 0, "--max-ram" if budgets.max_ram is not None else "available RAM")
+        ram_slots = slots_within(ram_room, ram_used, 0, ram_what)
         tiers = [gpu_tier, Tier("ram", max(ram_slots, device_slots), False, ram_cap),
                  Tier("disk", n, False, None)]
-    return Plan(name, tiers, expert, rest, layers, n, config.num_experts_per_tok or 0, True, notes)
+    return finish(name, tiers, True)
+
+
+def _too_small(what: str, budget: float, used: int, workspace: int, resident: int, per_slot: int) -> str:
+    """The refusal, with its sum: what is taken, what the plan needs, and the least that would do."""
+    need = used + workspace + resident + per_slot
+    parts = ([f"the process already uses {size_text(used)}"] if used else []) + [
+        f"the workspace (activations, KV cache, two experts in flight) {size_text(workspace)}",
+        f"the resident weights {size_text(resident)}",
+        f"one expert per MoE layer {size_text(per_slot)}",
+    ]
+    total = f"{', '.join(parts[:-1])} and {parts[-1]} add up to {size_text(need)}"
+    if what.startswith("--"):
+        least = math.ceil(need / GB * 100) / 100
+        return f"{what} {budget / GB:g} ({size_text(budget)}) is too small: {total}; the least that works is {what} {least:.2f}"
+    free = math.ceil(need / FREE_SHARE / GB * 100) / 100
+    return (f"{what} ({size_text(budget)}, {FREE_SHARE:.0%} of what is free) cannot hold this model even with "
+            f"its experts on disk: {total}; it needs at least {free:.2f} GB free")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Decode speed a plan should reach: a token reads its weights from RAM and its misses from disk.
+
+    Decoding one token is bound by bytes moved, not arithmetic, so the time is the bytes read from
+    memory over the memory bandwidth plus the bytes read from disk over the disk bandwidth.
+    """
+
+    memory_bytes: float
+    """Bytes one token reads from RAM: the resident part (one embedding row) and its top-k experts."""
+    disk_bytes: float
+    """Bytes one token reads from disk: its experts that miss the RAM slots."""
+    memory_bandwidth: float
+    disk_bandwidth: float
+    hit_rate: float
+    """The share of a token's experts found in RAM."""
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.memory_bytes / self.memory_bandwidth + self.disk_bytes / self.disk_bandwidth
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+
+def predict(plan: Plan, memory_bandwidth: float, disk_bandwidth: float, hit_rate: float | None = None) -> Prediction:
+    """The decode speed of a CPU plan from measured bandwidths (bytes/s) and a RAM hit rate.
+
+    ``hit_rate`` (a share of a token's experts found in RAM, e.g. from ``dsmoe simulate`` on a
+    trace) defaults to what even routing gives: slots / experts. Copies between two tiers in RAM
+    (``--expert-cache`` with the model resident) read and write each missed expert once more.
+    """
+    if plan.compute != "cpu":
+        raise UsageError("a tok/s prediction needs a CPU plan: the probes measure RAM and disk, not the GPU")
+    if hit_rate is not None and not 0.0 <= hit_rate <= 1.0:
+        raise UsageError(f"a hit rate is a share between 0 and 1, got {hit_rate}")
+    per_token = len(plan.moe_layers) * plan.top_k * plan.expert_bytes
+    resident = plan.rest_bytes if plan.rest_read_bytes is None else plan.rest_read_bytes
+    memory = resident + per_token
+    cached = plan.tiers[-2] if len(plan.tiers) > 1 else plan.tiers[0]
+    hits = min(cached.slots, plan.n_experts) / plan.n_experts if hit_rate is None else hit_rate
+    disk = per_token * (1.0 - hits) if plan.on_disk else 0.0
+    if plan.tiers[0].name == "cpu":  # a copy-in cache within RAM: each miss is read and written once more
+        memory += 2 * per_token * (1.0 - hits)
+    return Prediction(memory, disk, memory_bandwidth, disk_bandwidth, hits)

@@ -72,13 +72,14 @@ class OffloadOptions:
 
 def plan_for(
     checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype = torch.bfloat16, bits: int | None = None,
-    resources: Resources | None = None,
+    resources: Resources | None = None, lm_head_int8: bool | None = None,
 ) -> Plan:
-    """The placement a run with these options would use on this machine now (or with ``resources``)."""
+    """The placement a run with these options would use on this machine now (or with ``resources``);
+    ``lm_head_int8`` is the load's ``quantize_lm_head``."""
     device = options.compute_device()
     resources = resources or Resources.measure(device)
     return make_plan(checkpoint.config, device, options.budgets, resources, parse_dtype(dtype),
-                     None if bits == 16 else bits)
+                     None if bits == 16 else bits, lm_head_int8)
 
 
 def load_offloaded(
@@ -99,7 +100,7 @@ def load_offloaded(
     callers want ``dsmoe.load``, which comes here when its options ask for an expert store.
     """
     checkpoint = open_checkpoint(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else name_or_path
-    plan = plan_for(checkpoint, options, dtype, bits, resources)
+    plan = plan_for(checkpoint, options, dtype, bits, resources, quantize_lm_head)
     device = torch.device(plan.compute)
     if plan.on_disk:
         disk = DiskExperts(checkpoint, parse_dtype(dtype), quantize=_expert_spec(checkpoint, bits, quant_type, double_quant),
@@ -112,7 +113,7 @@ def load_offloaded(
             rows = RowEmbedding(checkpoint.rows(EMBEDDING), parse_dtype(dtype))
             model.model.embed_tokens = rows  # type: ignore[assignment]  # nn.Embedding's interface, its rows on disk
         if options.budgets.max_ram is not None and resources is None:
-            plan = _replan_after_load(checkpoint, options, dtype, bits, plan)
+            plan = _replan_after_load(checkpoint, options, dtype, bits, plan, quantize_lm_head)
         for moe in model.moe_layers():
             moe.experts = nn.ModuleList()
         source, note = _disk_source(checkpoint, disk, plan, options)
@@ -159,7 +160,7 @@ def _disk_source(checkpoint: Checkpoint, disk: DiskExperts, plan: Plan, options:
 
 
 def _replan_after_load(checkpoint: Checkpoint, options: OffloadOptions, dtype: str | torch.dtype,
-                       bits: int | None, plan: Plan) -> Plan:
+                       bits: int | None, plan: Plan, lm_head_int8: bool | None) -> Plan:
     """Size the RAM slots again from the RSS measured once the resident weights are in.
 
     Loading leaves more than the weights' bytes behind (allocator and library state), so the
@@ -168,7 +169,7 @@ def _replan_after_load(checkpoint: Checkpoint, options: OffloadOptions, dtype: s
     measured = Resources.measure(torch.device(plan.compute))
     in_ram = plan.rest_bytes if plan.compute == "cpu" else 0
     baseline = replace(measured, process_rss=max(0, measured.process_rss - in_ram))
-    return plan_for(checkpoint, options, dtype, bits, baseline)
+    return plan_for(checkpoint, options, dtype, bits, baseline, lm_head_int8)
 
 
 def attach(model: DeepseekForCausalLM, plan: Plan, options: OffloadOptions) -> ExpertStore:

@@ -19,7 +19,7 @@ from dsmoe.errors import CheckpointError
 from dsmoe.model.deepseek import RowEmbedding
 from dsmoe.offload import Budgets, LayerCache, OffloadOptions, Resources, load_offloaded
 from dsmoe.offload.pack import ALIGN, DATA, PackReader, read_manifest
-from dsmoe.offload.plan import WORKSPACE, expert_sizes
+from dsmoe.offload.plan import WORKSPACE, expert_sizes, resident_bytes
 from dsmoe.offload.store import DiskSource, PackedSource
 from dsmoe.perf.synthetic import SyntheticCheckpoint, save_checkpoint
 
@@ -45,7 +45,8 @@ def prompt() -> torch.Tensor:
 def budget_for(path: Path, bits: int, slots: int) -> float:
     """A --max-ram that leaves ``slots`` experts per layer in RAM (the plan's own arithmetic)."""
     config = open_checkpoint(path).config
-    expert, rest = expert_sizes(config, torch.bfloat16, bits)
+    expert, _ = expert_sizes(config, torch.bfloat16, bits)
+    rest = resident_bytes(config, torch.bfloat16, bits, None, embedding_in_file=True)
     return rest + 2 * expert + WORKSPACE + slots * expert * len(config.moe_layers) + 1
 
 

@@ -400,6 +400,8 @@ def main() -> None:
     kind = detect_cgroup()
     if kind is None:
         raise SystemExit("no memory cgroup to make here (neither v1 memory.limit_in_bytes nor v2 memory.max)")
+    if not (os.access(kind.parent, os.W_OK) and os.access(DROP_CACHES, os.W_OK)):
+        raise SystemExit(f"run as root: each run makes a cgroup in {kind.parent} and drops the page cache")
     dsmoe_dir, gguf, counted = checkpoints(args)
     bench = args.llama_bench or (args.llama_cpp / "build" / "bin" / "llama-bench" if args.llama_cpp else None)
     if bench is None:

@@ -16,8 +16,9 @@
 # bitsandbytes: dsmoe's 4- and 8-bit layers run bitsandbytes' kernels on CUDA, and the machine has
 # none and no network. `--pack` here copies the installed bitsandbytes (its Python, its CPU library
 # and the CUDA 13 ones the machine's torch needs: a few MB, not the 125 MB of every build) into
-# .gpu-site; pass `carry: [".gpu-site"]` to the device run and the check uses 4-bit weights. Without
-# it the check runs the same steps in bf16 (and says so in summary.txt), which needs no bitsandbytes.
+# .gpu-site (with ../shared's tiny checkpoint, which the tests read and which does not travel); pass
+# `carry: [".gpu-site"]` to the device run and the check uses 4-bit weights. Without it the check runs
+# the same steps in bf16 (and says so in summary.txt), which needs no bitsandbytes.
 set -uo pipefail
 
 OUT=${OUT:-./gpu-out}
@@ -32,6 +33,10 @@ pack() {
     cp -r "$src" "$SITE/bitsandbytes"
     find "$SITE/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda13*.so' -delete
     find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
+    # The tests read ../shared's tiny checkpoint, and ../shared does not travel with the tree.
+    if [ -d ../shared/fixtures/tiny-deepseek ]; then
+        mkdir -p "$SITE/shared/fixtures" && cp -r ../shared/fixtures/tiny-deepseek "$SITE/shared/fixtures/"
+    fi
     local exclude
     exclude=$(git rev-parse --git-path info/exclude)
     grep -qx "/$SITE/" "$exclude" 2>/dev/null || echo "/$SITE/" >> "$exclude"
@@ -60,6 +65,9 @@ step() {
 
 if [ -d "$SITE" ]; then
     export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    if [ ! -e ../shared ] && [ -d "$SITE/shared" ]; then
+        ln -s "$PWD/$SITE/shared" ../shared || log "could not link ../shared: tests that read its fixture fail"
+    fi
 fi
 if "$PY" -c 'import bitsandbytes' > /dev/null 2>&1; then
     BITS=4

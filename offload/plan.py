@@ -391,7 +391,7 @@ def predict(plan: Plan, memory_bandwidth: float, disk_bandwidth: float, hit_rate
         raise UsageError(f"a hit rate is a share between 0 and 1, got {hit_rate}")
     per_token = len(plan.moe_layers) * plan.top_k * plan.expert_bytes
     resident = plan.rest_bytes if plan.rest_read_bytes is None else plan.rest_read_bytes
-    memory = resident + per_token
+    memory: float = resident + per_token
     cached = plan.tiers[-2] if len(plan.tiers) > 1 else plan.tiers[0]
     hits = min(cached.slots, plan.n_experts) / plan.n_experts if hit_rate is None else hit_rate
     disk = per_token * (1.0 - hits) if plan.on_disk else 0.0

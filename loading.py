@@ -120,7 +120,8 @@ class LoadOptions:
         budgets = Budgets(gpu_mem=self.gpu_mem * GB if self.gpu_mem is not None else None,
                           max_ram=self.max_ram * GB if self.max_ram is not None else None,
                           expert_cache=self.expert_cache)
-        return OffloadOptions(budgets, policy=self.policy, prefetch=self.prefetch, device=self.device)
+        return OffloadOptions(budgets, policy=self.policy, prefetch=self.prefetch, device=self.device,
+                              disk_cache=not self.no_cache)
 
     def record(self) -> dict[str, Any]:
         """The settings as JSON values, for results files and cache keys."""

@@ -95,11 +95,15 @@ def llama_bench(bins: Path, gguf: Path, args: argparse.Namespace) -> dict[str, f
     threads = [] if args.defaults else ["-t", "2"]
     out = run(["/usr/bin/time", "-f", "maxrss_kb=%M", str(bins / "llama-bench"), "-m", str(gguf), *threads,
                "-p", str(args.prompt_tokens), "-n", str(args.new_tokens), "-r", "1", "-o", "json"])
-    rows = json.loads(out.stdout)
     rss_kb = int(out.stderr.rsplit("maxrss_kb=", 1)[1].split()[0])
+    return {**llama_rates(json.loads(out.stdout)), "peak_rss_gib": rss_kb / 2**20}
+
+
+def llama_rates(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Prefill and decode tok/s from ``llama-bench -o json``: one row per test (pp N, then tg N)."""
     prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
     decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return {"prefill": prefill, "decode": decode, "peak_rss_gib": rss_kb / 2**20}
+    return {"prefill": prefill, "decode": decode}
 
 
 def dsmoe_bench(checkpoint: Path, args: argparse.Namespace, bits: int) -> dict[str, float]:

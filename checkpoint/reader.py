@@ -251,6 +251,10 @@ class Checkpoint:
             raise CheckpointError(f"{info.shard}: truncated while reading tensor {name!r}")
         return raw.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
+    def rows(self, name: str) -> "TensorRows":
+        """Rows of a 2-D tensor read on demand (an embedding table a token needs one row of)."""
+        return TensorRows(self._info(name), name)
+
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in shard order, so each shard's pages are read once, front to back."""
         chosen = names if names is not None else self.tensor_names()
@@ -267,6 +271,44 @@ class Checkpoint:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+class TensorRows:
+    """A 2-D tensor of a shard, of which ``get(ids)`` reads only the rows asked for.
+
+    Keeps a descriptor of its own open; reads are positioned (``os.preadv``), so threads may share it.
+    """
+
+    def __init__(self, info: TensorInfo, name: str) -> None:
+        if len(info.shape) != 2 or info.dtype not in _TORCH_DTYPES:
+            raise CheckpointError(f"{info.shard}: tensor {name!r} is {info.dtype} {list(info.shape)}, not a table of rows")
+        self.info, self.name = info, name
+        self.dtype = _TORCH_DTYPES[info.dtype]
+        self.shape: tuple[int, int] = (info.shape[0], info.shape[1])
+        self.row_bytes = info.nbytes // info.shape[0]
+        try:
+            self.fd: int | None = os.open(info.shard, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{info.shard}: cannot be read ({exc.strerror})") from None
+
+    def get(self, ids: list[int]) -> torch.Tensor:
+        """Rows ``ids`` (each in range) as a [len(ids), width] tensor of the stored dtype."""
+        assert self.fd is not None, "rows read after close"
+        out = torch.empty((len(ids), self.row_bytes), dtype=torch.uint8)
+        view = memoryview(out.numpy().data).cast("B")
+        for i, row in enumerate(ids):
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"row {row} of {self.name} ({self.shape[0]} rows)")
+            start = i * self.row_bytes
+            if os.preadv(self.fd, [view[start: start + self.row_bytes]], self.info.offset + row * self.row_bytes) \
+                    != self.row_bytes:
+                raise CheckpointError(f"{self.info.shard}: truncated while reading {self.name}")
+        return out.view(self.dtype).view(len(ids), self.shape[1])
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

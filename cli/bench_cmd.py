@@ -45,6 +45,12 @@ def _render(result: BenchResult) -> None:
         ("expert-cache hit rate", hit),
         ("native decode kernels", result.native_kernels),
     ]
+    expected = result.expected_link_bytes_per_token or {}
+    for link, moved in (result.decode_link_bytes_per_token or {}).items():
+        plan = f" (plan, even routing: {human_bytes(expected[link])})" if link in expected else ""
+        rows.append((f"{link} per decoded token", f"{human_bytes(moved)}{plan}"))
+    if result.expert_host_runs:
+        rows.append(("misses run on the host", str(result.expert_host_runs)))
     for key, value in rows:
         table.add_row(key, value)
     console.print(full_width(table))
@@ -62,7 +68,7 @@ def _save_synthetic(checkpoint: SyntheticCheckpoint, dst: Path) -> None:
 @load_flags
 def bench(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or repo id (default: the demo model)."),
-    synthetic: str = typer.Option(None, "--synthetic", help="Random weights at a real geometry: 16b or 16b:layers=N."),
+    synthetic: str = typer.Option(None, "--synthetic", help="Random weights at a real geometry: 16b, 16b:layers=N; add ,skew=S for a skewed router."),
     prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
     new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=2, help="Tokens to decode."),
     old_new_tokens: int = typer.Option(None, "--new-tokens", min=2, hidden=True),  # the name before -n

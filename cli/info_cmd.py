@@ -86,7 +86,8 @@ def info(
     table.add_row("tokenizer", "yes" if (checkpoint.path / "tokenizer.json").exists() else "none (token ids only)")
     console.print(full_width(table))
     if plan:
-        placement = plan_for(checkpoint, load.store_options(), load.dtype, load.bits)
+        placement = plan_for(checkpoint, load.store_options(), load.dtype, load.bits,
+                             lm_head_int8=load.quantize_lm_head)
         console.print(plan_table(placement, _prediction(checkpoint, placement, load, hit_rate, trace)))
         if placement.fitted is not None:  # what a load with no budget would say, and do
             console.print(placement.fitted, markup=False)

@@ -7,6 +7,8 @@ checkpoint loads with no renaming and a quantized layer replaces an ``nn.Linear`
 from __future__ import annotations
 
 import math
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -220,6 +222,7 @@ class MoE(nn.Module):
         assert config.n_routed_experts is not None
         self.layer_idx = layer_idx
         self.n_routed_experts = config.n_routed_experts
+        self.expert_inter = config.moe_intermediate_size
         self.gate = MoEGate(config)
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
@@ -322,6 +325,33 @@ class DecoderLayer(nn.Module):
         return plan
 
 
+class RowsSource(Protocol):
+    """Rows of a table kept outside memory (``checkpoint.reader.TensorRows``)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def get(self, ids: list[int]) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class RowEmbedding(nn.Module):
+    """``nn.Embedding`` whose table stays in the checkpoint file: a token needs one row of it, and
+    at the 16B geometry the bf16 table is 420 MB a model run under a memory budget need not hold.
+    The rows are the stored values cast to the compute dtype, as the loader casts the table."""
+
+    def __init__(self, rows: RowsSource, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rows, self.dtype = rows, dtype
+        self.num_embeddings, self.embedding_dim = rows.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(input_ids.cpu(), return_inverse=True)
+        table = self.rows.get(unique.tolist()).to(self.dtype)
+        return table[inverse].to(input_ids.device)
+
+
 class DeepseekModel(nn.Module):
     def __init__(self, config: DeepseekConfig, channel: ExpertChannel | None = None) -> None:
         super().__init__()
@@ -386,11 +416,11 @@ class DeepseekForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype  # the compute dtype, wherever the embedding table lives
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]

@@ -25,9 +25,11 @@ kernel adds only its own shape limits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +50,7 @@ from dsmoe.quant.linear import NativeWeights, SwiGLUKernel, native_weights
 
 if TYPE_CHECKING:  # the modules this plans for; deepseek.py imports this file to run them
     from dsmoe.model.deepseek import MoE, DecoderLayer
+    from dsmoe.model.routing import NativeExpertHolder
 
 _generation = 0
 _live: weakref.WeakSet[LayerPlan] = weakref.WeakSet()
@@ -63,10 +66,30 @@ def weights_changed(*_: object) -> None:
     _live.clear()
 
 
+_detached = threading.local()
+
+
+@contextlib.contextmanager
+def building_detached() -> Iterator[None]:
+    """Modules built inside (on this thread) are reachable from no plan yet, so registering their
+    tensors need not make every plan stale: an expert store builds its slots' modules this way
+    while the decode plans keep running."""
+    _detached.depth = getattr(_detached, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _detached.depth -= 1
+
+
+def _registered(*_: object) -> None:
+    if not getattr(_detached, "depth", 0):
+        weights_changed()
+
+
 for _register in (torch_module.register_module_module_registration_hook,
                   torch_module.register_module_parameter_registration_hook,
                   torch_module.register_module_buffer_registration_hook):
-    _register(weights_changed)
+    _register(_registered)
 
 
 def native_token(x: torch.Tensor) -> bool:
@@ -117,8 +140,11 @@ class LayerPlan:
     """One layer's ``layer_step``, built by ``for_layer`` and kept while ``current`` holds."""
 
     def __init__(self, layer: DecoderLayer, moe: MoE | None, projections: NativeWeights,
-                 mlp_kernel: SwiGLUKernel | None, experts: Sequence[SwiGLUKernel]) -> None:
+                 mlp_kernel: SwiGLUKernel | None, experts: Sequence[SwiGLUKernel], held: bool = False) -> None:
+        """``held``: an expert store holds the MoE layer's experts and names them per token (the step's
+        resolver); they must be of the shared experts' format, ``expert_kind``."""
         attn = layer.self_attn
+        self.held = held
         self.layer_idx = attn.layer_idx
         self.moe = moe
         self.parts = _parts(layer)
@@ -135,6 +161,8 @@ class LayerPlan:
         # The MLP half's format: the experts' (a MoE layer), else the dense MLP's.
         head = experts[0] if experts else mlp_kernel
         assert head is not None
+        inter = moe.expert_inter if held and moe is not None else head.inter
+        self.expert_kind = (head.table, head.unit, head.blocksize, head.hidden, inter)
         self.expert_table = (ct.c_void_p * (MLP_POINTERS * len(experts)))(*(a for k in experts for a in k.addresses))
         self.step = LayerStep(
             attn=AttentionHalf(
@@ -147,7 +175,7 @@ class LayerPlan:
                 unit=projections.unit, eps=layer.input_layernorm.eps,
                 norm_topk=int(self.moe.gate.norm_topk_prob) if self.moe is not None else 0,
             ),
-            mlp_lut=head.table, mlp_unit=head.unit, mlp_blocksize=head.blocksize, inter=head.inter,
+            mlp_lut=head.table, mlp_unit=head.unit, mlp_blocksize=head.blocksize, inter=inter,
             shared_inter=mlp_kernel.inter if mlp_kernel is not None else 0,
             experts=ct.addressof(self.expert_table) if experts else None,
             shared=(ct.c_void_p * MLP_POINTERS)(*(mlp_kernel.addresses if mlp_kernel is not None else ())),
@@ -171,11 +199,18 @@ class LayerPlan:
             kernel = mlp.one_token_kernel()  # type: ignore[operator]  # a dense layer's mlp is an MLP
             return LayerPlan(layer, None, projections, kernel, ()) if kernel is not None else None
         gate = weight_of(moe.gate)
-        if moe.channel.holder is not None or gate is None or gate.dtype != torch.float32 or moe.gate.top_k > MAX_TOP_K:
+        if gate is None or gate.dtype != torch.float32 or moe.gate.top_k > MAX_TOP_K:
             return None
         shared = moe.shared_experts.one_token_kernel() if moe.shared_experts is not None else None
         if moe.shared_experts is not None and shared is None:
             return None
+        holder = moe.channel.holder
+        if holder is not None:
+            # The store names each token's experts; the shared experts' kernel gives their format.
+            serves = getattr(holder, "serves_native", None)  # a holder may offer only the module path
+            if shared is None or serves is None or not serves(moe.layer_idx, moe.gate.top_k):
+                return None
+            return LayerPlan(layer, moe, projections, shared, (), held=True)
         experts = [e.one_token_kernel() for e in moe.experts]  # type: ignore[operator]  # ModuleList of MLPs, untyped
         if any(k is None for k in experts) or len({k.kind for k in experts}) != 1:
             return None
@@ -235,16 +270,58 @@ def run_layers(plans: Sequence[LayerPlan], x: torch.Tensor, cos: torch.Tensor, s
     ids = torch.empty(len(plans), stride, dtype=torch.long)
     mix = torch.empty(len(plans), stride, dtype=torch.float32)
     steps = (ct.c_void_p * len(plans))(*(ct.addressof(plan.step) for plan in plans))
+    resolver = _Resolver(plans, ids) if any(plan.held for plan in plans) else None
     status = lib.dsmoe_decode_layers(steps, len(plans), start_pos, keys[0].shape[2], cos.data_ptr(), sin.data_ptr(),
                                      (ct.c_void_p * len(plans))(*(k.data_ptr() for k in keys)),
                                      (ct.c_void_p * len(plans))(*(v.data_ptr() for v in values)),
-                                     out.data_ptr(), stride, ids.data_ptr(), mix.data_ptr())
+                                     out.data_ptr(), stride, ids.data_ptr(), mix.data_ptr(),
+                                     resolver.pointer if resolver is not None else None, None)
+    if resolver is not None and resolver.error is not None:
+        raise resolver.error
     if status != 0:
         raise RuntimeError(f"native decode step failed with status {status}")
     for row, plan in enumerate(plans):
         if plan.moe is not None:
             plan.moe.channel.observe(plan.layer_idx, ids[row: row + 1, : plan.top_k], mix[row: row + 1, : plan.top_k])
     return out
+
+
+_RESOLVER = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_int64, ct.c_void_p, ct.c_void_p, ct.c_int64, ct.c_void_p)
+
+
+class _Resolver:
+    """The decode step's ``dsmoe_expert_resolver`` for layers whose experts a store holds: C calls
+    it between a layer's halves with the router's input and choice; the store brings the experts
+    in (counting hits, reading misses, prefetching the next layer) and it writes their addresses.
+    The kernels are kept until the step ends; an exception stops the step and is raised after it."""
+
+    def __init__(self, plans: Sequence[LayerPlan], ids: torch.Tensor) -> None:
+        self.plans, self.ids = plans, ids
+        self.kept: list[object] = []
+        self.error: BaseException | None = None
+        self.function = _RESOLVER(self._resolve)
+        self.pointer = ct.cast(self.function, ct.c_void_p)
+
+    def _resolve(self, _context: int | None, row: int, normed: int, _ids: int, count: int, weights: int) -> int:
+        try:
+            plan = self.plans[row]
+            assert plan.moe is not None and plan.moe.channel.holder is not None
+            hidden = plan.step.attn.hidden
+            x = torch.frombuffer((ct.c_uint16 * hidden).from_address(normed), dtype=torch.bfloat16).clone()
+            chosen = self.ids[row: row + 1, :count]
+            holder: NativeExpertHolder = plan.moe.channel.holder  # type: ignore[assignment]  # for_layer checked serves_native
+            experts = holder.native_experts(plan.layer_idx, x.view(1, hidden), chosen)
+            table = (ct.c_void_p * (MLP_POINTERS * count)).from_address(weights)
+            for e, expert in enumerate(experts):
+                if expert.kind != plan.expert_kind:
+                    raise RuntimeError(f"layer {plan.layer_idx}: an expert's format {expert.kind} is not the "
+                                       f"shared experts' {plan.expert_kind}")
+                table[MLP_POINTERS * e: MLP_POINTERS * (e + 1)] = list(expert.addresses)
+            self.kept.append(experts)
+            return 0
+        except BaseException as exc:  # noqa: BLE001  # C cannot unwind Python: carried out and raised after
+            self.error = exc
+            return 1
 
 
 def _projections(layer: DecoderLayer) -> list[nn.Module]:

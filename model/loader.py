@@ -45,6 +45,7 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: LoadProgress | None = None,
     skip_routed_experts: bool = False,
+    skip_embedding: bool = False,
 ) -> DeepseekForCausalLM:
     """The model of an opened checkpoint (``dsmoe.load`` opens it and adds the tokenizer).
 
@@ -52,7 +53,8 @@ def load_model(
     quantized is read as it is. lm_head goes to int8 as ``lm_head_in_int8`` says: by default in
     every quantized run, a stored checkpoint's float lm_head included.
     ``skip_routed_experts`` leaves the routed experts unread, on the meta device, for an expert
-    store to own (see dsmoe.offload).
+    store to own (see dsmoe.offload); ``skip_embedding`` leaves the embedding table unread, for a
+    ``RowEmbedding`` that reads its rows from the file.
     """
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -68,7 +70,7 @@ def load_model(
     linear_names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     stored_groups = _group_by_module(checkpoint.tensor_names()) if stored_spec is not None else {}
     params = [name for name, _ in model.named_parameters()
-              if not (skip_routed_experts and ".mlp.experts." in name)]
+              if not (skip_routed_experts and ".mlp.experts." in name) and not (skip_embedding and name == EMBEDDING)]
     release = ReleaseEvery()
     for done, name in enumerate(params, start=1):
         module_name, _, attr = name.rpartition(".")
@@ -93,6 +95,9 @@ def load_model(
     checkpoint.close()
     release_freed_memory()
     return model
+
+
+EMBEDDING = "model.embed_tokens.weight"
 
 
 class _WithoutRandomInit(TorchFunctionMode):
@@ -141,7 +146,7 @@ def _read_tensor(checkpoint: Checkpoint, model: nn.Module, name: str) -> torch.T
     expected = tuple(model.get_parameter(name).shape)
     source = name
     if name not in checkpoint and name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
-        source = "model.embed_tokens.weight"
+        source = EMBEDDING
     if name.endswith(".mlp.gate.weight") and name not in checkpoint:
         raise CheckpointError(f"{checkpoint.path}: tensor {name!r} (router gate) is missing from the checkpoint")
     tensor = checkpoint.get(source)

@@ -9,6 +9,7 @@ the experts. Nothing else (no hook, no attribute on the model) connects a store 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable, Protocol
 
 import torch
@@ -27,6 +28,26 @@ class ExpertHolder(Protocol):
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` of ``layer`` on its tokens ``x``."""
+
+
+
+class NativeExpertHolder(ExpertHolder, Protocol):
+    """A holder that also feeds the native decode step (optional: without these methods, layers
+    whose experts it holds run their modules)."""
+
+    def serves_native(self, layer: int, top_k: int) -> bool:
+        """Whether ``native_experts`` can name a decode step's ``top_k`` experts of ``layer`` at once."""
+
+    def native_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Sequence[NativeExpert]:
+        """``routed`` for one token, then the chosen experts ``ids`` [1, k] as the native decode step
+        runs them, in ``ids``' order; they stay where they are until the layer's experts have run."""
+
+
+class NativeExpert(Protocol):
+    """What the native decode step needs of an expert (``quant.linear.SwiGLUKernel``)."""
+
+    kind: tuple[object, ...]
+    addresses: tuple[int, ...]
 
 
 class ExpertChannel:

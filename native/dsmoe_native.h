@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 /* Python parses the lines `#define DSMOE_<NAME> <integer>` below; keep each one a plain integer. */
-#define DSMOE_ABI_VERSION 2
+#define DSMOE_ABI_VERSION 3
 /* Activation values per int8 scale: every matmul input width is a multiple of it. */
 #define DSMOE_ACT_BLOCK 64
 /* Output rows per tile of the 4-bit layout (bitsandbytes' CPU tiles). */
@@ -57,8 +57,9 @@ typedef struct {
 
 /* A decoder layer as the decode step runs it: its attention half, then its MLP half in the
  * MLP's format, with the routed experts' weights for every expert id (experts
- * [n_experts * DSMOE_MLP_POINTERS], NULL for a dense layer) and the shared experts' or the dense
- * MLP's (shared_inter 0: none). Python fills one per layer. */
+ * [n_experts * DSMOE_MLP_POINTERS]; NULL for a dense layer, or for a MoE layer whose experts an
+ * expert store holds: the decode step's resolver names them) and the shared experts' or the
+ * dense MLP's (shared_inter 0: none). Python fills one per layer. */
 typedef struct {
     attention_half attn;
     const uint8_t *mlp_lut;
@@ -154,14 +155,25 @@ int dsmoe_router(int64_t n_experts, int64_t hidden, int64_t top_k, int norm_topk
 
 /* ---- layer_step.c: decoder layers for one token ----------------------------------------------- */
 
+/* Names the weights of the experts a MoE layer's router chose when an expert store holds them
+ * (layer_step.experts NULL): for layer row l of the call, the router's input normed [hidden] and
+ * its choice ids [count], it writes DSMOE_MLP_POINTERS pointers per expert, in ids' order, to
+ * weights, which must stay valid until the layer's MLP half is done. Returns 0, or non-zero to
+ * stop the step (dsmoe_decode_layers then returns -3). Called on the calling thread, between the
+ * layer's halves. */
+typedef int (*dsmoe_expert_resolver)(void *context, int64_t l, const uint16_t *normed, const int64_t *ids,
+                                     int64_t count, const void **weights);
+
 /* n_layers decoder layers for one bf16 token at position pos, in place on x [hidden]: each
- * layer's attention half, the weights of the experts its router chose, its MLP half. k_caches and
- * v_caches hold each layer's cache ([n_kv, capacity, head_dim] bf16). Each MoE layer's choice goes
- * to ids and mix at row l (route_stride entries a row), for the routing observer. The result is
- * the layer-by-layer module path's, bit for bit. Returns 0, or the first failing step's status. */
+ * layer's attention half, the weights of the experts its router chose (from layer_step.experts,
+ * or from resolve(context, ...) where that is NULL), its MLP half. k_caches and v_caches hold
+ * each layer's cache ([n_kv, capacity, head_dim] bf16). Each MoE layer's choice goes to ids and
+ * mix at row l (route_stride entries a row), for the routing observer. The result is the
+ * layer-by-layer module path's, bit for bit. Returns 0, or the first failing step's status. */
 int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64_t pos, int64_t capacity,
                         const uint16_t *cos, const uint16_t *sin, uint16_t *const *k_caches,
-                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix);
+                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix,
+                        dsmoe_expert_resolver resolve, void *context);
 
 /* ---- quantize.c: float weights into the stored formats, while loading ------------------------ */
 

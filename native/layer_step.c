@@ -98,7 +98,8 @@ static int mlp_half_step(const wformat *f, int64_t hidden, int64_t count, int64_
 
 int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64_t pos, int64_t capacity,
                         const uint16_t *cos, const uint16_t *sin, uint16_t *const *k_caches,
-                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix) {
+                        uint16_t *const *v_caches, uint16_t *x, int64_t route_stride, int64_t *ids, float *mix,
+                        dsmoe_expert_resolver resolve, void *context) {
     const int64_t hidden = n_layers > 0 ? layers[0]->attn.hidden : 0;
     uint16_t *middle = malloc((size_t)(2 * hidden) * sizeof(uint16_t));
     if (!middle) return -2;
@@ -106,8 +107,9 @@ int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64
     int status = 0;
     for (int64_t l = 0; l < n_layers && status == 0; l++) {
         const layer_step *L = layers[l];
-        const int moe = L->experts != NULL;
-        if (L->attn.hidden != hidden || (moe && (L->attn.top_k > route_stride || L->attn.top_k > DSMOE_MAX_TOP_K))) {
+        const int moe = L->attn.router != NULL;
+        if (L->attn.hidden != hidden || (moe && (L->attn.top_k > route_stride || L->attn.top_k > DSMOE_MAX_TOP_K))
+            || (moe && !L->experts && !resolve)) {
             status = -1;
             break;
         }
@@ -118,9 +120,16 @@ int dsmoe_decode_layers(const layer_step *const *layers, int64_t n_layers, int64
         if (status != 0) break;
         const void *picked[DSMOE_MLP_POINTERS * DSMOE_MAX_TOP_K];
         const int64_t count = moe ? L->attn.top_k : 0;
-        for (int64_t e = 0; e < count; e++)
-            for (int64_t i = 0; i < DSMOE_MLP_POINTERS; i++)
-                picked[DSMOE_MLP_POINTERS * e + i] = L->experts[DSMOE_MLP_POINTERS * chosen[e] + i];
+        if (moe && !L->experts) {
+            if (resolve(context, l, normed, chosen, count, picked) != 0) {
+                status = -3;
+                break;
+            }
+        } else {
+            for (int64_t e = 0; e < count; e++)
+                for (int64_t i = 0; i < DSMOE_MLP_POINTERS; i++)
+                    picked[DSMOE_MLP_POINTERS * e + i] = L->experts[DSMOE_MLP_POINTERS * chosen[e] + i];
+        }
         const wformat f = {L->mlp_lut, L->mlp_unit, L->mlp_blocksize};
         status = mlp_half_step(&f, hidden, count, L->inter, picked, weights, L->shared_inter,
                                L->shared_inter ? L->shared : NULL, normed, middle, x);

@@ -126,7 +126,7 @@ SIGNATURES: dict[str, Sequence[type]] = {
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
     "dsmoe_rmsnorm": [_i64, _float, _ptr, _ptr, _ptr],
     "dsmoe_router": [_i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr],
-    "dsmoe_decode_layers": [_ptr, _i64, _i64, _i64] + [_ptr] * 5 + [_i64, _ptr, _ptr],
+    "dsmoe_decode_layers": [_ptr, _i64, _i64, _i64] + [_ptr] * 5 + [_i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_quantize_4bit": [_ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_quantize_int8": [_ptr, _int, _i64, _i64, _ptr, _ptr],
 }

@@ -84,6 +84,10 @@ class DiskExperts:
         # Opened up front: the prefetch thread and the main thread read concurrently.
         self._fds = {shard: os.open(shard, os.O_RDONLY) for shard in {s.shard for s in spans.values()}}
 
+    def keys(self) -> list[tuple[int, int]]:
+        """Every (layer, expert) the checkpoint holds, in order."""
+        return sorted(self._spans)
+
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes read from disk for this expert."""
         return sum(s.nbytes for s in self._spans_of(layer, expert).values())

@@ -16,6 +16,7 @@ import torch
 from dsmoe.errors import UsageError
 from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, parameter_counts
+from dsmoe.quant.spec import lm_head_in_int8
 
 GB = 1e9
 # Fraction of a measured free amount the plan lets itself use when no budget is given.
@@ -192,6 +193,24 @@ def expert_sizes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None) -
     return int(per_expert * per_weight), int(rest)
 
 
+def resident_bytes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None, lm_head_int8: bool | None,
+                   embedding_in_file: bool) -> int:
+    """Bytes of everything but the routed experts as a run holds them: lm_head in int8 where the
+    load puts it there (``lm_head_in_int8``), the embedding table left out where its rows are read
+    from the file (CPU compute with experts on disk, ``RowEmbedding``)."""
+    _, rest = expert_sizes(config, dtype, bits)
+    if bits is None and config.quantization_config is not None:
+        bits = 4 if config.quantization_config.get("load_in_4bit") else 8
+    element = torch.empty((), dtype=dtype).element_size()
+    table = config.vocab_size * config.hidden_size
+    if config.tie_word_embeddings:
+        return rest
+    if lm_head_in_int8(lm_head_int8, bits in (4, 8)):
+        # int8 weights, and per row the fp32 SCB and scale and the bf16 unit Linear8bit keeps.
+        rest += table + config.vocab_size * (4 + 4 + 2) - table * element
+    return rest - (table * element if embedding_in_file else 0)
+
+
 def model_bytes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None) -> int:
     """Bytes of every weight at the runtime precision: what a load held wholly in memory takes."""
     expert, rest = expert_sizes(config, dtype, bits)
@@ -222,8 +241,14 @@ def make_plan(
     resources: Resources,
     dtype: torch.dtype = torch.bfloat16,
     bits: int | None = None,
+    lm_head_int8: bool | None = None,
 ) -> Plan:
-    """Split the experts between the compute device, RAM and disk; UsageError if a budget is too small."""
+    """Split the experts between the compute device, RAM and disk; UsageError if a budget is too small.
+
+    ``lm_head_int8`` is the load's ``--quantize-lm-head`` (None: the default, int8 in a 4- or 8-bit
+    run); with experts on disk on the CPU the embedding table stays in the file (``RowEmbedding``),
+    so neither is counted at bf16 in what the slots must leave room for.
+    """
     if config.n_routed_experts is None or not config.moe_layers:
         raise UsageError("this model has no routed experts to offload")
     if budgets.gpu_mem is not None and device.type != "cuda":
@@ -232,13 +257,15 @@ def make_plan(
         raise UsageError(f"--expert-cache must be at least 1 slot per layer, got {budgets.expert_cache}")
     if bits is None and config.quantization_config is not None:
         bits = 4 if config.quantization_config.get("load_in_4bit") else 8
-    expert, rest = expert_sizes(config, dtype, bits)
+    expert, _ = expert_sizes(config, dtype, bits)
+    rest = resident_bytes(config, dtype, bits, lm_head_int8, embedding_in_file=False)
+    rest_disk = resident_bytes(config, dtype, bits, lm_head_int8, embedding_in_file=device.type == "cpu")
+    element = torch.empty((), dtype=dtype).element_size()
     layers, n = config.moe_layers, config.n_routed_experts
     top_k = config.num_experts_per_tok or 0
     per_slot = expert * len(layers)
     # Working room: one expert being read and converted, activations and a short KV cache.
     reserve = 2 * expert + WORKSPACE
-    element = torch.empty((), dtype=dtype).element_size()
     # A token reads one row of the embedding table (a tied table is read whole, as lm_head).
     rest_read = rest - (0 if config.tie_word_embeddings else (config.vocab_size - 1) * config.hidden_size * element)
     notes: list[str] = []
@@ -261,7 +288,8 @@ def make_plan(
         notes.append(f"RAM: budget {ram_budget / GB:.2f} GB, {resources.process_rss / GB:.2f} GB already used by the process")
 
     def finish(name: str, tiers: list[Tier], pinned: bool) -> Plan:
-        plan = Plan(name, tiers, expert, rest, layers, n, top_k, pinned, notes, rest_read_bytes=rest_read)
+        resident = rest_disk if name == "cpu" and tiers[-1].name == "disk" else rest
+        plan = Plan(name, tiers, expert, resident, layers, n, top_k, pinned, notes, rest_read_bytes=rest_read)
         if ram_budget is None and plan.on_disk:
             ram_slots = plan.tiers[-2].slots
             fitted = (f"the model needs {size_text(model_bytes(config, dtype, bits) + WORKSPACE)} at "
@@ -272,18 +300,19 @@ def make_plan(
         return plan
 
     if device.type == "cpu":
-        if budgets.max_ram is None and fits_in_ram(config, resources, dtype, bits):
-            slots = n
+        if budgets.max_ram is None:
+            everything = fits_in_ram(config, resources, dtype, bits)
         else:
-            slots = slots_within(ram_room, ram_used, rest, ram_what)
-        if slots == n and budgets.expert_cache is None:
+            everything = ram_used + rest + reserve + n * per_slot <= ram_room
+        if everything and budgets.expert_cache is None:
             return finish("cpu", [Tier("ram", n, True, ram_cap)], False)
-        if slots == n:
+        if everything:
             # Everything fits in RAM, yet slots were asked for: a copy-in "device" within RAM,
             # which runs the same decisions as a GPU cache (useful to test and to measure).
             cache = min(budgets.expert_cache or n, n)
             tiers = [Tier("cpu", cache, True, None), Tier("ram", n, False, None)]
         else:
+            slots = slots_within(ram_room, ram_used, rest_disk, ram_what)
             cache = min(budgets.expert_cache or slots, slots)
             tiers = [Tier("ram", cache, True, ram_cap), Tier("disk", n, False, None)]
         return finish("cpu", tiers, False)
@@ -362,7 +391,7 @@ def predict(plan: Plan, memory_bandwidth: float, disk_bandwidth: float, hit_rate
         raise UsageError(f"a hit rate is a share between 0 and 1, got {hit_rate}")
     per_token = len(plan.moe_layers) * plan.top_k * plan.expert_bytes
     resident = plan.rest_bytes if plan.rest_read_bytes is None else plan.rest_read_bytes
-    memory = float(resident + per_token)
+    memory: float = resident + per_token
     cached = plan.tiers[-2] if len(plan.tiers) > 1 else plan.tiers[0]
     hits = min(cached.slots, plan.n_experts) / plan.n_experts if hit_rate is None else hit_rate
     disk = per_token * (1.0 - hits) if plan.on_disk else 0.0

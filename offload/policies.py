@@ -121,13 +121,44 @@ class LayerCache:
             return False, []
         return False, self._admit(expert)
 
-    def prefetch(self, expert: int) -> list[int] | None:
-        """Make ``expert`` resident ahead of use: the evicted experts, or None if no slot may be freed."""
+    def serve(self, needed: list[int]) -> list[tuple[int, bool, list[int]]]:
+        """Use each expert of ``needed`` (ascending, at most ``capacity`` of them) as one forward
+        pass: (expert, hit, evicted) for each. All of them stay resident until the pass ends, so
+        the store can start every miss's read at once and run the experts afterwards."""
+        if len(needed) > self.capacity:
+            raise ValueError(f"a pass of {len(needed)} experts cannot be held in {self.capacity} slots")
+        held = set(needed)
+        self._pending = set()
+        served: list[tuple[int, bool, list[int]]] = []
+        for expert in needed:
+            self.policy.accessed(expert)
+            if expert in self.resident:
+                served.append((expert, True, []))
+                continue
+            evicted: list[int] = []
+            while len(self.resident) >= self.capacity:
+                victim = self.policy.victim(sorted(self.resident - held))
+                self.resident.discard(victim)
+                self.policy.removed(victim)
+                evicted.append(victim)
+            self.resident.add(expert)
+            served.append((expert, False, evicted))
+        return served
+
+    def prefetch(self, expert: int, keep: int | None = None) -> list[int] | None:
+        """Make ``expert`` resident ahead of use: the evicted experts, or None if no slot may be freed
+        (announced experts not yet used, and ``keep``, are never evicted)."""
         if expert in self.resident or self.capacity == 0:
             return []
-        if len(self.resident) >= self.capacity and not (self.resident - self._pending):
-            return None
-        evicted = self._admit(expert, protect_all_pending=True)
+        if keep is not None and keep in self.resident:
+            self._pending.add(keep)
+        try:
+            if len(self.resident) >= self.capacity and not (self.resident - self._pending):
+                return None
+            evicted = self._admit(expert, protect_all_pending=True)
+        finally:
+            if keep is not None:
+                self._pending.discard(keep)
         self.policy.inserted(expert)
         return evicted
 

@@ -1,8 +1,9 @@
 """Replay a routing trace under each policy and cache size: hit rates without running the model.
 
-The replay drives the store's own ``LayerCache`` in the store's order (each forward pass announces
-its experts, then uses them once each, ascending), so without prefetch a simulated run and a real
-run with the same policy and slots count the same hits.
+The replay drives the store's own ``LayerCache`` in the store's order (a forward pass whose experts
+fit the slots is served at once, ``LayerCache.serve``; a bigger one announces its experts, then uses
+them once each, ascending), so without prefetch a simulated run and a real run with the same
+policy and slots count the same hits.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def simulate(trace: Trace, policy: str, slots: int) -> SimResult:
     for layer, ids in trace.events:
         needed = sorted({e for row in ids for e in row})
         cache = caches[layer]
-        cache.begin(set(needed))
-        for expert in needed:
-            hit, _ = cache.access(expert)
-            hits += hit
-            misses += not hit
+        if len(needed) <= slots:  # as the store serves a pass that fits its slots
+            outcomes = [hit for _, hit, _ in cache.serve(needed)]
+        else:
+            cache.begin(set(needed))
+            outcomes = [cache.access(expert)[0] for expert in needed]
+        hits += sum(outcomes)
+        misses += len(outcomes) - sum(outcomes)
     return SimResult(policy, slots, hits, misses, trace.tokens, misses * trace.header.expert_bytes)
 
 

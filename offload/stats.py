@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 
@@ -33,7 +36,10 @@ class StoreStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     link_bytes: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
+    link_busy_seconds: dict[str, float] = field(default_factory=dict)
+    """Per link, the time during which at least one transfer over it was in flight (reads overlap)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _in_flight: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False, compare=False)
 
     def layer(self, idx: int) -> LayerStats:
         return self.layers.setdefault(idx, LayerStats())
@@ -42,6 +48,29 @@ class StoreStats:
         # Also called from the prefetch thread, which reads from disk while a layer computes.
         with self._lock:
             self.link_bytes[link] = self.link_bytes.get(link, 0) + nbytes
+
+    @contextlib.contextmanager
+    def transfer(self, link: str, nbytes: int) -> Iterator[None]:
+        """Count ``nbytes`` over ``link`` and the time the transfer inside takes, overlapping ones once."""
+        with self._lock:
+            count, since = self._in_flight.get(link, (0, 0.0))
+            self._in_flight[link] = (count + 1, since if count else time.perf_counter())
+        try:
+            yield
+        finally:
+            with self._lock:
+                count, since = self._in_flight[link]
+                if count == 1:
+                    del self._in_flight[link]
+                    self.link_busy_seconds[link] = self.link_busy_seconds.get(link, 0.0) + time.perf_counter() - since
+                else:
+                    self._in_flight[link] = (count - 1, since)
+                self.link_bytes[link] = self.link_bytes.get(link, 0) + nbytes
+
+    def link_bandwidth(self, link: str) -> float | None:
+        """Bytes per second over ``link`` while it was busy (None before any timed transfer)."""
+        busy = self.link_busy_seconds.get(link)
+        return self.link_bytes.get(link, 0) / busy if busy else None
 
     def _sum(self, name: str, layer: int | None) -> int:
         chosen = [self.layers[layer]] if layer is not None else self.layers.values()
@@ -73,6 +102,7 @@ class StoreStats:
     def reset(self) -> None:
         self.layers.clear()
         self.link_bytes.clear()
+        self.link_busy_seconds.clear()
         self.tokens = 0
 
     def as_dict(self) -> dict[str, object]:
@@ -82,5 +112,6 @@ class StoreStats:
             "hit_rate": self.hit_rate(),
             "prefetch_accuracy": self.prefetch_accuracy(),
             "bytes_per_token": {link: self.bytes_per_token(link) for link in self.link_bytes},
+            "link_bytes_per_s": {link: self.link_bandwidth(link) for link in self.link_busy_seconds},
             "layers": {idx: asdict(s) for idx, s in sorted(self.layers.items())},
         }

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsmoe.model.deepseek import DeepseekForCausalLM, MoE
+from dsmoe.model.deepseek import MLP, DeepseekForCausalLM, MoE
+from dsmoe.model.layer_plan import building_detached
+from dsmoe.quant.linear import SwiGLUKernel
 from dsmoe.offload.disk import DiskExperts
+from dsmoe.offload.pack import ExpertSlots
 from dsmoe.offload.plan import Plan
 from dsmoe.offload.policies import LayerCache
 from dsmoe.offload.stats import StoreStats
@@ -90,6 +93,9 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def nbytes(self, layer: int, expert: int) -> int: ...
 
+    def release(self, layer: int, expert: int) -> None:
+        """The store evicted this expert: memory the source lent it may be reused."""
+
     def close(self) -> None:
         """Release files and memory."""
 
@@ -118,14 +124,38 @@ class DiskSource(Source):
     def module(self, layer: int, expert: int) -> nn.Module:
         if self.stats is not None:
             self.stats.moved("disk->ram", self.disk.nbytes(layer, expert))
-        built = self.disk.build(layer, expert)
-        return pin(built) if self.pinned else built
+        with building_detached():  # a new module, reachable from no decode plan yet
+            built = self.disk.build(layer, expert)
+            return pin(built) if self.pinned else built
 
     def nbytes(self, layer: int, expert: int) -> int:
         return self.disk.nbytes(layer, expert)
 
     def close(self) -> None:
         self.disk.close()
+
+
+class PackedSource(Source):
+    """Every expert in an expert pack on disk, read on a miss into a fixed slot (``pack.ExpertSlots``):
+    one direct read, no repack, no page-cache copy, no new memory."""
+
+    def __init__(self, slots: ExpertSlots) -> None:
+        self.slots = slots
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        if self.stats is None:
+            return self.slots.fill(layer, expert)
+        with self.stats.transfer("disk->ram", self.slots.nbytes()):
+            return self.slots.fill(layer, expert)
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        return self.slots.nbytes()
+
+    def release(self, layer: int, expert: int) -> None:
+        self.slots.release(layer, expert)
+
+    def close(self) -> None:
+        self.slots.close()
 
 
 class RamCachedSource(Source):
@@ -220,11 +250,16 @@ class Transfer(abc.ABC):
         """Stop background work."""
 
 
+READ_WORKERS = 4
+"""Expert reads in flight at once: a layer's misses (~3 at the 16B geometry) and the next layer's
+prefetch together; one request at a time left the disk idle between reads (docs/PERFORMANCE.md)."""
+
+
 class InPlace(Transfer):
-    """The source's memory is the slot (CPU compute); a prefetch builds it on a worker thread."""
+    """The source's memory is the slot (CPU compute); reads started ahead run on worker threads."""
 
     def __init__(self, background: bool) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsmoe-prefetch") if background else None
+        self.pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="dsmoe-read") if background else None
 
     def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
         if ahead and self.pool is not None:
@@ -243,7 +278,9 @@ class HostCopy(Transfer):
         self.link = f"ram->{name}"
 
     def start(self, source: Source, layer: int, expert: int, ahead: bool) -> Slot:
-        return ReadySlot(clone_to(source.module(layer, expert), torch.device("cpu")))
+        module = source.module(layer, expert)
+        with building_detached():  # the copy is reachable from no decode plan yet
+            return ReadySlot(clone_to(module, torch.device("cpu")))
 
 
 class CudaCopy(Transfer):
@@ -320,6 +357,9 @@ class ExpertStore:
         self.caches = {layer: LayerCache(plan.device_slots, policy) for layer in plan.moe_layers}
         self.slots: dict[Key, Slot] = {}
         self._predicted: dict[int, set[int]] = {}
+        self._served: dict[int, bool] = {}  # per layer: its current pass was served in ``routed``
+        self._ahead_order: dict[int, list[int]] = {}  # per layer: a big pass's experts yet to run
+        self._read_early: set[Key] = set()  # read ahead for the current pass, not yet run
         config = model.config
         self._expert_params = 3 * config.hidden_size * config.moe_intermediate_size
         moes = model.moe_layers()
@@ -336,22 +376,42 @@ class ExpertStore:
                     self.slots[(layer, expert)] = transfer.start(source, layer, expert, ahead=False)
 
     def routed(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
-        """The routing of one forward pass of ``layer`` (its tokens ``x``), before its experts run."""
+        """The routing of one forward pass of ``layer`` (its tokens ``x``), before its experts run.
+
+        Where the pass fits the slots (and no cost model may send a miss to the host), every miss's
+        read starts here, all at once, before the next layer's prefetch; ``run`` then only waits.
+        """
+        needed = set(ids.reshape(-1).tolist())  # torch.unique costs ~0.1 ms, a decode step's whole budget here
+        if layer == self._first_layer:
+            self.stats.tokens += ids.shape[0]
+        stats = self.stats.layer(layer)
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            stats.predicted += len(predicted)
+            stats.predicted_used += len(predicted & needed)
+        cache = self.caches[layer]
+        self._served[layer] = self.cost is None and len(needed) <= cache.capacity
+        self._ahead_order.pop(layer, None)
+        if self._served[layer]:
+            for expert, hit, evicted in cache.serve(sorted(needed)):
+                self._drop(layer, evicted)
+                if hit:
+                    stats.hits += 1
+                else:
+                    stats.misses += 1
+                    self._fill(layer, expert, ahead=True)
+        else:
+            cache.begin(needed)
+            if self.prefetch_enabled and self.cost is None:
+                # Bigger than the slots (a prompt): read the next experts of the pass ahead of use.
+                self._ahead_order[layer] = sorted(needed)
+                self._read_ahead(layer)
         following = self._following.get(layer)
         if following is not None:
             # The next layer's router on this layer's input: the residual stream changes little
             # from one layer to the next, so its top-k is a good guess of the next routing.
             next_ids, _ = following.gate(x)
             self.prefetch(following.layer_idx, next_ids)
-        needed = set(ids.unique().tolist())
-        if layer == self._first_layer:
-            self.stats.tokens += ids.shape[0]
-        predicted = self._predicted.pop(layer, None)
-        if predicted is not None:
-            stats = self.stats.layer(layer)
-            stats.predicted += len(predicted)
-            stats.predicted_used += len(predicted & needed)
-        self.caches[layer].begin(needed)
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Start bringing in the experts ``ids`` names for ``layer``, most-named first, up to its slots."""
@@ -374,7 +434,24 @@ class ExpertStore:
 
     def _drop(self, layer: int, experts: list[int]) -> None:
         for expert in experts:
-            self.slots.pop((layer, expert), None)
+            slot = self.slots.pop((layer, expert), None)
+            if isinstance(slot, FutureSlot):
+                slot.future.result()  # a read still landing in memory the source is about to reuse
+            self.source.release(layer, expert)
+
+    def _read_ahead(self, layer: int, keep: int | None = None) -> None:
+        """Start reading the next ``READ_WORKERS`` missing experts of a pass bigger than the slots,
+        into slots no unused expert of the pass holds (``keep``: the expert about to run)."""
+        cache = self.caches[layer]
+        for expert in self._ahead_order.get(layer, [])[:READ_WORKERS]:
+            if expert in cache:
+                continue
+            evicted = cache.prefetch(expert, keep=keep)
+            if evicted is None:
+                break
+            self._drop(layer, evicted)
+            self._fill(layer, expert, ahead=True)
+            self._read_early.add((layer, expert))
 
     def _fill(self, layer: int, expert: int, ahead: bool) -> None:
         if self.transfer.link is not None:
@@ -388,6 +465,8 @@ class ExpertStore:
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` of ``layer`` on its tokens ``x``, from its slot (brought in on a miss)."""
+        if self._served.get(layer):
+            return self.slots[(layer, expert)].ready()(x)
         cache = self.caches[layer]
         stats = self.stats.layer(layer)
         if expert not in cache and self.host_is_cheaper(layer, expert, x.shape[0]):
@@ -396,14 +475,39 @@ class ExpertStore:
             stats.host_runs += 1
             host = self.source.module(layer, expert)
             return host(x.to(_device_of(host))).to(x.device)
+        order = self._ahead_order.get(layer)
+        if order and order[0] == expert:
+            order.pop(0)
         hit, evicted = cache.access(expert)
         self._drop(layer, evicted)
-        if hit:
+        if hit and (layer, expert) not in self._read_early:
             stats.hits += 1
         else:
-            stats.misses += 1
-            self._fill(layer, expert, ahead=False)
+            stats.misses += 1  # read for this pass: now, or ahead by _read_ahead
+            self._read_early.discard((layer, expert))
+            if not hit:
+                self._fill(layer, expert, ahead=False)
+        if order:
+            self._read_ahead(layer, keep=expert)
         return self.slots[(layer, expert)].ready()(x)
+
+    def serves_native(self, layer: int, top_k: int) -> bool:
+        """The native decode step may ask for a token's experts at once: CPU compute, no cost model
+        deciding per expert, and slots for all ``top_k`` (so serving one cannot evict another)."""
+        return self.device.type == "cpu" and self.cost is None and self.caches[layer].capacity >= top_k
+
+    def native_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> list[SwiGLUKernel]:
+        """``routed`` for one token, then its experts' one-token kernels in ``ids``' order (hits
+        from their slots, misses once read): the native decode step runs them."""
+        self.routed(layer, x, ids)
+        kernels = []
+        for expert in ids[0].tolist():
+            module = self.slots[(layer, expert)].ready()
+            kernel = module.one_token_kernel() if isinstance(module, MLP) else None
+            if kernel is None:
+                raise RuntimeError(f"expert {expert} of layer {layer} has no native kernel")
+            kernels.append(kernel)
+        return kernels
 
     def resident(self, layer: int) -> list[int]:
         """The experts of ``layer`` in device slots now, ascending."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,6 +36,13 @@ class BenchResult:
     roofline_fraction: float
     expert_cache_hit_rate: float | None
     native_kernels: str
+    decode_link_bytes_per_token: dict[str, float] | None
+    """Bytes the expert store moved per decoded token over each link (``disk->ram``, ``ram->cuda:0``):
+    decode steps only, since a prefill's many tokens share each expert it reads."""
+    expected_link_bytes_per_token: dict[str, float] | None
+    """The plan's figure for the same links, assuming even routing (``Plan.expected_link_bytes``)."""
+    expert_host_runs: int | None
+    """Misses the store's cost model ran where the expert lives instead of copying it in."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,13 +82,22 @@ def peak_rss_bytes() -> int:
 
 
 @torch.inference_mode()
-def time_generation(model: DeepseekForCausalLM, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first new token, i.e. the prefill; seconds to decode the rest), greedy, no stops."""
+def time_generation(
+    model: DeepseekForCausalLM, prompt: torch.Tensor, new_tokens: int, after_prefill: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """(seconds to the first new token, i.e. the prefill; seconds to decode the rest), greedy, no stops.
+
+    ``after_prefill`` runs between the two timed parts (to read counters at the boundary).
+    """
     cache = model.new_cache(1, prompt.shape[1] + new_tokens)
     started = time.perf_counter()
     logits = model(prompt, cache=cache, last_only=True)
     token = logits[0, -1].argmax().view(1, 1)
     int(token)  # the first token exists once it is read back
+    if after_prefill is not None:
+        prefilled = time.perf_counter()
+        after_prefill()
+        started += time.perf_counter() - prefilled  # its time counts in neither part
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
         token = model(token, cache=cache, last_only=True)[0, -1].argmax().view(1, 1)
@@ -104,7 +120,8 @@ def run_benchmark(
 ) -> BenchResult:
     """One warm-up pass (kernels that repack on first use), then the measured pass.
 
-    With an expert ``store``, its hit rate counts the measured pass only.
+    With an expert ``store``, its hit rate counts the measured pass only, and its bytes per link the
+    measured pass's decode steps only.
     """
     if prompt_tokens < 1 or new_tokens < 2:
         raise ValueError("need at least 1 prompt token and 2 new tokens")
@@ -113,7 +130,13 @@ def run_benchmark(
     time_generation(model, prompt[:, : min(8, prompt_tokens)], 2)
     if store is not None:
         store.stats.reset()
-    ttft_s, decode_s = time_generation(model, prompt, new_tokens)
+    at_prefill: dict[str, int] = {}
+
+    def snapshot() -> None:
+        if store is not None:
+            at_prefill.update(store.stats.link_bytes)
+
+    ttft_s, decode_s = time_generation(model, prompt, new_tokens, after_prefill=snapshot)
     bandwidth = bandwidth if bandwidth is not None else measure_bandwidth()
     per_token = decode_bytes_per_token(model, bits, lm_head_bits)
     decode_rate = (new_tokens - 1) / decode_s
@@ -125,4 +148,9 @@ def run_benchmark(
         roofline_fraction=per_token * decode_rate / bandwidth,
         expert_cache_hit_rate=store.stats.hit_rate() if store is not None else None,
         native_kernels=native_kernels_in_use(),
+        decode_link_bytes_per_token=None if store is None else {
+            link: (moved - at_prefill.get(link, 0)) / (new_tokens - 1)
+            for link, moved in sorted(store.stats.link_bytes.items())},
+        expected_link_bytes_per_token=None if store is None else store.plan.expected_link_bytes(),
+        expert_host_runs=None if store is None else sum(s.host_runs for s in store.stats.layers.values()),
     )

@@ -47,6 +47,11 @@ class QuantLinear(nn.Module, abc.ABC):
         """Rebuild whatever runtime layout depends on the device."""
 
     @abc.abstractmethod
+    def refresh_scales(self) -> None:
+        """The stored scales were overwritten in place (an expert slot refilled from disk): recompute
+        the runtime scales into the same memory, so kernels bound to their addresses stay valid."""
+
+    @abc.abstractmethod
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor suffixes (``weight``, ``weight.absmax``, ``SCB``, ...) -> CPU tensors."""
 
@@ -71,7 +76,9 @@ class Linear4bit(QuantLinear):
     runtime_absmax: torch.Tensor
     native_codebook: kernels.Codebook | None
 
-    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype) -> None:
+    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype, layout: str = "standard") -> None:
+        """``layout`` names the layout ``packed`` is already in ("native": dsmoe's kernel layout, as an
+        expert pack stores it, so nothing is repacked); standard bitsandbytes nibbles by default."""
         super().__init__()
         out_features, in_features = (int(d) for d in state.shape)
         self.in_features, self.out_features = in_features, out_features
@@ -81,7 +88,8 @@ class Linear4bit(QuantLinear):
         self.blocksize: int = int(state.blocksize)
         self.stored_dtype: torch.dtype = state.dtype
         self.double_quant = bool(state.nested)
-        self.register_buffer("weight", packed.reshape(-1, 1).contiguous(), persistent=False)
+        self.register_buffer("weight", packed.reshape(-1, 1).contiguous() if layout == "standard" else packed,
+                             persistent=False)
         self.register_buffer("absmax", state.absmax, persistent=False)
         self.register_buffer("quant_map", state.code, persistent=False)
         if self.double_quant:
@@ -90,7 +98,7 @@ class Linear4bit(QuantLinear):
             self.nested_dtype: torch.dtype = state.state2.dtype
             self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
             self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
-        self.layout = "standard"
+        self.layout = layout
         self._on_device_change()
 
     def _quant_state(self):
@@ -131,14 +139,20 @@ class Linear4bit(QuantLinear):
             self.layout = want
         self.native_codebook = kernels.native_codebook(self.quant_type) if native else None
         self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" else None
-        # Runtime scales: fp32 for the dequantize path; bf16 for the CPU kernels, tile-major for
-        # dsmoe's, [in/blocksize, out] for bitsandbytes'.
+        self.register_buffer("runtime_absmax", self._runtime_scales(), persistent=False)
+
+    def _runtime_scales(self) -> torch.Tensor:
+        """fp32 for the dequantize path; bf16 for the CPU kernels, tile-major for dsmoe's,
+        [in/blocksize, out] for bitsandbytes'."""
         absmax = self._absmax_f32()
-        if native:
-            absmax = kernels.tile_major_scales(absmax, self.out_features, self.in_features, self.blocksize)
-        elif self.layout == "cpu":
-            absmax = absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
-        self.register_buffer("runtime_absmax", absmax, persistent=False)
+        if self.native_codebook is not None:
+            return kernels.tile_major_scales(absmax, self.out_features, self.in_features, self.blocksize)
+        if self.layout == "cpu":
+            return absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
+        return absmax
+
+    def refresh_scales(self) -> None:
+        self.runtime_absmax.copy_(self._runtime_scales())
 
     def kernel(self, rows: int) -> str:
         """The kernel a call with ``rows`` input rows runs."""
@@ -223,6 +237,9 @@ class Linear8bit(QuantLinear):
                              persistent=False)
         self.native = (device.type == "cpu" and self.compute_dtype == torch.bfloat16
                        and self.in_features % ACT_BLOCK == 0 and native_library() is not None)
+
+    def refresh_scales(self) -> None:
+        torch.div(self.SCB, 127.0, out=self.scale)
 
     def kernel(self, rows: int) -> str:
         if self.weight.device.type == "cuda":

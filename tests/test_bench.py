@@ -164,6 +164,25 @@ def test_bench_hit_rate_of_a_scripted_routing(scripted_routing, tiny_path):
     assert store.stats.hits() == store.stats.misses() == 6 * 2 * moe_layers
 
 
+def test_bench_counts_the_bytes_each_decoded_token_moved(scripted_routing, tiny_path):
+    """Each decode step misses two experts in each of the fixture's two MoE layers; an fp32 expert is
+    3 x 64 x 32 weights x 4 bytes (its config), so 2 x 2 x 24576 bytes per token over the copy-in link.
+    The plan's even-routing figure: 2 layers x top-4 x (1 - 4/16 slots) x 24576."""
+    from dsmoe.loading import LoadOptions
+    from dsmoe.offload import load_offloaded
+
+    options = LoadOptions(expert_cache=4, prefetch=False).offload_options()
+    assert options is not None
+    model, _, store = load_offloaded(tiny_path, options, dtype="fp32")
+    result = run_benchmark(model, "tiny", 16, 0.0, prompt_tokens=5, new_tokens=6, bandwidth=1e10, store=store)
+    assert result.decode_link_bytes_per_token == {"ram->cpu": 2 * 2 * 24576}
+    assert result.expected_link_bytes_per_token == {"ram->cpu": 2 * 4 * 0.75 * 24576}
+    assert result.expert_host_runs == 0
+    resident = run_benchmark(load(tiny_path, dtype=torch.float32)[0], "tiny", 16, 0.0, prompt_tokens=5,
+                             new_tokens=3, bandwidth=1e10)
+    assert resident.decode_link_bytes_per_token is None and resident.expert_host_runs is None
+
+
 def test_bench_command_reports_the_scripted_hit_rate(scripted_routing, capsys, tiny_path):
     result = run_cli(capsys, "bench", "--model", str(tiny_path), "--expert-cache", "4", "--no-prefetch",
                      "--prompt-tokens", "4", "--new-tokens", "6", "--dtype", "fp32", "--json")
@@ -183,3 +202,45 @@ def test_bench_counts_the_lm_head_as_it_was_loaded(capsys, tiny_path):
         per_token[head] = json.loads(result.out)["bytes_per_token"]
     difference = per_token["--no-quantize-lm-head"] - per_token["--quantize-lm-head"]
     assert difference == config["vocab_size"] * config["hidden_size"]
+
+
+FIXTURE_SIZED = ("16b:layers=3,vocab_size=512,hidden_size=64,intermediate_size=192,moe_intermediate_size=32,"
+                 "n_routed_experts=32,num_experts_per_tok=4,num_attention_heads=4,num_key_value_heads=4")
+
+
+def _top_quarter_share(spec: str) -> list[float]:
+    """Per MoE layer, the share of all top-k choices that went to its most chosen quarter of experts,
+    counted over a forward pass of 1024 random tokens (32 experts, top-4: near the real 64 and top-6)."""
+    model = load_model(SyntheticCheckpoint(spec), dtype=torch.float32)
+    counts: list[torch.Tensor] = []
+
+    def count(gate: MoEGate, inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        counts.append(torch.bincount(output[0].reshape(-1), minlength=gate.weight.shape[0]))
+
+    for moe in model.moe_layers():
+        moe.gate.register_forward_hook(count)
+    tokens = torch.randint(0, 512, (4, 256), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model(tokens)
+    quarter = model.config.n_routed_experts // 4
+    return [float(c.sort(descending=True).values[:quarter].sum() / c.sum()) for c in counts]
+
+
+def test_skewed_synthetic_router_concentrates_the_routing():
+    even, skewed = _top_quarter_share(FIXTURE_SIZED), _top_quarter_share(FIXTURE_SIZED + ",skew=1")
+    assert len(even) == len(skewed) == 2  # two MoE layers (the first layer is dense)
+    # Even routing: a quarter, plus what sampling noise and a random model's own leaning add (0.32-0.37 seen).
+    assert all(0.25 <= share < 0.4 for share in even), even
+    assert all(share > 0.6 for share in skewed), skewed  # 0.65 seen
+
+
+def test_skew_is_recorded_and_checked():
+    assert parse_spec("16b:layers=2,skew=1.5")["dsmoe_synthetic_skew"] == 1.5
+    assert "dsmoe_synthetic_skew" not in parse_spec("16b:layers=2,skew=0")
+    for bad in ("skew=-1", "skew=x", "skew=inf", "skew=nan"):
+        with pytest.raises(UsageError, match="bad synthetic option"):
+            parse_spec(f"16b:{bad}")
+    # Only the gates change: the other weights are those of the unskewed checkpoint.
+    plain, skewed = SyntheticCheckpoint(FIXTURE_SIZED), SyntheticCheckpoint(FIXTURE_SIZED + ",skew=1")
+    for name in plain.tensor_names():
+        assert torch.equal(plain.get(name), skewed.get(name)) != name.endswith("mlp.gate.weight"), name

@@ -49,8 +49,13 @@ def _header_declarations() -> dict[str, tuple[str, list[str]]]:
     return found
 
 
+def _function_pointer_types() -> set[str]:
+    """The header's function-pointer typedefs (a callback travels as an address)."""
+    return set(re.findall(r"typedef\s+\w+\s*\(\s*\*\s*(\w+)\s*\)", HEADER.read_text()))
+
+
 def _ctype(parameter: str) -> type:
-    if "*" in parameter:
+    if "*" in parameter or parameter.split()[0] in _function_pointer_types():
         return ct.c_void_p
     words = parameter.replace("const", " ").split()
     return C_TYPES[words[0]]

@@ -73,6 +73,7 @@ def test_as_dict_is_plain_data():
         "hit_rate": 0.5,
         "prefetch_accuracy": 0.5,
         "bytes_per_token": {"disk->ram": 150.0, "ram->cuda:0": 30.0},
+        "link_bytes_per_s": {},  # _filled counts bytes with ``moved``, untimed
         "layers": {
             1: {"hits": 3, "misses": 1, "host_runs": 0, "predicted": 4, "predicted_used": 3, "prefetched": 2},
             2: {"hits": 1, "misses": 3, "host_runs": 2, "predicted": 2, "predicted_used": 0, "prefetched": 0},
@@ -127,3 +128,26 @@ def test_only_hits_or_only_misses():
 
 def test_repr_shows_the_counts_not_the_lock():
     assert "lock" not in repr(StoreStats()) and "tokens=0" in repr(StoreStats())
+
+
+def test_overlapping_transfers_count_their_busy_time_once(monkeypatch):
+    # Two reads in flight together from t=1 (the first starts) to t=6 (the last ends), one alone
+    # over [10, 11]: busy 5 + 1 = 6 s for 300 bytes, 50 bytes/s. The clock is read only when the
+    # link goes busy or idle; the bytes count when each read ends.
+    from dsmoe.offload import stats as stats_module
+    from dsmoe.offload.stats import StoreStats
+
+    clock = iter([1.0, 6.0, 10.0, 11.0])
+    monkeypatch.setattr(stats_module.time, "perf_counter", lambda: next(clock))
+    stats = StoreStats()
+    first, second, third = (stats.transfer("disk->ram", n) for n in (100, 150, 50))
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert stats.link_bytes == {"disk->ram": 100} and stats.link_busy_seconds == {}
+    second.__exit__(None, None, None)
+    assert stats.link_busy_seconds == {"disk->ram": 5.0}
+    with third:
+        pass
+    assert stats.link_busy_seconds == {"disk->ram": 6.0}
+    assert stats.link_bandwidth("disk->ram") == 50.0 and stats.link_bandwidth("ram->cuda:0") is None

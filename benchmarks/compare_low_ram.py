@@ -48,10 +48,11 @@ GiB = 2**30
 GB = 1e9
 CAP_FRACTIONS = (0.75, 0.5)
 # ``--max-ram`` bounds dsmoe's resident set; the cgroup charges more than that: the page cache of
-# the checkpoint's buffered reads (reclaimable, but only by re-reading) and the kernel's own memory
-# for the process (page tables, slab). The issue's measurements ran a 2.0 GiB cap with --max-ram
-# 1.6 GB and 1.4 GiB with 1.0 GB: about half a gigabyte between the two, kept here.
-CAP_MARGIN = 512 * 2**20
+# the resident weights' buffered reads at load (reclaimable) and the kernel's own memory for the
+# process (page tables, slab). Experts come from the expert pack with direct reads, which add no
+# page cache, so a quarter of a gigabyte is left over (the issue's runs, before the pack, left
+# half a gigabyte: a 2.0 GiB cap with --max-ram 1.6 GB).
+CAP_MARGIN = 256 * 2**20
 DSMOE_MODES = ("budget", "fit")
 OOM_EXIT = 128 + 9  # SIGKILL, which the OOM killer sends
 CGROUP_ROOT = Path("/sys/fs/cgroup")

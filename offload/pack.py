@@ -8,8 +8,8 @@ them (4-bit: dsmoe's native nibble layout with fp32 block scales; 8-bit: int8 ro
 scales), padded to ``ALIGN`` bytes, so a read can bypass the page cache (``O_DIRECT``: under a
 memory cgroup the page cache counts against the cap, and a buffered read would hold each expert
 twice). ``ExpertSlots`` gives each MoE layer a fixed number of slots in memory of its own, each
-with modules built once over that memory: a miss overwrites a slot's bytes in place, so the
-modules and the native kernels bound to their addresses stay valid.
+with modules built once over that memory (their runtime scales included): a miss overwrites a
+slot's bytes in place, so the modules and the native kernels bound to their addresses stay valid.
 
 A pack is written once, on first use, into ``$DSMOE_CACHE/experts`` (default
 ``~/.cache/dsmoe/experts``), beside the quantized-checkpoint cache and keyed the same way.
@@ -40,7 +40,7 @@ from dsmoe.quant import Linear4bit, Linear8bit
 from dsmoe.quant.cache import source_identity
 from dsmoe.quant.spec import QuantSpec
 
-PACK_FORMAT = 1
+PACK_FORMAT = 2
 """Raised when a record's layout changes, so packs of an older layout are no longer found."""
 ALIGN = 4096
 """Record alignment in the file and in memory: what O_DIRECT needs on the usual 4 KiB-block disks."""
@@ -53,7 +53,7 @@ SYNC_EVERY = 64 * 2**20
 """Bytes written between flushes while packing: written pages are then dropped from the page cache,
 which a memory cgroup would otherwise charge to the process."""
 
-_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32}
+_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def pack_root() -> Path:
@@ -111,9 +111,11 @@ def _tensors_of(module: nn.Module) -> dict[tuple[str, str], torch.Tensor] | None
             out[(proj, "weight")] = linear.weight
             out[(proj, "absmax")] = linear._absmax_f32()
             out[(proj, "quant_map")] = linear.quant_map.float()
+            out[(proj, "runtime_absmax")] = linear.runtime_absmax
         elif isinstance(linear, Linear8bit) and linear.native:
             out[(proj, "weight")] = linear.weight
             out[(proj, "SCB")] = linear.SCB
+            out[(proj, "scale")] = linear.scale
         else:
             return None
     return out
@@ -300,11 +302,7 @@ class ExpertSlots:
             self._where[(layer, expert)] = slot
         size = self.layout.record_bytes
         self.reader.read(layer, expert, memoryview(self._memory[layer])[slot * size: (slot + 1) * size])
-        module = self._module(layer, slot)
-        with torch.no_grad():
-            for proj in PROJECTIONS:
-                getattr(module, proj).refresh_scales()
-        return module
+        return self._module(layer, slot)
 
     def release(self, layer: int, expert: int) -> None:
         with self._lock:
@@ -316,8 +314,8 @@ class ExpertSlots:
         key = (layer, slot)
         module = self._modules.get(key)
         if module is None:
-            # Normal tensors, never inference ones: a slot is refilled in place from any thread,
-            # inside generation's inference mode or not.
+            # Normal tensors, as the loader's: a slot built during generation would otherwise hold
+            # inference tensors, which no later code outside inference mode may touch.
             with building_detached(), torch.inference_mode(False):
                 module = self._build(layer, slot)
             with self._lock:
@@ -338,12 +336,17 @@ class ExpertSlots:
         module.requires_grad_(False)
         for proj in PROJECTIONS:
             shape = (layout.inter, layout.hidden) if proj != "down_proj" else (layout.hidden, layout.inter)
+            # The runtime scales are the record's too: a refill needs no arithmetic on the reader
+            # threads, whose torch ops would start thread teams beside the compute's (prefill ran
+            # 15% slower when the scales were recomputed after each read).
             if layout.bits == 4:
                 state = _PackedState(torch.Size(shape), layout.quant_type, layout.blocksize, self.compute_dtype,
                                      views[(proj, "absmax")], views[(proj, "quant_map")])
                 linear: nn.Module = Linear4bit(views[(proj, "weight")], state, self.compute_dtype, layout="native")
+                linear.register_buffer("runtime_absmax", views[(proj, "runtime_absmax")], persistent=False)
             else:
                 linear = Linear8bit(views[(proj, "weight")], views[(proj, "SCB")], self.compute_dtype)
+                linear.register_buffer("scale", views[(proj, "scale")], persistent=False)
             module._modules[proj] = linear
         return module
 

@@ -47,11 +47,6 @@ class QuantLinear(nn.Module, abc.ABC):
         """Rebuild whatever runtime layout depends on the device."""
 
     @abc.abstractmethod
-    def refresh_scales(self) -> None:
-        """The stored scales were overwritten in place (an expert slot refilled from disk): recompute
-        the runtime scales into the same memory, so kernels bound to their addresses stay valid."""
-
-    @abc.abstractmethod
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor suffixes (``weight``, ``weight.absmax``, ``SCB``, ...) -> CPU tensors."""
 
@@ -151,9 +146,6 @@ class Linear4bit(QuantLinear):
             return absmax.view(self.out_features, -1).t().to(torch.bfloat16).contiguous()
         return absmax
 
-    def refresh_scales(self) -> None:
-        self.runtime_absmax.copy_(self._runtime_scales())
-
     def kernel(self, rows: int) -> str:
         """The kernel a call with ``rows`` input rows runs."""
         if self.layout != "standard":
@@ -237,9 +229,6 @@ class Linear8bit(QuantLinear):
                              persistent=False)
         self.native = (device.type == "cpu" and self.compute_dtype == torch.bfloat16
                        and self.in_features % ACT_BLOCK == 0 and native_library() is not None)
-
-    def refresh_scales(self) -> None:
-        torch.div(self.SCB, 127.0, out=self.scale)
 
     def kernel(self, rows: int) -> str:
         if self.weight.device.type == "cuda":

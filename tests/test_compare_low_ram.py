@@ -93,7 +93,7 @@ def test_caps_and_budgets_by_hand():
     # 75% and 50% of 2.8 GB, then 6 GiB.
     assert low.caps(2_800_000_000, [0.75, 0.5], [6]) == [
         ("75% of the model", 2_100_000_000), ("50% of the model", 1_400_000_000), ("6 GiB", 6 * 1024**3)]
-    assert low.budget_for(2 * 1024**3) == 2 * 1024**3 - 512 * 1024**2  # the 0.5 GiB margin
+    assert low.budget_for(2 * 1024**3) == 2 * 1024**3 - 256 * 1024**2  # the 0.25 GiB margin
     with pytest.raises(SystemExit, match="leaves no budget"):
         low.budget_for(256 * 1024**2)
 

@@ -127,9 +127,10 @@ def test_every_expert_in_a_slot_runs_the_resident_weights_natively(small_path, p
 
 def test_record_size_is_the_kernels_bytes_rounded_to_the_alignment(small_path):
     # 4-bit: per projection the nibbles (64 x 128 / 2 = 4096 bytes), fp32 scales per block of 64
-    # (8192 / 64 x 4 = 512 bytes) and the 16-entry codebook (64 bytes): 3 x 4672 = 14016, one
-    # record of 16384 bytes (4 KiB aligned). 8-bit: int8 weights (8192) and one fp32 scale a row
-    # (64 x 4 or 128 x 4, padded to 64 bytes): 3 x 8192 + 256 + 256 + 512 = 25600 -> 28672.
+    # (8192 / 64 x 4 = 512 bytes), the 16-entry codebook (64 bytes) and the kernel's bf16 scales
+    # (128 x 2 = 256): 3 x 4928 = 14784, one record of 16384 bytes (4 KiB aligned). 8-bit: int8
+    # weights (8192), the fp32 SCB and scale a row (64 x 4 or 128 x 4 each, padded to 64 bytes):
+    # 3 x 8192 + 2 x (256 + 256 + 512) = 26624 -> 28672.
     want = {4: 16384, 8: 28672}
     for bits, size in want.items():
         _, _, store = load_offloaded(small_path, OffloadOptions(Budgets(max_ram=budget_for(small_path, bits, 2))),

@@ -51,6 +51,10 @@ def _render(result: BenchResult) -> None:
         rows.append((f"{link} per decoded token", f"{human_bytes(moved)}{plan}"))
     if result.expert_host_runs:
         rows.append(("misses run on the host", str(result.expert_host_runs)))
+    for link, rate in (result.link_bytes_per_s or {}).items():
+        probe = result.disk_probe_bytes_per_s if link.startswith("disk") else None
+        device = f" (the disk alone: {human_bytes(probe)}/s)" if probe else ""
+        rows.append((f"{link} while reading", f"{human_bytes(rate)}/s{device}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(full_width(table))

@@ -84,6 +84,10 @@ class DiskExperts:
         # Opened up front: the prefetch thread and the main thread read concurrently.
         self._fds = {shard: os.open(shard, os.O_RDONLY) for shard in {s.shard for s in spans.values()}}
 
+    def files(self) -> list[Path]:
+        """The shards holding routed experts."""
+        return sorted(self._fds)
+
     def keys(self) -> list[tuple[int, int]]:
         """Every (layer, expert) the checkpoint holds, in order."""
         return sorted(self._spans)

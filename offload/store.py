@@ -19,6 +19,7 @@ import abc
 import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from dsmoe.model.deepseek import MLP, DeepseekForCausalLM, MoE
 from dsmoe.model.layer_plan import building_detached
 from dsmoe.quant.linear import SwiGLUKernel
 from dsmoe.offload.disk import DiskExperts
-from dsmoe.offload.pack import ExpertSlots
+from dsmoe.offload.pack import DATA, ExpertSlots
 from dsmoe.offload.plan import Plan
 from dsmoe.offload.policies import LayerCache
 from dsmoe.offload.stats import StoreStats
@@ -96,6 +97,10 @@ class Source(abc.ABC):
     def release(self, layer: int, expert: int) -> None:
         """The store evicted this expert: memory the source lent it may be reused."""
 
+    def files(self) -> list[Path]:
+        """The files experts are read from (none: they are in memory)."""
+        return []
+
     def close(self) -> None:
         """Release files and memory."""
 
@@ -131,6 +136,9 @@ class DiskSource(Source):
     def nbytes(self, layer: int, expert: int) -> int:
         return self.disk.nbytes(layer, expert)
 
+    def files(self) -> list[Path]:
+        return self.disk.files()
+
     def close(self) -> None:
         self.disk.close()
 
@@ -153,6 +161,9 @@ class PackedSource(Source):
 
     def release(self, layer: int, expert: int) -> None:
         self.slots.release(layer, expert)
+
+    def files(self) -> list[Path]:
+        return [self.slots.reader.entry / DATA]
 
     def close(self) -> None:
         self.slots.close()
@@ -182,6 +193,9 @@ class RamCachedSource(Source):
 
     def count_into(self, stats: StoreStats) -> None:
         self.disk.count_into(stats)
+
+    def files(self) -> list[Path]:
+        return self.disk.files()
 
     def close(self) -> None:
         self.modules.clear()

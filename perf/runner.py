@@ -17,6 +17,7 @@ import torch
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, DeepseekForCausalLM, parameter_counts
 from dsmoe.native.library import native_kernels_in_use
 from dsmoe.offload import ExpertStore
+from dsmoe.offload.bandwidth import disk_bandwidth
 
 
 @dataclass
@@ -43,6 +44,11 @@ class BenchResult:
     """The plan's figure for the same links, assuming even routing (``Plan.expected_link_bytes``)."""
     expert_host_runs: int | None
     """Misses the store's cost model ran where the expert lives instead of copying it in."""
+    link_bytes_per_s: dict[str, float] | None = None
+    """Per link, bytes per second while a transfer over it was in flight (the measured pass)."""
+    disk_probe_bytes_per_s: float | None = None
+    """The device's own read speed under the disk tier's files (``offload.bandwidth``), to set the
+    tier's ``disk->ram`` figure against."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,4 +159,8 @@ def run_benchmark(
             for link, moved in sorted(store.stats.link_bytes.items())},
         expected_link_bytes_per_token=None if store is None else store.plan.expected_link_bytes(),
         expert_host_runs=None if store is None else sum(s.host_runs for s in store.stats.layers.values()),
+        link_bytes_per_s=None if store is None else {
+            link: rate for link in sorted(store.stats.link_busy_seconds)
+            if (rate := store.stats.link_bandwidth(link)) is not None},
+        disk_probe_bytes_per_s=disk_bandwidth(files) if store is not None and (files := store.source.files()) else None,
     )

@@ -234,3 +234,18 @@ def test_a_prompt_bigger_than_the_slots_reads_its_next_experts_ahead(small_path,
     assert fills.count(True) > prefetched and len(fills) == store.stats.misses() + prefetched
     assert store.stats.link_bytes["disk->ram"] == len(fills) * store.source.nbytes(1, 0)
     store.detach()
+
+
+def test_bench_reports_the_tiers_read_speed_beside_the_disks(small_path):
+    from dsmoe.perf.runner import run_benchmark
+
+    model, _, store = load_offloaded(small_path, OffloadOptions(Budgets(max_ram=budget_for(small_path, 4, 2))),
+                                     bits=4, resources=ROOMY)
+    result = run_benchmark(model, "small", 4, 0.0, prompt_tokens=16, new_tokens=4, store=store)
+    assert set(result.link_bytes_per_s or {}) == {"disk->ram"} and result.link_bytes_per_s["disk->ram"] > 0
+    assert result.disk_probe_bytes_per_s is not None and result.disk_probe_bytes_per_s > 0
+    assert store.source.files() == [store.source.slots.reader.entry / DATA]
+    resident, _ = load(small_path, bits=4, no_cache=True)
+    plain = run_benchmark(resident, "small", 4, 0.0, prompt_tokens=16, new_tokens=4)
+    assert plain.link_bytes_per_s is None and plain.disk_probe_bytes_per_s is None
+    store.detach()

@@ -30,7 +30,6 @@ class ExpertHolder(Protocol):
         """Expert ``expert`` of ``layer`` on its tokens ``x``."""
 
 
-
 class NativeExpertHolder(ExpertHolder, Protocol):
     """A holder that also feeds the native decode step (optional: without these methods, layers
     whose experts it holds run their modules)."""

@@ -37,7 +37,7 @@ from dsmoe.errors import CheckpointError
 from dsmoe.model.deepseek import MLP
 from dsmoe.model.layer_plan import building_detached
 from dsmoe.quant import Linear4bit, Linear8bit
-from dsmoe.quant.cache import source_identity
+from dsmoe.quant.cache import clear_stale_staging, source_identity
 from dsmoe.quant.spec import QuantSpec
 
 PACK_FORMAT = 2
@@ -173,6 +173,7 @@ def write_pack(build: Callable[[int, int], nn.Module], keys: list[tuple[int, int
     the experts have no packable format, OSError when the disk refuses.
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_staging(entry)  # a writer killed mid-pack left gigabytes behind
     staging = entry.with_name(f".{entry.name}.staging-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

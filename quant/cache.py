@@ -128,7 +128,7 @@ def quantized_bytes(checkpoint: Checkpoint, spec: QuantSpec) -> int:
     return total
 
 
-def _clear_stale_staging(entry: Path) -> None:
+def clear_stale_staging(entry: Path) -> None:
     """Remove the staging folders of writers of this entry that were killed (their process is gone)."""
     prefix = f".{entry.name}.staging-"
     for path in entry.parent.glob(f"{prefix}*"):
@@ -157,7 +157,7 @@ def write_entry(checkpoint: Checkpoint, spec: QuantSpec, entry: Path, replaced: 
     if free < need + SPACE_MARGIN:
         return not_written(f"{free / 1e9:.1f} GB free in {entry.parent}, the quantized copy needs "
                            f"{need / 1e9:.1f} GB and {SPACE_MARGIN / 1e9:.1f} GB are kept free")
-    _clear_stale_staging(entry)
+    clear_stale_staging(entry)
     staging = entry.with_name(f".{entry.name}.staging-{os.getpid()}")
     try:
         shutil.rmtree(staging, ignore_errors=True)

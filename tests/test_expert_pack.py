@@ -249,3 +249,29 @@ def test_bench_reports_the_tiers_read_speed_beside_the_disks(small_path):
     plain = run_benchmark(resident, "small", 4, 0.0, prompt_tokens=16, new_tokens=4)
     assert plain.link_bytes_per_s is None and plain.disk_probe_bytes_per_s is None
     store.detach()
+
+
+def test_a_killed_writers_staging_folder_is_cleared(small_path):
+    """A writer that died mid-pack leaves its staging folder; the next writer removes it."""
+    import shutil
+
+    options = OffloadOptions(Budgets(max_ram=budget_for(small_path, 8, 2)))
+    _, _, store = load_offloaded(small_path, options, bits=8, resources=ROOMY)
+    entry = store.source.slots.reader.entry
+    store.detach()
+    stale = entry.with_name(f".{entry.name}.staging-{_finished_pid()}-1")
+    stale.mkdir()
+    (stale / DATA).write_bytes(b"partial")
+    shutil.rmtree(entry)
+    _, _, again = load_offloaded(small_path, options, bits=8, resources=ROOMY)
+    assert not stale.exists() and read_manifest(entry) is not None
+    again.detach()
+
+
+def _finished_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

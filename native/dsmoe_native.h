@@ -126,8 +126,9 @@ int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m
                     const uint16_t *x, const uint8_t *w, const uint16_t *scales, uint16_t *out);
 
 /* A 4-bit weight [n, k] from bitsandbytes' standard nibbles (n * k / 2 bytes, row-major, high
- * nibble first) into the native layout the kernels above read. -1 unless n is a multiple of
- * DSMOE_TILE_ROWS and k of 4. */
+ * nibble first) into the native layout the kernels above read. standard and native may be the
+ * same buffer: a loaded weight is then repacked in place, with no second copy to allocate and
+ * fault in. -1 unless n is a multiple of DSMOE_TILE_ROWS and k of 4, -2 when out of memory (in place, the buffer is then left half done). */
 int dsmoe_pack_4bit(int64_t n, int64_t k, const uint8_t *standard, uint8_t *native);
 
 /* ---- ops.c: the decode step's other kernels --------------------------------------------------- */

@@ -418,24 +418,49 @@ static void tile_4bit_rows(const uint8_t *tile, const uint16_t *scales, int64_t 
  * byte row 16 + r's code high, row r's low. pack_4bit in quant/kernels.py is the same permutation in
  * torch, the reference and the fallback; this runs at the memory's speed (the torch one was 40%
  * of a stored 4-bit checkpoint's load). */
+/* One tile of 32 rows: standard nibbles -> native layout; the two must not overlap. Output line
+ * by output line (16 row pairs x one column quad), each word built in one 32-bit register from
+ * bytes l0 l1 of row r and h0 h1 of row 16 + r: (h0 & f0 | l0 >> 4), (h0 << 4 | l0 & 0f), and the
+ * same for l1, h1. */
+static void pack_tile(int64_t k, const uint8_t *standard, uint8_t *native) {
+    const int64_t row_bytes = k / 2, pairs = TILE_ROWS / 2;
+    for (int64_t q = 0; q < k / 4; q++) {
+        uint32_t *line = (uint32_t *)(native + q * 4 * pairs); /* columns 4q..4q+3 of every row pair */
+        for (int64_t r = 0; r < pairs; r++) {
+            uint16_t lo, hi;
+            memcpy(&lo, standard + r * row_bytes + 2 * q, sizeof lo);
+            memcpy(&hi, standard + (r + pairs) * row_bytes + 2 * q, sizeof hi);
+            /* each source byte twice: bytes (b0, b0, b1, b1) */
+            const uint32_t l = (lo & 0xffu) * 0x0101u | (uint32_t)(lo >> 8) * 0x01010000u;
+            const uint32_t h = (hi & 0xffu) * 0x0101u | (uint32_t)(hi >> 8) * 0x01010000u;
+            const uint32_t word = (h & 0x00f000f0u) | ((h << 4) & 0xf000f000u) | ((l >> 4) & 0x000f000fu) |
+                                  (l & 0x0f000f00u);
+            memcpy(line + r, &word, sizeof word);
+        }
+    }
+}
+
 int dsmoe_pack_4bit(int64_t n, int64_t k, const uint8_t *standard, uint8_t *native) {
     if (n % TILE_ROWS || k % 4) return -1;
-    const int64_t row_bytes = k / 2, pairs = TILE_ROWS / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n / TILE_ROWS; t++)
-        for (int64_t r = 0; r < pairs; r++) {
-            const uint8_t *low = standard + (t * TILE_ROWS + r) * row_bytes, *high = low + pairs * row_bytes;
-            uint8_t *dst = native + t * TILE_ROWS * row_bytes + 4 * r;
-            for (int64_t q = 0; q < k / 4; q++) {
-                const uint8_t l0 = low[2 * q], l1 = low[2 * q + 1], h0 = high[2 * q], h1 = high[2 * q + 1];
-                uint8_t *word = dst + q * 4 * pairs; /* columns 4q..4q+3 of this row pair */
-                word[0] = (uint8_t)((h0 & 0xf0) | (l0 >> 4));
-                word[1] = (uint8_t)((h0 << 4) | (l0 & 0x0f));
-                word[2] = (uint8_t)((h1 & 0xf0) | (l1 >> 4));
-                word[3] = (uint8_t)((h1 << 4) | (l1 & 0x0f));
-            }
+    const int64_t tile_bytes = TILE_ROWS * (k / 2);
+    const int in_place = standard == native;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        /* In place, each tile is copied aside first: a tile's bytes stay within the tile, so the
+         * copy (32 rows, in L2) is all the extra memory the repack needs. */
+        uint8_t *aside = in_place ? malloc((size_t)tile_bytes) : NULL;
+        failed = in_place && !aside;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n / TILE_ROWS; t++) {
+            if (failed) continue;
+            const uint8_t *from = standard + t * tile_bytes;
+            if (in_place) from = memcpy(aside, from, (size_t)tile_bytes);
+            pack_tile(k, from, native + t * tile_bytes);
         }
-    return 0;
+        free(aside);
+    }
+    return failed ? -2 : 0;
 }
 
 /* ---- MLPs for one token --------------------------------------------------------------------- */

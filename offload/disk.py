@@ -130,7 +130,7 @@ class DiskExperts:
             if weight is None:
                 raise CheckpointError(f"{self.path}: tensor {name}.weight is missing from the checkpoint")
             if self.stored is not None and weight.dtype in (torch.uint8, torch.int8):
-                setattr(module, proj, linear_from_tensors(tensors, name, self.stored, self.dtype))
+                setattr(module, proj, linear_from_tensors(tensors, name, self.stored, self.dtype, own=True))
             elif self.quantize is not None:
                 setattr(module, proj, quantize_linear(weight, self.quantize, self.dtype))
             else:

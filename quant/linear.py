@@ -23,6 +23,7 @@ from dsmoe.native.library import (ACT_BLOCK, DTYPE_BF16, DTYPE_F16, DTYPE_F32, M
                                   check_status, native_library)
 from dsmoe.quant import kernels
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
+from dsmoe.quant.state import FourBitState, NestedState, codebook, state_from_tensors
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
 
@@ -37,6 +38,8 @@ class QuantLinear(nn.Module, abc.ABC):
     def _apply(self, fn, recurse=True):
         # model.to(torch.float16) must not round absmax or scales: only follow the device.
         device = fn(torch.empty(0)).device
+        if all(buf is None or buf.device == device for buf in self._buffers.values()):
+            return self  # nothing moves: the runtime layout stands (rebuilding it was 1.5 s of a load)
         for name, buf in list(self._buffers.items()):
             if buf is not None:  # register_buffer tells decode plans (model/layer_plan.py) the weights moved
                 self.register_buffer(name, buf.to(device), persistent=name not in self._non_persistent_buffers_set)
@@ -71,9 +74,12 @@ class Linear4bit(QuantLinear):
     runtime_absmax: torch.Tensor
     native_codebook: kernels.Codebook | None
 
-    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype, layout: str = "standard") -> None:
+    def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype, layout: str = "standard",
+                 repack_in_place: bool = False) -> None:
         """``layout`` names the layout ``packed`` is already in ("native": dsmoe's kernel layout, as an
-        expert pack stores it, so nothing is repacked); standard bitsandbytes nibbles by default."""
+        expert pack stores it, so nothing is repacked); standard bitsandbytes nibbles by default.
+        ``repack_in_place``: ``packed`` is this module's alone, so the repack to the kernel's layout
+        may rewrite it rather than fill a copy (``kernels.pack_4bit``)."""
         super().__init__()
         out_features, in_features = (int(d) for d in state.shape)
         self.in_features, self.out_features = in_features, out_features
@@ -94,7 +100,7 @@ class Linear4bit(QuantLinear):
             self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
             self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
         self.layout = layout
-        self._on_device_change()
+        self._on_device_change(repack_in_place)
 
     def _quant_state(self):
         """The bitsandbytes QuantState of the stored (standard) form."""
@@ -110,6 +116,17 @@ class Linear4bit(QuantLinear):
                           code=self.quant_map, blocksize=self.blocksize, quant_type=self.quant_type,
                           dtype=self.stored_dtype, offset=offset, state2=nested)
 
+    def _state(self) -> FourBitState:
+        """The stored form's state, without bitsandbytes (``_quant_state`` is its QuantState)."""
+        nested = None
+        offset = None
+        if self.double_quant:
+            nested = NestedState(self.nested_absmax, self.nested_quant_map, self.nested_blocksize, self.nested_dtype)
+            offset = torch.tensor(self.nested_offset)
+        return FourBitState(shape=torch.Size(self.shape), quant_type=self.quant_type, blocksize=self.blocksize,
+                            dtype=self.stored_dtype, absmax=self.absmax, code=self.quant_map, offset=offset,
+                            state2=nested)
+
     def _absmax_f32(self) -> torch.Tensor:
         if not self.double_quant:
             return self.absmax.float()
@@ -118,19 +135,24 @@ class Linear4bit(QuantLinear):
         state = self._quant_state()
         return (dequantize_blockwise(self.absmax, state.state2) + state.offset).float()
 
-    def _on_device_change(self) -> None:
+    def _on_device_change(self, repack_in_place: bool = False) -> None:
         device = self.weight.device
         packable = (device.type == "cpu" and self.compute_dtype == torch.bfloat16
                     and kernels.can_pack_for_cpu(self.out_features, self.in_features, self.blocksize))
         # dsmoe's kernel (AVX512-VNNI or AVX2): whole 64-wide activation blocks, each under one absmax.
         native = (packable and self.in_features % ACT_BLOCK == 0
                   and self.blocksize % ACT_BLOCK == 0 and kernels.native_4bit_available())
-        bnb_cpu = packable and kernels.cpu_4bit_kernel_available()  # bitsandbytes' needs AVX512-BF16
+        # bitsandbytes' kernel needs AVX512-BF16; asked only without ours (importing it costs ~2 s).
+        bnb_cpu = packable and not native and kernels.cpu_4bit_kernel_available()
         want = "native" if native else "cpu" if bnb_cpu else "standard"
         if want != self.layout:
             n, k = self.out_features, self.in_features
-            standard = self.weight if self.layout == "standard" else kernels.unpack_4bit(self.weight, self.layout, n, k)
-            self.weight = standard if want == "standard" else kernels.pack_4bit(standard, want, n, k)
+            own = repack_in_place and self.layout == "standard"
+            if self.layout != "standard":
+                standard, own = kernels.unpack_4bit(self.weight, self.layout, n, k), True  # a fresh tensor
+            else:
+                standard = self.weight
+            self.weight = standard if want == "standard" else kernels.pack_4bit(standard, want, n, k, in_place=own)
             self.layout = want
         self.native_codebook = kernels.native_codebook(self.quant_type) if native else None
         self._cpu_entry = kernels.cpu_4bit_entry(self.quant_type) if self.layout == "cpu" else None
@@ -201,7 +223,7 @@ class Linear4bit(QuantLinear):
         if self.layout != "standard":
             weight = kernels.unpack_4bit(weight, self.layout, self.out_features, self.in_features)
         tensors = {"weight": weight}
-        for key, value in self._quant_state().as_dict(packed=True).items():
+        for key, value in self._state().as_tensors().items():
             tensors["weight." + key] = value
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -394,9 +416,7 @@ def _native_quantizer(weight: torch.Tensor) -> ct.CDLL | None:
 def codebook_buckets(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The 4-bit codebook as bitsandbytes' quantize_4bit searches it: the midpoints between its
     sorted entries (fp32) and the stored code of each bucket between them (uint8)."""
-    from bitsandbytes.functional import get_4bit_type
-
-    code = get_4bit_type(quant_type, device="cpu")
+    code = codebook(quant_type)
     order = torch.argsort(code)
     midpoints = (code[order[:-1]] + code[order[1:]]) / 2
     return midpoints.contiguous(), order.to(torch.uint8).contiguous()
@@ -427,19 +447,20 @@ def quantize_int8_native(lib: ct.CDLL, weight: torch.Tensor) -> tuple[torch.Tens
     return q, scb
 
 
-def _quant_state_of(absmax: torch.Tensor, weight: torch.Tensor, spec: QuantSpec):
-    """The QuantState bitsandbytes' ``quantize_4bit`` builds around these absmax; with double
+def _quant_state_of(absmax: torch.Tensor, weight: torch.Tensor, spec: QuantSpec) -> FourBitState:
+    """The state bitsandbytes' ``quantize_4bit`` builds around these absmax; with double
     quantization, its own ``quantize_blockwise`` compresses them (they are 1/blocksize of the weight)."""
-    from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
-
-    code = get_4bit_type(spec.quant_type, device=weight.device)
+    code = codebook(spec.quant_type).to(weight.device)
     if not spec.double_quant:
-        return QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=spec.blocksize, code=code,
-                          quant_type=spec.quant_type)
+        return FourBitState(shape=weight.shape, quant_type=spec.quant_type, blocksize=spec.blocksize,
+                            dtype=weight.dtype, absmax=absmax, code=code)
+    from bitsandbytes.functional import quantize_blockwise
+
     offset = absmax.mean()
     qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
-    return QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=spec.blocksize, code=code,
-                      quant_type=spec.quant_type, offset=offset, state2=state2)
+    nested = NestedState(state2.absmax, state2.code, int(state2.blocksize), state2.dtype)
+    return FourBitState(shape=weight.shape, quant_type=spec.quant_type, blocksize=spec.blocksize, dtype=weight.dtype,
+                        absmax=qabsmax, code=code, offset=offset, state2=nested)
 
 
 def quantize_linear(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> QuantLinear:
@@ -457,12 +478,12 @@ def quantize_linear(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.
     source = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.float()
     if lib is not None and spec.blocksize <= MAX_QUANT_BLOCK:
         packed, absmax = quantize_4bit_native(lib, source, spec.blocksize, spec.quant_type)
-        return Linear4bit(packed, _quant_state_of(absmax, source, spec), compute_dtype)
+        return Linear4bit(packed, _quant_state_of(absmax, source, spec), compute_dtype, repack_in_place=True)
     from bitsandbytes.functional import quantize_4bit
 
     packed, state = quantize_4bit(source.contiguous(), blocksize=spec.blocksize,
                                   compress_statistics=spec.double_quant, quant_type=spec.quant_type)
-    return Linear4bit(packed, state, compute_dtype)
+    return Linear4bit(packed, state, compute_dtype, repack_in_place=True)
 
 
 def quantized_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -473,24 +494,26 @@ def quantized_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]
 
 
 def linear_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec,
-                        compute_dtype: torch.dtype) -> QuantLinear:
+                        compute_dtype: torch.dtype, own: bool = False) -> QuantLinear:
     """The module stored under ``prefix`` (written by dsmoe or transformers), without re-quantizing.
 
     The tensors themselves say which format they hold (``SCB`` for 8-bit, a packed quant state for
-    4-bit); ``spec`` is the checkpoint's declared format, which they must agree with.
+    4-bit); ``spec`` is the checkpoint's declared format, which they must agree with. ``own``: the
+    tensors were read for this call alone, so the module keeps them (a 4-bit weight is repacked in
+    place) instead of copies; the caller must not use them afterwards.
     """
     weight = tensors.get(f"{prefix}.weight")
     if weight is None:
         raise CheckpointError(f"tensor {prefix}.weight is missing")
     if f"{prefix}.SCB" in tensors:
-        return _int8_from_tensors(tensors, prefix, weight, compute_dtype)
+        return _int8_from_tensors(tensors, prefix, weight, compute_dtype, own)
     if spec.bits == 8:
         raise CheckpointError(f"{prefix}: the checkpoint declares 8-bit but {prefix}.SCB is missing")
-    return _4bit_from_tensors(tensors, prefix, weight, compute_dtype)
+    return _4bit_from_tensors(tensors, prefix, weight, compute_dtype, own)
 
 
 def _int8_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: torch.Tensor,
-                       compute_dtype: torch.dtype) -> Linear8bit:
+                       compute_dtype: torch.dtype, own: bool) -> Linear8bit:
     scb = tensors[f"{prefix}.SCB"]
     layout = tensors.get(f"{prefix}.weight_format")
     if layout is not None and int(layout.reshape(-1)[0]) != 0:
@@ -499,13 +522,12 @@ def _int8_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
         raise CheckpointError(f"{prefix}.weight: expected a 2-D int8 tensor, got {weight.dtype} {list(weight.shape)}")
     if scb.dim() != 1 or scb.shape[0] != weight.shape[0] or not scb.is_floating_point():
         raise CheckpointError(f"{prefix}.SCB: expected {weight.shape[0]} floats, got {scb.dtype} {list(scb.shape)}")
-    return Linear8bit(weight.clone(), scb.float().clone(), compute_dtype)
+    scb = scb.float()
+    return Linear8bit(weight if own else weight.clone(), scb if own else scb.clone(), compute_dtype)
 
 
 def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: torch.Tensor,
-                       compute_dtype: torch.dtype) -> Linear4bit:
-    from bitsandbytes.functional import QuantState, get_4bit_type
-
+                       compute_dtype: torch.dtype, own: bool) -> Linear4bit:
     base = f"{prefix}.weight."
     parts = {name[len(base):]: t for name, t in tensors.items() if name.startswith(base)}
     packed_states = [k for k in parts if k.startswith(_QS_PREFIX)]
@@ -515,8 +537,8 @@ def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
     if quant_type not in FOUR_BIT_TYPES:
         raise CheckpointError(f"{prefix}: unsupported 4-bit type {quant_type!r}")
     try:
-        state = QuantState.from_dict({k: v.clone() for k, v in parts.items()}, device=torch.device("cpu"))
-    except (ValueError, KeyError, AssertionError, AttributeError, TypeError) as exc:
+        state = state_from_tensors(parts if own else {k: v.clone() for k, v in parts.items()})
+    except ValueError as exc:
         raise CheckpointError(f"{prefix}: unreadable 4-bit quant state ({exc})") from None
     if state.shape is None or len(state.shape) != 2:
         raise CheckpointError(f"{prefix}: 4-bit weight must be 2-D, quant state says {state.shape}")
@@ -528,12 +550,11 @@ def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
     blocks = -(-numel // state.blocksize)
     if state.absmax.numel() != blocks:
         raise CheckpointError(f"{prefix}.weight.absmax: expected {blocks} values, got {state.absmax.numel()}")
-    standard = get_4bit_type(state.quant_type, device="cpu")
-    if state.code.numel() != 16 or not torch.allclose(state.code.float(), standard, atol=1e-6):
+    if state.code.numel() != 16 or not torch.allclose(state.code.float(), codebook(state.quant_type), atol=1e-6):
         raise CheckpointError(f"{prefix}.weight.quant_map is not the standard {state.quant_type} codebook")
     if in_features % 2:
         raise CheckpointError(f"{prefix}: odd input width {in_features} is not supported")
-    return Linear4bit(weight.clone(), state, compute_dtype)
+    return Linear4bit(weight if own else weight.clone(), state, compute_dtype, repack_in_place=True)
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> int:

@@ -3,7 +3,12 @@ benchmarks/bench_load_memory.py: a bound on RSS here sat inside the allocator's 
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
+from dsmoe.checkpoint.reader import Checkpoint, read_ahead
+from dsmoe.errors import CheckpointError
 from dsmoe.perf.synthetic import SyntheticCheckpoint
 from dsmoe.model.loader import load_model
 from dsmoe.checkpoint.memory import ReleaseEvery
@@ -48,3 +53,55 @@ def test_a_quantizing_load_releases_freed_memory_as_it_goes(monkeypatch) -> None
     periodic = calls.count("every")
     assert sum(sizes) // (every + max(sizes)) <= periodic <= sum(sizes) // every
     assert periodic >= 3 and calls[-1] == "end"
+
+
+class _CountingCheckpoint:
+    """Twenty 10-byte tensors whose reads and uses are logged in order, the fifth one unreadable."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int]] = []
+
+    def nbytes(self, name: str) -> int:
+        return 10
+
+    def get(self, name: str) -> torch.Tensor:
+        index = int(name)
+        if index == 5:
+            raise CheckpointError(f"tensor {name!r} is truncated")
+        self.log.append(("read", index))
+        return torch.full((1,), index)
+
+
+def test_read_ahead_gives_each_group_in_order_as_get_reads_it(tiny_path) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = Checkpoint(tiny_path)
+    names = checkpoint.tensor_names()
+    groups = [names[i:i + 3] for i in range(0, len(names), 3)]
+    for group, tensors in zip(groups, read_ahead(checkpoint, groups, window=1000), strict=True):
+        assert list(tensors) == group
+        for name in group:
+            assert torch.equal(tensors[name], checkpoint.get(name))
+
+
+def test_read_ahead_stays_within_its_window_and_reports_a_failed_read() -> None:
+    checkpoint = _CountingCheckpoint()
+    groups = [[str(i)] for i in range(5)]
+    for index, tensors in enumerate(read_ahead(checkpoint, groups, window=25)):  # type: ignore[arg-type]
+        time.sleep(0.02)  # time for the reader to run as far ahead as it may
+        assert int(tensors[str(index)]) == index
+        checkpoint.log.append(("used", index))
+    # A window of 25 bytes: the reader starts another tensor while fewer than 25 bytes wait unused,
+    # so at most three (30 bytes) are read and not yet used, the one in use counted: no more, and
+    # it did read that far ahead.
+    reads = used = most = 0
+    for event, _ in checkpoint.log:
+        reads, used = reads + (event == "read"), used + (event == "used")
+        most = max(most, reads - used)
+    assert most == 3
+    with pytest.raises(CheckpointError, match="'5' is truncated"):
+        list(read_ahead(checkpoint, [[str(i)] for i in range(8)], window=25))  # type: ignore[arg-type]
+
+
+def test_a_load_gives_the_threads_back() -> None:
+    torch.set_num_threads(2)
+    load_model(SyntheticCheckpoint(SMALL, seed=0), bits=4, dtype=torch.bfloat16)
+    assert torch.get_num_threads() == 2

@@ -358,3 +358,17 @@ def test_native_repack_is_the_torch_permutation(lib, shape: tuple[int, int]) -> 
     assert torch.equal(kernels.pack_4bit(packed, "native", n, k), kernels.pack_4bit_torch(packed, "native", n, k))
     out = torch.empty(40 * 64 // 2, dtype=torch.uint8)
     assert lib.dsmoe_pack_4bit(40, 64, packed.data_ptr(), out.data_ptr()) == -1  # not whole tiles
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (96, 128), (1408, 2048)])
+def test_the_repack_in_place_rewrites_the_weight_it_was_given(lib, shape: tuple[int, int]) -> None:
+    """A loaded weight repacked in its own memory (no second copy) gives the torch permutation's bytes,
+    tile after tile, with several tiles per thread."""
+    n, k = shape
+    packed = torch.randint(0, 256, (n * k // 2, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    expected = kernels.pack_4bit_torch(packed, "native", n, k)
+    given = packed.clone()
+    native = kernels.pack_4bit(given, "native", n, k, in_place=True)
+    assert native.data_ptr() == given.data_ptr()
+    assert torch.equal(native, expected)
+    assert torch.equal(packed.view(n, k // 2), kernels.unpack_4bit(native, "native", n, k).view(n, k // 2))

@@ -19,6 +19,7 @@ from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
 from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
 from dsmoe.quant.spec import INT8, LM_HEAD, lm_head_in_int8
+from dsmoe.quant.state import NATIVE_SCALES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -74,14 +75,31 @@ def load_model(
               if not (skip_routed_experts and ".mlp.experts." in name) and not (skip_embedding and name == EMBEDDING)]
     stored = [stored_spec is not None and name.rpartition(".")[0] in linear_names and _is_quantized_in(checkpoint, name)
               for name in params]
-    reads = [stored_groups[name.rpartition(".")[0]] if quantized else [_source_of(checkpoint, name)]
-             for name, quantized in zip(params, stored)]
+    sources = [stored_groups[name.rpartition(".")[0]] if quantized else [_source_of(checkpoint, name)]
+               for name, quantized in zip(params, stored)]
+    kept = [_kept_as_stored(group, quantized, device) for group, quantized in zip(sources, stored)]
+    reads = [[n for n in group if n not in keep] for group, keep in zip(sources, kept)]
     with _one_thread_for_the_reader():
-        _load_params(model, checkpoint, params, stored, read_ahead(checkpoint, reads), linear_names, stored_spec,
+        tensors = ({**read, **{n: checkpoint.map(n) for n in keep}}
+                   for read, keep in zip(read_ahead(checkpoint, reads), kept))
+        _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
                      spec, lm_head_int8, compute_dtype, device, progress)
     checkpoint.close()
     release_freed_memory()
     return model
+
+
+def _kept_as_stored(group: list[str], quantized: bool, device: torch.device) -> set[str]:
+    """The tensors of ``group`` that are mapped, not read (``Checkpoint.map``): a 4-bit weight in the
+    kernels' layout and its kernel scales, which the model keeps byte for byte as stored and which
+    only dsmoe's kernels (unaligned loads) and torch's elementwise ops read. Others are read into
+    memory of their own: torch kernels may assume their allocator's 64-byte alignment, which a
+    safetensors offset does not have (an int8 weight mapped at an odd offset crashed
+    ``_weight_int8pack_mm``); a 4-bit weight in bitsandbytes' layout is then repacked in place."""
+    if device.type != "cpu" or not quantized:
+        return set()
+    scales = next((name for name in group if name.endswith(f".weight.{NATIVE_SCALES}")), None)
+    return set() if scales is None else {scales, scales[: -len(NATIVE_SCALES) - 1]}
 
 
 @contextlib.contextmanager

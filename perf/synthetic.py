@@ -109,6 +109,10 @@ class SyntheticCheckpoint:
     def dtype(self, name: str) -> str:
         return "BF16"
 
+    def map(self, name: str) -> torch.Tensor:
+        """As ``get``: made tensors have no file to map."""
+        return self.get(name)
+
     def shard_of(self, name: str) -> Path:
         return self.path
 

@@ -26,8 +26,8 @@ from dsmoe.errors import CheckpointError, ConfigError, UsageError
 from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint, open_checkpoint
 from dsmoe.checkpoint.memory import ReleaseEvery
 from dsmoe.checkpoint.output_folder import check_destination, clear_stale_partials, move_into_place
-from dsmoe.quant.linear import quantize_linear, quantized_tensors
-from dsmoe.quant.spec import QuantSpec, quantization_config, spec_for
+from dsmoe.quant.linear import native_tensors, quantize_linear, quantized_tensors
+from dsmoe.quant.spec import KERNEL_LAYOUT_KEY, QuantSpec, quantization_config, spec_for
 
 DEFAULT_SHARD_BYTES = 2 * 1000**3
 
@@ -156,10 +156,14 @@ def quantize_checkpoint(
     progress: Progress | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     compute_dtype: torch.dtype = torch.bfloat16,
+    kernel_layout: bool = False,
 ) -> ConversionReport:
     """Write SRC quantized as ``spec`` to DST; on any failure or interrupt nothing is left at DST.
 
     ``compute_dtype`` only goes into config.json (``bnb_4bit_compute_dtype``), for transformers.
+    ``kernel_layout`` stores 4-bit weights in dsmoe's kernel layout where this machine runs it
+    (``native_tensors``), so that a load maps them instead of repacking: the quantized-checkpoint
+    cache's form, which transformers cannot read (``dsmoe_kernel_layout`` in the config says so).
     """
     src, dst = Path(src), Path(dst)
     if not isinstance(shard_bytes, int) or shard_bytes <= 0:
@@ -168,6 +172,8 @@ def quantize_checkpoint(
     checkpoint = _open_source(src)
     config = dict(checkpoint.raw_config)
     config["quantization_config"] = quantization_config(spec, compute_dtype)
+    if kernel_layout:
+        config["quantization_config"][KERNEL_LAYOUT_KEY] = True
 
     started = time.perf_counter()
     process = psutil.Process()
@@ -193,9 +199,13 @@ def quantize_checkpoint(
                         f"{checkpoint.shard_of(name)}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                         "expected a 2-D float weight"
                     )
-                # fp32 compute keeps the standard layout: no CPU repack just to unpack it again.
-                module = quantize_linear(tensor, layer_spec, torch.float32)
-                writer.add(quantized_tensors(module, name[: -len(".weight")]))
+                # fp32 compute keeps the standard layout: no CPU repack just to unpack it again;
+                # bf16 compute packs into the kernels' layout where this machine runs it.
+                prefix = name[: -len(".weight")]
+                if kernel_layout:
+                    writer.add(native_tensors(quantize_linear(tensor, layer_spec, torch.bfloat16), prefix))
+                else:
+                    writer.add(quantized_tensors(quantize_linear(tensor, layer_spec, torch.float32), prefix))
                 quantized += 1
             else:
                 writer.add({name: tensor.clone()})

@@ -23,7 +23,7 @@ from dsmoe.native.library import (ACT_BLOCK, DTYPE_BF16, DTYPE_F16, DTYPE_F32, M
                                   check_status, native_library)
 from dsmoe.quant import kernels
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
-from dsmoe.quant.state import FourBitState, NestedState, codebook, state_from_tensors
+from dsmoe.quant.state import NATIVE_SCALES, FourBitState, NestedState, codebook, state_from_tensors
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
 
@@ -75,11 +75,13 @@ class Linear4bit(QuantLinear):
     native_codebook: kernels.Codebook | None
 
     def __init__(self, packed: torch.Tensor, state, compute_dtype: torch.dtype, layout: str = "standard",
-                 repack_in_place: bool = False) -> None:
+                 repack_in_place: bool = False, native_scales: torch.Tensor | None = None) -> None:
         """``layout`` names the layout ``packed`` is already in ("native": dsmoe's kernel layout, as an
-        expert pack stores it, so nothing is repacked); standard bitsandbytes nibbles by default.
-        ``repack_in_place``: ``packed`` is this module's alone, so the repack to the kernel's layout
-        may rewrite it rather than fill a copy (``kernels.pack_4bit``)."""
+        expert pack or a kernel-layout checkpoint stores it, so nothing is repacked); standard
+        bitsandbytes nibbles by default. ``repack_in_place``: ``packed`` is this module's alone, so
+        the repack to the kernel's layout may rewrite it rather than fill a copy
+        (``kernels.pack_4bit``). ``native_scales``: the native kernels' scales as stored beside a
+        native ``packed`` (``kernels.tile_major_scales`` of the absmax), used as they are."""
         super().__init__()
         out_features, in_features = (int(d) for d in state.shape)
         self.in_features, self.out_features = in_features, out_features
@@ -100,7 +102,9 @@ class Linear4bit(QuantLinear):
             self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
             self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
         self.layout = layout
+        self._stored_scales = native_scales if layout == "native" else None
         self._on_device_change(repack_in_place)
+        self._stored_scales = None
 
     def _quant_state(self):
         """The bitsandbytes QuantState of the stored (standard) form."""
@@ -161,6 +165,8 @@ class Linear4bit(QuantLinear):
     def _runtime_scales(self) -> torch.Tensor:
         """fp32 for the dequantize path; bf16 for the CPU kernels, tile-major for dsmoe's,
         [in/blocksize, out] for bitsandbytes'."""
+        if self.native_codebook is not None and self._stored_scales is not None:
+            return self._stored_scales
         absmax = self._absmax_f32()
         if self.native_codebook is not None:
             return kernels.tile_major_scales(absmax, self.out_features, self.in_features, self.blocksize)
@@ -530,6 +536,7 @@ def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
                        compute_dtype: torch.dtype, own: bool) -> Linear4bit:
     base = f"{prefix}.weight."
     parts = {name[len(base):]: t for name, t in tensors.items() if name.startswith(base)}
+    native_scales = parts.pop(NATIVE_SCALES, None)
     packed_states = [k for k in parts if k.startswith(_QS_PREFIX)]
     if len(packed_states) != 1:
         raise CheckpointError(f"{prefix}: expected one {base}{_QS_PREFIX}<nf4|fp4> tensor, found {len(packed_states)}")
@@ -544,6 +551,8 @@ def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
         raise CheckpointError(f"{prefix}: 4-bit weight must be 2-D, quant state says {state.shape}")
     out_features, in_features = (int(d) for d in state.shape)
     numel = out_features * in_features
+    if native_scales is not None:
+        return _native_4bit(prefix, weight, state, native_scales, compute_dtype)
     if weight.dtype != torch.uint8 or weight.numel() != (numel + 1) // 2:
         raise CheckpointError(f"{prefix}.weight: expected {(numel + 1) // 2} packed uint8 values, "
                               f"got {weight.dtype} {list(weight.shape)}")
@@ -555,6 +564,41 @@ def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
     if in_features % 2:
         raise CheckpointError(f"{prefix}: odd input width {in_features} is not supported")
     return Linear4bit(weight if own else weight.clone(), state, compute_dtype, repack_in_place=True)
+
+
+def _native_4bit(prefix: str, weight: torch.Tensor, state: FourBitState, scales: torch.Tensor,
+                 compute_dtype: torch.dtype) -> Linear4bit:
+    """A 4-bit weight stored in the kernels' layout with its kernel scales (a kernel-layout
+    checkpoint, ``native_tensors``): used as it is, after the checks the standard layout gets."""
+    n, k = (int(d) for d in state.shape)
+    if not (kernels.can_pack_for_cpu(n, k, state.blocksize) and k % ACT_BLOCK == 0 and state.blocksize % ACT_BLOCK == 0):
+        raise CheckpointError(f"{prefix}.weight: a {n}x{k} weight with blocksize {state.blocksize} "
+                              "cannot be in the kernels' layout")
+    if weight.dtype != torch.uint8 or tuple(weight.shape) != (n, k // 2):
+        raise CheckpointError(f"{prefix}.weight: the kernels' layout is uint8 [{n}, {k // 2}], "
+                              f"got {weight.dtype} {list(weight.shape)}")
+    if scales.dtype != torch.bfloat16 or scales.numel() != n * k // state.blocksize:
+        raise CheckpointError(f"{prefix}.weight.{NATIVE_SCALES}: expected {n * k // state.blocksize} bf16 values, "
+                              f"got {scales.dtype} {list(scales.shape)}")
+    if state.absmax.numel() != n * k // state.blocksize:
+        raise CheckpointError(f"{prefix}.weight.absmax: expected {n * k // state.blocksize} values, "
+                              f"got {state.absmax.numel()}")
+    if state.code.numel() != 16 or not torch.allclose(state.code.float(), codebook(state.quant_type), atol=1e-6):
+        raise CheckpointError(f"{prefix}.weight.quant_map is not the standard {state.quant_type} codebook")
+    return Linear4bit(weight, state, compute_dtype, layout="native", native_scales=scales.reshape(-1))
+
+
+def native_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``quantized_tensors`` with a 4-bit weight in the kernels' layout, as it runs, and its kernel
+    scales beside it (``X.weight.native_scales``): what a kernel-layout checkpoint stores, so that a
+    load maps it instead of repacking. Other modules, and 4-bit ones not in that layout, as
+    ``quantized_tensors`` gives them."""
+    if not (isinstance(module, Linear4bit) and module.layout == "native" and not module.double_quant):
+        return quantized_tensors(module, prefix)
+    tensors = {f"{prefix}.weight": module.weight.contiguous(),
+               f"{prefix}.weight.{NATIVE_SCALES}": module.runtime_absmax.contiguous()}
+    tensors.update({f"{prefix}.weight.{key}": value for key, value in module._state().as_tensors().items()})
+    return tensors
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> int:

@@ -133,6 +133,11 @@ def quantization_config(spec: QuantSpec, compute_dtype: torch.dtype = torch.bflo
     return config
 
 
+KERNEL_LAYOUT_KEY = "dsmoe_kernel_layout"
+"""In ``quantization_config``: 4-bit weights may be stored in dsmoe's kernel layout, each beside its
+``X.weight.native_scales`` (docs/QUANTIZATION.md); transformers cannot read such a checkpoint."""
+
+
 def spec_from_config(config: dict[str, Any]) -> QuantSpec:
     """The spec a stored ``quantization_config`` describes; CheckpointError if dsmoe cannot run it."""
     method = config.get("quant_method")

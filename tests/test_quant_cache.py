@@ -12,9 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import dsmoe
+from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.cli.loading import cache_line
+from dsmoe.errors import CheckpointError
+from dsmoe.quant import QuantSpec, kernels
+from dsmoe.quant.convert import quantize_checkpoint
+from dsmoe.quant.spec import KERNEL_LAYOUT_KEY
+from dsmoe.quant.state import NATIVE_SCALES
 from dsmoe.quant import cache as quant_cache
 from dsmoe.quant import linear
 from tests.cli_runner import run_cli
@@ -50,6 +57,59 @@ def test_first_load_writes_second_reads_with_the_same_logits(tiny_path: Path, bi
         expected = direct(IDS)
         assert torch.equal(first(IDS), expected)
         assert torch.equal(second(IDS), expected)
+
+
+def test_an_entry_holds_4bit_weights_in_the_kernels_layout_and_a_load_maps_them(
+        tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' layout is unpack_4bit's inverse of the stored nibbles (bitsandbytes' bytes, which
+    the fixture's direct load quantizes to); the load takes those bytes by mapping, not reading."""
+    direct, _ = dsmoe.load(tiny_path, bits=4, no_cache=True)
+    entry = dsmoe.load(tiny_path, bits=4)[0].quant_cache.path
+    stored = Checkpoint(entry)
+    assert stored.config.quantization_config[KERNEL_LAYOUT_KEY] is True
+    name = "model.layers.1.mlp.experts.3.up_proj"
+    module = direct.get_submodule(name)
+    assert module.layout == "native"  # the fixture's shapes take the native kernels
+    assert torch.equal(stored.get(f"{name}.weight"), module.weight)
+    assert torch.equal(stored.get(f"{name}.weight.{NATIVE_SCALES}"), module.runtime_absmax)
+    read: list[str] = []
+    original_get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, n: read.append(n) or original_get(self, n))
+    mapped, _ = dsmoe.load(tiny_path, bits=4)
+    native = [n for n in stored.tensor_names() if n.endswith(f".weight.{NATIVE_SCALES}")]
+    mapped_names = {n[: -len(NATIVE_SCALES) - 1] for n in native} | set(native)
+    assert len(native) > 0 and not set(read) & mapped_names
+    assert any(n.endswith(".weight.absmax") for n in read)  # the rest is read as before
+    with torch.no_grad():
+        assert torch.equal(mapped(IDS), direct(IDS))
+
+
+def test_a_kernel_layout_entry_runs_where_the_native_kernels_do_not(tiny_path: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without them, a kernel-layout weight goes back to bitsandbytes' layout and computes as a
+    stored standard checkpoint does there."""
+    entry = dsmoe.load(tiny_path, bits=4)[0].quant_cache.path
+    standard = tmp_path / "standard"
+    quantize_checkpoint(tiny_path, standard, QuantSpec(bits=4, quant_type="nf4", quantize_lm_head=True))
+    monkeypatch.setattr(kernels, "native_4bit_available", lambda: False)
+    from_entry, _ = dsmoe.load(entry)
+    from_standard, _ = dsmoe.load(standard)
+    assert from_entry.get_submodule("model.layers.1.mlp.experts.3.up_proj").layout != "native"
+    with torch.no_grad():
+        assert torch.equal(from_entry(IDS), from_standard(IDS))
+
+
+def test_a_kernel_layout_weight_of_the_wrong_shape_is_refused(tiny_path: Path, tmp_path: Path) -> None:
+    entry = dsmoe.load(tiny_path, bits=4)[0].quant_cache.path
+    broken = tmp_path / "broken"
+    shutil.copytree(entry, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    tensors[name] = tensors[name].reshape(-1, 1)  # bitsandbytes' shape, not the kernels' [out, in / 2]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"up_proj.weight: the kernels' layout is uint8"):
+        dsmoe.load(broken)
 
 
 def test_key_covers_the_settings(tiny_path: Path) -> None:

@@ -44,11 +44,15 @@ def quantize(
     quant_type: str = typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4."),
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the 4-bit absmax scales too."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit."),
+    kernel_layout: bool = typer.Option(False, "--kernel-layout",
+                                       help="4-bit weights in dsmoe's kernel layout: loads map them, "
+                                            "transformers cannot read them."),
     shard_gb: float = typer.Option(DEFAULT_SHARD_BYTES / 1000**3, "--shard-size", help="Largest output shard, GB."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
     threads: int = ThreadsOption,
 ) -> None:
-    """Write SRC quantized to DST in the layout transformers uses for bitsandbytes checkpoints."""
+    """Write SRC quantized to DST in the layout transformers uses for bitsandbytes checkpoints
+    (with --kernel-layout, in dsmoe's own, which loads faster)."""
     if model is not None and src is not None and dst is None and output is None:
         src, dst = None, Path(src)  # ``-m SRC DST``: the one positional is the output
     src, dst = _one_of("SRC", src, "--model", model), _one_of("DST", dst, "--output", output)
@@ -64,7 +68,7 @@ def quantize(
     columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with terminate_as_interrupt(), progress_report(f"quantizing to {spec.name}", columns, unit="bytes") as report:
         result = quantize_checkpoint(source, dst, spec, force=force, progress=report,
-                                     shard_bytes=int(shard_gb * 1000**3))
+                                     shard_bytes=int(shard_gb * 1000**3), kernel_layout=kernel_layout)
     remember_quantized(result.dst)  # so that 'dsmoe list' shows it and 'dsmoe rm' may remove it
     for stale in result.removed_partials:
         err_console.print(f"[dim]removed {stale}, left by an interrupted run whose process is gone[/]")

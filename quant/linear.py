@@ -191,6 +191,8 @@ class Linear4bit(QuantLinear):
         shape = self.shape
         if weight.device.type == "cpu" and self.in_features % self.blocksize:
             return kernels.dequantize_4bit_lookup(weight, absmax, self.quant_map, self.blocksize, shape, dtype)
+        import bitsandbytes  # noqa: F401  (its import registers torch.ops.bitsandbytes; loads skip it)
+
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             weight, absmax, self.blocksize, self.quant_type, list(shape), dtype
         )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsmoe import load
+from dsmoe.checkpoint.reader import Checkpoint
 from tests.cli_runner import run_cli
 
 
@@ -51,3 +52,19 @@ def test_quantize_command_refuses_existing_output_and_bad_values(
     forced = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "8", "--force")
     assert forced.code == 0, forced.err
     assert (dst / "model.safetensors.index.json").is_file() or list(dst.glob("*.safetensors"))
+
+
+def test_kernel_layout_writes_what_the_kernels_run_and_loads_to_the_same_logits(
+    capsys: pytest.CaptureFixture[str], tiny_path: Path, tmp_path: Path
+) -> None:
+    dst = tmp_path / "q4k"
+    result = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "4", "--kernel-layout")
+    assert result.code == 0, result.err
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["dsmoe_kernel_layout"] is True
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    stored, _ = load(dst)
+    on_load, _ = load(tiny_path, bits=4, no_cache=True)
+    module = "model.layers.1.self_attn.q_proj"
+    assert torch.equal(Checkpoint(dst).get(f"{module}.weight"), on_load.get_submodule(module).weight)
+    with torch.no_grad():
+        assert torch.equal(stored(ids), on_load(ids))

@@ -6,7 +6,6 @@ memory-mapped shard, checked, converted (or quantized) and put in place before t
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dsmoe.errors import CheckpointError, UsageError
-from dsmoe.checkpoint.reader import Checkpoint, read_ahead
+from dsmoe.checkpoint.reader import Checkpoint, one_thread_for_the_reader, read_ahead
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
 from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
@@ -79,7 +78,7 @@ def load_model(
                for name, quantized in zip(params, stored)]
     kept = [_kept_as_stored(group, quantized, device) for group, quantized in zip(sources, stored)]
     reads = [[n for n in group if n not in keep] for group, keep in zip(sources, kept)]
-    with _one_thread_for_the_reader():
+    with one_thread_for_the_reader():
         tensors = ({**read, **{n: checkpoint.map(n) for n in keep}}
                    for read, keep in zip(read_ahead(checkpoint, reads), kept))
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
@@ -100,19 +99,6 @@ def _kept_as_stored(group: list[str], quantized: bool, device: torch.device) -> 
         return set()
     scales = next((name for name in group if name.endswith(f".weight.{NATIVE_SCALES}")), None)
     return set() if scales is None else {scales, scales[: -len(NATIVE_SCALES) - 1]}
-
-
-@contextlib.contextmanager
-def _one_thread_for_the_reader() -> Iterator[None]:
-    """One thread fewer for the repack and quantizers while ``read_ahead`` reads: with every core
-    in the compute's thread team, the reader's core held back a thread at each of its barriers, and
-    a stored 8-layer 4-bit load took 3.0-3.7 s on 2 cores against 1.8-2.2 s this way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _load_params(model: DeepseekForCausalLM, checkpoint: Checkpoint, params: list[str], stored: list[bool],

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dsmoe.errors import CheckpointError, ConfigError, UsageError
-from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint, open_checkpoint
+from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint, one_thread_for_the_reader, open_checkpoint, read_ahead
 from dsmoe.checkpoint.memory import ReleaseEvery
 from dsmoe.checkpoint.output_folder import check_destination, clear_stale_partials, move_into_place
 from dsmoe.quant.linear import native_tensors, quantize_linear, quantized_tensors
@@ -191,29 +191,33 @@ def quantize_checkpoint(
         work.mkdir(parents=True)
         writer = _ShardWriter(work, shard_bytes, sample_rss)
         release = ReleaseEvery()
-        for name, tensor in checkpoint.iter_tensors(names):
-            layer_spec = spec_for(name, spec)
-            if layer_spec is not None:
-                if tensor.dim() != 2 or not tensor.is_floating_point():
-                    raise CheckpointError(
-                        f"{checkpoint.shard_of(name)}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
-                        "expected a 2-D float weight"
-                    )
-                # fp32 compute keeps the standard layout: no CPU repack just to unpack it again;
-                # bf16 compute packs into the kernels' layout where this machine runs it.
-                prefix = name[: -len(".weight")]
-                if kernel_layout:
-                    writer.add(native_tensors(quantize_linear(tensor, layer_spec, torch.bfloat16), prefix))
+        in_shard_order = sorted(names, key=lambda n: (checkpoint.shard_of(n).name, n))  # each shard front to back
+        reads = read_ahead(checkpoint, [[name] for name in in_shard_order])
+        with one_thread_for_the_reader():
+            for name, tensors in zip(in_shard_order, reads):
+                tensor = tensors[name]
+                layer_spec = spec_for(name, spec)
+                if layer_spec is not None:
+                    if tensor.dim() != 2 or not tensor.is_floating_point():
+                        raise CheckpointError(
+                            f"{checkpoint.shard_of(name)}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
+                            "expected a 2-D float weight"
+                        )
+                    # fp32 compute keeps the standard layout: no CPU repack just to unpack it again;
+                    # bf16 compute packs into the kernels' layout where this machine runs it.
+                    prefix = name[: -len(".weight")]
+                    if kernel_layout:
+                        writer.add(native_tensors(quantize_linear(tensor, layer_spec, torch.bfloat16), prefix))
+                    else:
+                        writer.add(quantized_tensors(quantize_linear(tensor, layer_spec, torch.float32), prefix))
+                    quantized += 1
                 else:
-                    writer.add(quantized_tensors(quantize_linear(tensor, layer_spec, torch.float32), prefix))
-                quantized += 1
-            else:
-                writer.add({name: tensor.clone()})
-            done += checkpoint.nbytes(name)
-            release.processed(checkpoint.nbytes(name))
-            sample_rss()
-            if progress is not None:
-                progress(done, total)
+                    writer.add({name: tensor})  # read for this alone: no copy needed
+                done += checkpoint.nbytes(name)
+                release.processed(checkpoint.nbytes(name))
+                sample_rss()
+                if progress is not None:
+                    progress(done, total)
         shards = writer.finish()
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for path in checkpoint.tokenizer_files():

@@ -1,0 +1,64 @@
+"""lm_head's GEMV in int8 against dsmoe's 6-bit format, alternated in one process.
+
+    nice -n 10 python benchmarks/bench_lm_head.py                  # 102400 x 2048 (16B), 2 threads
+    nice -n 10 python benchmarks/bench_lm_head.py --rounds 15 --threads 1
+
+Each round times a few calls of each format back to back (int8 then q6, the order swapping each
+round), so both see the same machine load; the output is the median of the rounds' per-call
+times, the bytes each call reads over that time, and the median of the paired q6 / int8 ratios.
+The weight is random (the kernels' speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dsmoe.native.library import native_library
+from dsmoe.quant import kernels
+from dsmoe.quant.q6 import q6_native_mm, quantize_q6_native
+from dsmoe.quant.linear import quantize_int8_native
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="102400x2048")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--calls", type=int, default=5, help="calls per format per round")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lib = native_library()
+    assert lib is not None, "the native library is not built"
+    n, k = (int(v) for v in args.shape.split("x"))
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    q, scb = quantize_int8_native(lib, weight)
+    scale = scb / 127.0
+    packed, steps = quantize_q6_native(lib, weight)
+    del weight
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    calls = {"int8": lambda: kernels.int8_native_mm(x, q, scale), "q6": lambda: q6_native_mm(lib, x, packed, steps)}
+    nbytes = {"int8": q.numel() + 4 * scale.numel(), "q6": packed.numel() + 2 * steps.numel()}
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(args.rounds):
+        for name in (("int8", "q6") if r % 2 == 0 else ("q6", "int8")):
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                calls[name]()
+            times[name].append((time.perf_counter() - start) / args.calls)
+    print(f"lm_head {n} x {k}, one bf16 row, {args.threads} threads, {args.rounds} alternated rounds "
+          f"of {args.calls} calls")
+    for name in calls:
+        ms = statistics.median(times[name]) * 1e3
+        print(f"  {name:5s} {nbytes[name] / 1e6:6.1f} MB  {ms:6.2f} ms  {nbytes[name] / ms / 1e6:5.1f} GB/s")
+    ratios = [a / b for a, b in zip(times["q6"], times["int8"])]
+    print(f"  q6 / int8 time: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,18 @@
 
     nice -n 10 python benchmarks/bench_lm_head.py                  # 102400 x 2048 (16B), 2 threads
     nice -n 10 python benchmarks/bench_lm_head.py --rounds 15 --threads 1
+    nice -n 10 python benchmarks/bench_lm_head.py --model /work/bench/16b8-q4 \
+        --float-source /work/bench/compare/hf-16b-L8                # whole decode steps, int8 vs q6 head
 
 Each round times a few calls of each format back to back (int8 then q6, the order swapping each
 round), so both see the same machine load; the output is the median of the rounds' per-call
 times, the bytes each call reads over that time, and the median of the paired q6 / int8 ratios.
 The weight is random (the kernels' speed does not depend on the values).
+
+With ``--model`` (a stored 4-bit checkpoint) the rounds are whole greedy decodes instead: the model
+is loaded once and its lm_head swapped between an int8 and a q6 one, both quantized here from the
+float lm_head of ``--float-source`` (the checkpoint's bf16 source), so the two runs differ in the
+head alone and share the machine's load; tokens/s per round, medians and paired ratios.
 """
 
 from __future__ import annotations
@@ -17,10 +24,38 @@ import time
 
 import torch
 
+from dsmoe import load
+from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.native.library import native_library
-from dsmoe.quant import kernels
-from dsmoe.quant.q6 import q6_native_mm, quantize_q6_native
+from dsmoe.perf.runner import time_generation
+from dsmoe.quant import kernels, quantize_linear
 from dsmoe.quant.linear import quantize_int8_native
+from dsmoe.quant.q6 import q6_native_mm, quantize_q6_native
+from dsmoe.quant.spec import INT8, Q6
+
+
+def bench_decode(model_path: str, float_source: str, rounds: int, new_tokens: int) -> None:
+    """Greedy decodes of the model with each head in turn (the order swapping each round)."""
+    model, _ = load(model_path)
+    weight = open_checkpoint(float_source).get("lm_head.weight")
+    heads = {"int8": quantize_linear(weight, INT8), "q6": quantize_linear(weight, Q6)}
+    del weight
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    rates: dict[str, list[float]] = {name: [] for name in heads}
+    for name, head in heads.items():  # warm-up
+        model.lm_head = head
+        time_generation(model, prompt, 4)
+    for r in range(rounds):
+        for name in (("int8", "q6") if r % 2 == 0 else ("q6", "int8")):
+            model.lm_head = heads[name]
+            _, seconds = time_generation(model, prompt, new_tokens)
+            rates[name].append((new_tokens - 1) / seconds)
+    print(f"{model_path}: decode tok/s, {torch.get_num_threads()} threads, {rounds} alternated rounds of "
+          f"{new_tokens} tokens")
+    for name, values in rates.items():
+        print(f"  {name:5s} median {statistics.median(values):6.2f}  ({', '.join(f'{v:.1f}' for v in values)})")
+    ratios = [a / b for a, b in zip(rates["q6"], rates["int8"])]
+    print(f"  q6 / int8 tok/s: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
 def main() -> None:
@@ -29,8 +64,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--calls", type=int, default=5, help="calls per format per round")
+    parser.add_argument("--model", help="a stored 4-bit checkpoint: time whole decodes instead")
+    parser.add_argument("--float-source", help="with --model: the checkpoint holding its float lm_head")
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        if not args.float_source:
+            parser.error("--model needs --float-source")
+        bench_decode(args.model, args.float_source, args.rounds, args.new_tokens)
+        return
     lib = native_library()
     assert lib is not None, "the native library is not built"
     n, k = (int(v) for v in args.shape.split("x"))

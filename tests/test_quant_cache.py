@@ -57,7 +57,7 @@ def test_key_covers_the_settings(tiny_path: Path) -> None:
     dsmoe.load(tiny_path, bits=4, quant_type="fp4")
     dsmoe.load(tiny_path, bits=4, double_quant=True)
     dsmoe.load(tiny_path, bits=4, quantize_lm_head=False)
-    dsmoe.load(tiny_path, bits=4, quantize_lm_head=True)  # lm_head int8 is the default: bits=4's entry
+    dsmoe.load(tiny_path, bits=4, quantize_lm_head=True)  # a quantized lm_head (q6) is the default: bits=4's entry
     dsmoe.load(tiny_path, bits=8)
     dsmoe.load(tiny_path, bits=4, dtype="fp32")  # the compute dtype changes no stored byte: the same entry
     assert len(entries()) == 5

@@ -50,6 +50,8 @@ def _weights(dtype: torch.dtype) -> torch.Tensor:
     w[3, :10] *= 40  # an outlier block beside ordinary ones
     w[4, 128:192] *= 1e-4 if dtype == torch.float16 else 1e-6  # subnormal fp16 steps
     w[5, :] = torch.linspace(-1, 1, 256)
+    # absmax / 31 = 1.00244140625 exactly: halfway between fp16's 1.001953125 (even) and 1.0029296875
+    w[6, 0] = 31.07568359375
     return w.to(dtype)
 
 
@@ -60,6 +62,8 @@ def test_native_quantizer_matches_the_reference(lib, dtype: torch.dtype) -> None
     want_packed, want_steps = quantize_q6(w)
     assert torch.equal(steps.view(torch.int16), want_steps.view(torch.int16))
     assert torch.equal(packed, want_packed), f"{int((packed != want_packed).sum())} bytes differ"
+    if dtype == torch.float32:
+        assert want_steps[6, 0].item() == 1.001953125  # the tie went to the even step
     # The rounding itself: every value within half a step of its code (the fp16 step is within 2^-11
     # of absmax / 31, so nothing but +-absmax reaches the clamp); a block whose step rounds to 0 in
     # fp16 (absmax / 31 under 2^-25) is all zeros.

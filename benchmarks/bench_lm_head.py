@@ -10,10 +10,10 @@ round), so both see the same machine load; the output is the median of the round
 times, the bytes each call reads over that time, and the median of the paired q6 / int8 ratios.
 The weight is random (the kernels' speed does not depend on the values).
 
-With ``--model`` (a stored 4-bit checkpoint) the rounds are whole greedy decodes instead: the model
-is loaded once and its lm_head swapped between an int8 and a q6 one, both quantized here from the
-float lm_head of ``--float-source`` (the checkpoint's bf16 source), so the two runs differ in the
-head alone and share the machine's load; tokens/s per round, medians and paired ratios.
+With ``--model`` (a stored 4-bit checkpoint) whole greedy decode steps are timed instead: the model
+is loaded once and its lm_head swapped between an int8 and a q6 one before every step, both
+quantized here from the float lm_head of ``--float-source`` (the checkpoint's bf16 source), so the
+steps differ in the head alone and neighbouring steps share the machine's load.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 from dsmoe import load
 from dsmoe.checkpoint.reader import open_checkpoint
+from dsmoe.model.layer_plan import building_detached
 from dsmoe.native.library import native_library
 from dsmoe.perf.runner import time_generation
 from dsmoe.quant import kernels, quantize_linear
@@ -35,27 +36,46 @@ from dsmoe.quant.spec import INT8, Q6
 
 
 def bench_decode(model_path: str, float_source: str, rounds: int, new_tokens: int) -> None:
-    """Greedy decodes of the model with each head in turn (the order swapping each round)."""
+    """Greedy decode steps with the two heads alternating step by step (which goes first swaps each
+    round), so neighbouring steps see the same machine: per-step medians and the median of each
+    pair's ratio, robust to a machine whose load swings over seconds."""
     model, _ = load(model_path)
     weight = open_checkpoint(float_source).get("lm_head.weight")
     heads = {"int8": quantize_linear(weight, INT8), "q6": quantize_linear(weight, Q6)}
     del weight
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    rates: dict[str, list[float]] = {name: [] for name in heads}
-    for name, head in heads.items():  # warm-up
-        model.lm_head = head
+    def use(name: str) -> None:
+        # No layer plan holds lm_head: swapping it must not make them stale (a rebuild per step).
+        with building_detached():
+            model.lm_head = heads[name]  # type: ignore[assignment]  # a quantized linear's interface
+
+    for name in heads:  # warm-up
+        use(name)
         time_generation(model, prompt, 4)
+    steps: dict[str, list[float]] = {name: [] for name in heads}
+    ratios = []
     for r in range(rounds):
-        for name in (("int8", "q6") if r % 2 == 0 else ("q6", "int8")):
-            model.lm_head = heads[name]
-            _, seconds = time_generation(model, prompt, new_tokens)
-            rates[name].append((new_tokens - 1) / seconds)
-    print(f"{model_path}: decode tok/s, {torch.get_num_threads()} threads, {rounds} alternated rounds of "
-          f"{new_tokens} tokens")
-    for name, values in rates.items():
-        print(f"  {name:5s} median {statistics.median(values):6.2f}  ({', '.join(f'{v:.1f}' for v in values)})")
-    ratios = [a / b for a, b in zip(rates["q6"], rates["int8"])]
-    print(f"  q6 / int8 tok/s: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+        order = ("int8", "q6") if r % 2 == 0 else ("q6", "int8")
+        cache = model.new_cache(1, prompt.shape[1] + 2 * new_tokens + 1)
+        token = model(prompt, cache=cache, last_only=True)[0, -1].argmax().view(1, 1)
+        for _ in range(new_tokens):
+            pair = {}
+            for name in order:
+                use(name)
+                started = time.perf_counter()
+                token = model(token, cache=cache, last_only=True)[0, -1].argmax().view(1, 1)
+                int(token)
+                pair[name] = time.perf_counter() - started
+                steps[name].append(pair[name])
+            ratios.append(pair["q6"] / pair["int8"])
+    print(f"{model_path}: decode steps, {torch.get_num_threads()} threads, {rounds} rounds of {new_tokens} "
+          "step pairs, the heads alternating step by step")
+    for name, values in steps.items():
+        ms = statistics.median(values) * 1e3
+        print(f"  {name:5s} median {ms:6.2f} ms/token ({1e3 / ms:5.1f} tok/s), best {min(values) * 1e3:6.2f} ms")
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(f"  q6 / int8 step time: median {statistics.median(ratios):.3f} "
+          f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, {len(ratios)} pairs)")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-/* Quantizing float weights while a checkpoint loads: bitsandbytes' NF4/FP4 blockwise absmax and
- * dsmoe's LLM.int8 rows, byte for byte what the PyTorch code computes, across the OpenMP team.
+/* Quantizing float weights while a checkpoint loads: bitsandbytes' NF4/FP4 blockwise absmax,
+ * dsmoe's LLM.int8 rows and its 6-bit q6 blocks (the end of this file), byte for byte what the
+ * PyTorch code computes, across the OpenMP team.
  *
  * The reference is the PyTorch arithmetic itself, so each step does the same fp32 operations:
  *   4-bit (bitsandbytes' default-backend quantize_4bit, which its CPU backend runs): a full

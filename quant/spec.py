@@ -43,8 +43,9 @@ def lm_head_quantized(requested: bool | None, quantized_run: bool) -> bool:
 def lm_head_format(requested: bool | None, fmt: str | None, body_bits: int | None) -> str | None:
     """The format lm_head runs in (None: floats) for a run whose other weights have ``body_bits``
     (4, 8, or None for a float run). ``fmt`` is ``--lm-head``, which implies quantizing it. The
-    default is q6 beside a 4-bit body (it reads 22% fewer bytes than int8 for +0.2% of nf4's KLD,
-    docs/QUANTIZATION.md) and int8 beside an 8-bit one or asked for alone."""
+    default is q6 beside a 4-bit body (22% fewer bytes than int8, 4-5% faster decode steps, for
+    +3% of nf4's KLD: docs/QUANTIZATION.md, docs/PERFORMANCE.md) and int8 beside an 8-bit one
+    (where q6 would add 17% to its KLD) or asked for alone."""
     if fmt is not None and fmt not in LM_HEAD_FORMATS:
         raise UsageError(f"the lm_head format must be one of {', '.join(LM_HEAD_FORMATS)}, got {fmt!r}")
     if not lm_head_quantized(requested, body_bits is not None or fmt is not None):

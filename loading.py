@@ -26,13 +26,13 @@ from dsmoe.model.tokenizer import Tokenizer, load_tokenizer
 from dsmoe.offload import OffloadOptions, load_offloaded
 from dsmoe.offload.plan import GB, Budgets, Resources, fits_in_ram
 from dsmoe.quant.cache import CacheOutcome, discard, through_cache
-from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, bits_error, lm_head_in_int8, quant_type_error
+from dsmoe.quant.spec import FOUR_BIT_TYPES, LM_HEAD_FORMATS, QuantSpec, bits_error, lm_head_format, quant_type_error
 
 Spelling = Literal["flag", "model_arg"]
 
 _FLAGS = {"bits": "--bits", "quant_type": "--quant-type", "gpu_mem": "--gpu-mem", "max_ram": "--max-ram",
           "expert_cache": "--expert-cache", "policy": "--policy", "dtype": "--dtype", "double_quant": "--double-quant",
-          "quantize_lm_head": "--quantize-lm-head", "no_cache": "--no-cache"}
+          "quantize_lm_head": "--quantize-lm-head", "lm_head": "--lm-head", "no_cache": "--no-cache"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class LoadOptions:
     quant_type: str | None = None
     double_quant: bool = False
     quantize_lm_head: bool | None = None
-    """lm_head in int8; None (the default): in every 4- or 8-bit run (``lm_head_in_int8``)."""
+    """lm_head quantized; None (the default): in every 4- or 8-bit run (``lm_head_format``)."""
+    lm_head: str | None = None
+    """lm_head's format, int8 or q6 (implies quantizing it); None: q6 beside 4-bit weights, int8 otherwise."""
     device: str | None = None
     expert_cache: int | None = None
     gpu_mem: float | None = None
@@ -78,6 +80,13 @@ class LoadOptions:
             raise UsageError(f"{name('double_quant')} needs {name('bits')} 4")
         if self.quantize_lm_head and self.bits == 16:
             raise UsageError(f"{name('quantize_lm_head')} needs {name('bits')} 4 or 8 (or a quantized checkpoint)")
+        if self.lm_head is not None:
+            object.__setattr__(self, "lm_head", self.lm_head.lower())
+            if self.lm_head not in LM_HEAD_FORMATS:
+                raise UsageError(f"{name('lm_head')} must be one of {', '.join(LM_HEAD_FORMATS)}, got {self.lm_head!r}")
+            if self.quantize_lm_head is False or self.bits == 16:
+                raise UsageError(f"{name('lm_head')} quantizes lm_head: it goes with neither --no-quantize-lm-head "
+                                 f"nor {name('bits')} 16")
         parse_dtype(self.dtype)
         for budget in ("gpu_mem", "max_ram"):
             value = getattr(self, budget)
@@ -100,12 +109,14 @@ class LoadOptions:
         """The format to quantize into (NF4 unless told otherwise at 4 bits), or None to keep floats."""
         if self.load_bits is None:
             return None
+        head = self.lm_head_format()
         return QuantSpec(bits=self.load_bits, quant_type=self.quant_type or ("nf4" if self.load_bits == 4 else "int8"),
-                         double_quant=self.double_quant, quantize_lm_head=self.lm_head_int8(quantized=True))
+                         double_quant=self.double_quant, quantize_lm_head=head is not None, lm_head=head or "int8")
 
-    def lm_head_int8(self, quantized: bool) -> bool:
-        """Whether lm_head runs in int8, for a checkpoint stored quantized or not."""
-        return lm_head_in_int8(self.quantize_lm_head, quantized or self.load_bits is not None)
+    def lm_head_format(self, stored_bits: int | None = None) -> str | None:
+        """lm_head's format in this run (None: floats), for a float checkpoint or one stored with
+        ``stored_bits`` (whose lm_head, when stored quantized, is read as it is)."""
+        return lm_head_format(self.quantize_lm_head, self.lm_head, self.load_bits or stored_bits)
 
     @property
     def offloaded(self) -> bool:
@@ -242,7 +253,7 @@ def _fits(checkpoint: Checkpoint, options: LoadOptions, resources: Resources | N
     return fits_in_ram(config, resources, parse_dtype(options.dtype), options.load_bits)
 
 
-_STORED = {"bits": None, "quant_type": None, "double_quant": False, "quantize_lm_head": False}
+_STORED = {"bits": None, "quant_type": None, "double_quant": False, "quantize_lm_head": False, "lm_head": None}
 """The quantization settings of a load from a stored quantized checkpoint: none, it says its own."""
 
 
@@ -257,10 +268,10 @@ def _load(checkpoint: Checkpoint, options: LoadOptions, progress: LoadProgress |
         model, tokenizer, _ = load_offloaded(checkpoint, offload, progress=progress, resources=resources,
                                              dtype=options.dtype, bits=options.load_bits, quant_type=options.quant_type,
                                              double_quant=options.double_quant,
-                                             quantize_lm_head=options.quantize_lm_head)
+                                             quantize_lm_head=options.quantize_lm_head, lm_head=options.lm_head)
         return model, tokenizer
     tokenizer = load_tokenizer(tokenizer_from, checkpoint.config.vocab_size)  # its mistakes before the weights' time
     model = load_model(checkpoint, dtype=options.dtype, bits=options.load_bits, quant_type=options.quant_type,
-                       double_quant=options.double_quant, quantize_lm_head=options.quantize_lm_head,
+                       double_quant=options.double_quant, quantize_lm_head=options.quantize_lm_head, lm_head=options.lm_head,
                        device=options.device or "cpu", progress=progress)
     return model, tokenizer

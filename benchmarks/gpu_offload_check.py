@@ -29,7 +29,7 @@ from dsmoe.offload.plan import GB, Budgets, Resources, make_plan
 from dsmoe.offload.store import CostModel
 from dsmoe.perf.runner import measure_bandwidth, run_benchmark
 from dsmoe.perf.synthetic import SyntheticCheckpoint
-from dsmoe.quant import Linear8bit
+from dsmoe.quant import Linear6bit, Linear8bit
 
 # Tensors drawn ahead of the loader: each is seeded by its name, so drawing them on worker threads
 # gives the same weights, and the serial draw (about 100 M values/s a core) no longer bounds the load.
@@ -121,7 +121,7 @@ def main() -> None:
     model = load_model(DrawnAhead(args.synthetic, 0, args.draw_threads), dtype=torch.bfloat16, bits=bits, device=device)
     load_s = time.perf_counter() - started
     say(f"built synthetic {args.synthetic} at {args.bits} bits on {device} in {load_s:.0f} s")
-    lm_head_bits = 8 if isinstance(model.lm_head, Linear8bit) else 16
+    lm_head_bits = 8 if isinstance(model.lm_head, Linear8bit) else 6 if isinstance(model.lm_head, Linear6bit) else 16
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
 
     reference, reference_logits = greedy(model, prompt, args.new_tokens)

@@ -23,7 +23,7 @@ from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
 from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.offload import store_of
-from dsmoe.quant import Linear8bit, spec_from_config
+from dsmoe.quant import Linear6bit, Linear8bit, spec_from_config
 
 
 def _render(result: BenchResult) -> None:
@@ -117,7 +117,7 @@ def bench(
         err_console.print(plan_table(store.plan))
     load_seconds = time.perf_counter() - started
     name = f"synthetic {synthetic}" if synthetic else str(source.path)
-    lm_head_bits = 8 if isinstance(loaded.lm_head, Linear8bit) else 16  # as loaded, whatever decided it
+    lm_head_bits = 8 if isinstance(loaded.lm_head, Linear8bit) else 6 if isinstance(loaded.lm_head, Linear6bit) else 16  # as loaded, whatever decided it
     result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
                            bandwidth=bandwidth, lm_head_bits=lm_head_bits, store=store)
     if as_json:

@@ -40,7 +40,8 @@ def stored_format(quant: dict[str, Any] | None) -> str:
     extras = [f"{spec.bits}-bit"]
     if spec.double_quant:
         extras.append("double quant")
-    extras.append("lm_head int8" if spec.quantize_lm_head else "lm_head stored unquantized (int8 when run)")
+    run_head = "q6" if spec.bits == 4 else "int8"
+    extras.append(f"lm_head {spec.lm_head}" if spec.quantize_lm_head else f"lm_head stored unquantized ({run_head} when run)")
     return f"quantized: {name}, {', '.join(extras)}"
 
 

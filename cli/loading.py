@@ -31,8 +31,10 @@ LOAD_FLAGS: dict[str, tuple[Any, Any]] = {  # (annotation, typer option)
     "double_quant": (bool, typer.Option(False, "--double-quant", help="With --bits 4: quantize the absmax scales too.",
                                         rich_help_panel=PANEL)),
     "quantize_lm_head": (Optional[bool], typer.Option(None, "--quantize-lm-head/--no-quantize-lm-head",
-                                                      help="lm_head in int8 (default: in every 4- or 8-bit run).",
+                                                      help="Quantize lm_head (default: in every 4- or 8-bit run).",
                                                       rich_help_panel=PANEL)),
+    "lm_head": (str, typer.Option(None, "--lm-head", help="lm_head's format: q6 (dsmoe's 6-bit; the default with "
+                                  "--bits 4) or int8 (the default with --bits 8).", rich_help_panel=PANEL)),
     "expert_cache": (int, typer.Option(None, "--expert-cache", help="Expert slots per MoE layer on the compute device.",
                                        rich_help_panel=PANEL)),
     "gpu_mem": (float, typer.Option(None, "--gpu-mem", help="GB of GPU memory for the model; experts that do not fit stay in RAM.",

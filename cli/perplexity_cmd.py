@@ -71,7 +71,8 @@ def _format_label(load: LoadOptions) -> str:
     if load.load_bits is None:
         return f"{dtype} (unquantized)"
     name = "int8" if load.bits == 8 else (load.quant_type or "nf4") + ("-dq" if load.double_quant else "")
-    return f"{name}{' + lm_head int8' if load.lm_head_int8(quantized=False) else ''}, {dtype} compute"
+    head = load.lm_head_format()
+    return f"{name}{f' + lm_head {head}' if head else ''}, {dtype} compute"
 
 
 @app.command("perplexity")

@@ -43,7 +43,9 @@ def quantize(
     bits: int = typer.Option(4, "--bits", help="4 (nf4/fp4) or 8 (LLM.int8)."),
     quant_type: str = typer.Option(None, "--quant-type", help="4-bit format: nf4 (default) or fp4."),
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the 4-bit absmax scales too."),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head in 8-bit."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Store lm_head quantized: q6 with "
+                                          "--bits 4, int8 with --bits 8 (or as --lm-head says)."),
+    lm_head: str = typer.Option(None, "--lm-head", help="lm_head's stored format (implies --quantize-lm-head): q6 or int8."),
     kernel_layout: bool = typer.Option(False, "--kernel-layout",
                                        help="4-bit weights in dsmoe's kernel layout: loads map them, "
                                             "transformers cannot read them."),
@@ -60,7 +62,8 @@ def quantize(
     if bits not in (4, 8):
         raise UsageError(bits_error("--bits", bits, allow_16=False))
     spec = LoadOptions(bits=bits, quant_type=quant_type, double_quant=double_quant,
-                       quantize_lm_head=quantize_lm_head).quant_spec()
+                       quantize_lm_head=quantize_lm_head or lm_head is not None,
+                       lm_head=lm_head).quant_spec()
     assert spec is not None  # bits is 4 or 8
     if not (math.isfinite(shard_gb) and shard_gb > 0):
         raise UsageError(f"--shard-size must be a positive number of GB, got {shard_gb}")

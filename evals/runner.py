@@ -302,7 +302,7 @@ def partial_data(row: PlannedTask) -> str | None:
 # ---------------------------------------------------------------------- running
 
 
-_SCORING_LOAD_SETTINGS = ("dtype", "bits", "quant_type", "double_quant", "quantize_lm_head")
+_SCORING_LOAD_SETTINGS = ("dtype", "bits", "quant_type", "double_quant", "quantize_lm_head", "lm_head")
 """The loading settings that change scores (where the experts live does not: outputs are identical)."""
 
 

@@ -495,7 +495,7 @@ def parameter_counts(config: DeepseekConfig) -> dict[str, int]:
 
 # Bytes per quantized weight, scales included: NF4/FP4 with one fp32 absmax per 64 weights,
 # LLM.int8 with one fp32 scale per row (negligible at these widths).
-BYTES_PER_WEIGHT = {16: 2.0, 8: 1.0, 4: 0.5 + 4 / 64}
+BYTES_PER_WEIGHT = {16: 2.0, 8: 1.0, 6: 0.75 + 2 / 64, 4: 0.5 + 4 / 64}  # 6: dsmoe's q6 (lm_head only)
 
 
 def weight_bytes(config: DeepseekConfig, bits: int) -> int:

@@ -16,8 +16,8 @@ from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint, one_thread_for_the_reader, read_ahead
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
-from dsmoe.quant import QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
-from dsmoe.quant.spec import INT8, LM_HEAD, lm_head_in_int8
+from dsmoe.quant import Linear6bit, QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
+from dsmoe.quant.spec import LM_HEAD, LM_HEAD_SPECS, lm_head_format
 from dsmoe.quant.state import NATIVE_SCALES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -43,6 +43,7 @@ def load_model(
     quant_type: str | None = None,
     double_quant: bool = False,
     quantize_lm_head: bool | None = None,
+    lm_head: str | None = None,
     device: str | torch.device = "cpu",
     progress: LoadProgress | None = None,
     skip_routed_experts: bool = False,
@@ -51,8 +52,9 @@ def load_model(
     """The model of an opened checkpoint (``dsmoe.load`` opens it and adds the tokenizer).
 
     ``bits`` 4 or 8 quantizes the linear layers while loading; a checkpoint that is already
-    quantized is read as it is. lm_head goes to int8 as ``lm_head_in_int8`` says: by default in
-    every quantized run, a stored checkpoint's float lm_head included.
+    quantized is read as it is. lm_head is quantized as ``lm_head_format`` says (``lm_head``, "int8"
+    or "q6", asks for a format): by default q6 beside 4-bit weights and int8 beside 8-bit ones, a
+    stored checkpoint's float lm_head included; a stored quantized lm_head is read as it is.
     ``skip_routed_experts`` leaves the routed experts unread, on the meta device, for an expert
     store to own (see dsmoe.offload); ``skip_embedding`` leaves the embedding table unread, for a
     ``RowEmbedding`` that reads its rows from the file.
@@ -62,8 +64,9 @@ def load_model(
     stored_spec = None
     if checkpoint.config.quantization_config is not None:
         stored_spec = spec_from_config(checkpoint.config.quantization_config)
-    lm_head_int8 = lm_head_in_int8(quantize_lm_head, stored_spec is not None or bits in (4, 8))
-    spec = _quant_spec(checkpoint, bits, quant_type, double_quant, lm_head_int8)
+    body_bits = stored_spec.bits if stored_spec is not None else bits if bits in (4, 8) else None
+    head_format = lm_head_format(quantize_lm_head, lm_head, body_bits)
+    spec = _quant_spec(checkpoint, bits, quant_type, double_quant, head_format)
     with torch.device("meta"), _WithoutRandomInit():
         model = DeepseekForCausalLM(checkpoint.config)
     model.eval().requires_grad_(False)
@@ -82,7 +85,7 @@ def load_model(
         tensors = ({**read, **{n: checkpoint.map(n) for n in keep}}
                    for read, keep in zip(read_ahead(checkpoint, reads), kept))
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
-                     spec, lm_head_int8, compute_dtype, device, progress)
+                     spec, head_format, lm_head, compute_dtype, device, progress)
     checkpoint.close()
     release_freed_memory()
     return model
@@ -103,8 +106,8 @@ def _kept_as_stored(group: list[str], quantized: bool, device: torch.device) -> 
 
 def _load_params(model: DeepseekForCausalLM, checkpoint: Checkpoint, params: list[str], stored: list[bool],
                  reads: Iterator[dict[str, torch.Tensor]], linear_names: set[str], stored_spec: QuantSpec | None,
-                 spec: QuantSpec | None, lm_head_int8: bool, compute_dtype: torch.dtype, device: torch.device,
-                 progress: LoadProgress | None) -> None:
+                 spec: QuantSpec | None, head_format: str | None, lm_head: str | None, compute_dtype: torch.dtype,
+                 device: torch.device, progress: LoadProgress | None) -> None:
     """Each parameter into ``model``: stored quantized linears as they are, floats quantized or cast."""
     release = ReleaseEvery()
     for done, (name, quantized, tensors) in enumerate(zip(params, stored, reads), start=1):
@@ -113,12 +116,15 @@ def _load_params(model: DeepseekForCausalLM, checkpoint: Checkpoint, params: lis
         if quantized:
             assert stored_spec is not None  # only a quantized checkpoint stores quantized linears
             module = linear_from_tensors(tensors, module_name, stored_spec, compute_dtype, own=True)
+            if name == LM_HEAD and lm_head is not None and lm_head != ("q6" if isinstance(module, Linear6bit) else "int8"):
+                raise UsageError(f"{checkpoint.path} stores lm_head quantized in another format than {lm_head}: "
+                                 "load it without --lm-head, or quantize the float source with it")
             _replace_module(model, module_name, module.to(device))
         else:
             tensor = _checked_float(checkpoint, model, name, *tensors.popitem())
             layer_spec = spec_for(name, spec) if spec is not None and module_name in linear_names else None
-            if name == LM_HEAD and lm_head_int8:
-                layer_spec = INT8  # with no spec too: a stored checkpoint's float lm_head, or a float model's
+            if name == LM_HEAD and head_format is not None:
+                layer_spec = LM_HEAD_SPECS[head_format]  # with no spec too: a stored float lm_head, or a float model's
             if layer_spec is not None:
                 _replace_module(model, module_name, quantize_linear(tensor.to(device), layer_spec, compute_dtype))
             else:
@@ -148,7 +154,7 @@ class _WithoutRandomInit(TorchFunctionMode):
 
 
 def _quant_spec(
-    checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool, quantize_lm_head: bool
+    checkpoint: Checkpoint, bits: int | None, quant_type: str | None, double_quant: bool, head_format: str | None
 ) -> QuantSpec | None:
     if bits is None or bits == 16:
         return None
@@ -156,7 +162,7 @@ def _quant_spec(
         raise UsageError(f"{checkpoint.path}: already quantized; load it without --bits")
     default_type = "nf4" if bits == 4 else "int8"
     return QuantSpec(bits=bits, quant_type=quant_type or default_type, double_quant=double_quant,
-                     quantize_lm_head=quantize_lm_head)
+                     quantize_lm_head=head_format is not None, lm_head=head_format or "int8")
 
 
 def _is_quantized_in(checkpoint: Checkpoint, weight_name: str) -> bool:

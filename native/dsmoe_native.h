@@ -8,7 +8,8 @@
  * DSMOE_ABI_VERSION and update native/library.py in the same commit (tests/test_native_abi.py
  * checks the two agree).
  *
- * The kernels, by job: matmul.c (8- and 4-bit matmuls, SwiGLU MLPs, routed experts), ops.c
+ * The kernels, by job: matmul.c (8- and 4-bit matmuls, SwiGLU MLPs, routed experts), q6.c (the
+ * 6-bit lm_head matmul), ops.c
  * (attention for one new token, RMSNorm, the router), layer_step.c (a decoder layer's decode step),
  * abi.c (what this library was built with). Every kernel returns 0 on success, -1 for arguments
  * it cannot take (shapes, sizes, a CPU without the instruction set), -2 when out of memory; the
@@ -21,7 +22,7 @@
 #include <stdint.h>
 
 /* Python parses the lines `#define DSMOE_<NAME> <integer>` below; keep each one a plain integer. */
-#define DSMOE_ABI_VERSION 3
+#define DSMOE_ABI_VERSION 4
 /* Activation values per int8 scale: every matmul input width is a multiple of it. */
 #define DSMOE_ACT_BLOCK 64
 /* Output rows per tile of the 4-bit layout (bitsandbytes' CPU tiles). */
@@ -38,6 +39,10 @@
 #define DSMOE_ISA_NONE 0
 #define DSMOE_ISA_VNNI 1
 #define DSMOE_ISA_AVX2 2
+/* dsmoe's 6-bit format (q6.c): codes q in [-DSMOE_Q6_MAX, DSMOE_Q6_MAX] per block of
+ * DSMOE_ACT_BLOCK values, stored as q + DSMOE_Q6_MAX + 1 in DSMOE_Q6_BLOCK_BYTES bytes. */
+#define DSMOE_Q6_MAX 31
+#define DSMOE_Q6_BLOCK_BYTES 48
 
 _Static_assert(DSMOE_MAX_MLPS == DSMOE_MAX_TOP_K + 1, "the routed experts and one shared MLP");
 
@@ -131,6 +136,15 @@ int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m
  * fault in. -1 unless n is a multiple of DSMOE_TILE_ROWS and k of 4, -2 when out of memory (in place, the buffer is then left half done). */
 int dsmoe_pack_4bit(int64_t n, int64_t k, const uint8_t *standard, uint8_t *native);
 
+/* ---- q6.c: the 6-bit lm_head ----------------------------------------------------------------- */
+
+/* y [m, n] = x [m, k] bf16 @ dequant(W).T for a q6 weight: w [n, k / DSMOE_ACT_BLOCK blocks of
+ * DSMOE_Q6_BLOCK_BYTES] and steps [n, k / DSMOE_ACT_BLOCK] fp16 (q6.c has the layout), written as
+ * bf16 (out_f32 = 0) or fp32. -1 also when the CPU lacks the instruction sets (or F16C) or k is
+ * not a multiple of DSMOE_ACT_BLOCK. Weight rows are split across the threads. */
+int dsmoe_q6_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const uint8_t *w, const uint16_t *steps,
+                  void *out, int out_f32);
+
 /* ---- ops.c: the decode step's other kernels --------------------------------------------------- */
 
 /* The decode step's attention, batch 1, bf16: rotate q and k at position `pos`, store k and v at
@@ -198,5 +212,11 @@ int dsmoe_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, 
 /* x [rows, cols] (dtype DSMOE_DTYPE_*) into LLM.int8 rows, bit for bit quant/linear.py's
  * quantize_int8: q [rows, cols] int8 and scb [rows] fp32 (each row's max |x|); x finite. */
 int dsmoe_quantize_int8(const void *x, int dtype, int64_t rows, int64_t cols, int8_t *q, float *scb);
+
+/* x [rows, cols] (dtype DSMOE_DTYPE_*) into the q6 format, bit for bit quant/q6.py's quantize_q6:
+ * packed [rows, cols / DSMOE_ACT_BLOCK * DSMOE_Q6_BLOCK_BYTES] and steps [rows, cols /
+ * DSMOE_ACT_BLOCK] fp16. -1 also when cols is not a multiple of DSMOE_ACT_BLOCK or a block's step
+ * overflows fp16 (|x| above ~2e6); x finite. */
+int dsmoe_quantize_q6(const void *x, int dtype, int64_t rows, int64_t cols, uint8_t *packed, uint16_t *steps);
 
 #endif

@@ -57,6 +57,10 @@ ATTENTION_POINTERS = CONSTANTS["DSMOE_ATTENTION_POINTERS"]
 MAX_TOP_K = CONSTANTS["DSMOE_MAX_TOP_K"]
 """The most routed experts per token the native router and layer step take."""
 ISA_NONE, ISA_VNNI, ISA_AVX2 = (CONSTANTS[f"DSMOE_ISA_{name}"] for name in ("NONE", "VNNI", "AVX2"))
+Q6_MAX = CONSTANTS["DSMOE_Q6_MAX"]
+"""The largest |code| of dsmoe's 6-bit format; codes are stored as q + Q6_MAX + 1."""
+Q6_BLOCK_BYTES = CONSTANTS["DSMOE_Q6_BLOCK_BYTES"]
+"""Bytes of one q6 block of ACT_BLOCK values (low nibbles, then the top two bits)."""
 DTYPE_F32, DTYPE_BF16, DTYPE_F16 = (CONSTANTS[f"DSMOE_DTYPE_{name}"] for name in ("F32", "BF16", "F16"))
 """The element types the native quantizers read."""
 CODES_4BIT = CONSTANTS["DSMOE_4BIT_CODES"]
@@ -123,12 +127,14 @@ SIGNATURES: dict[str, Sequence[type]] = {
     "dsmoe_experts": [_ptr, _float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_4bit_gemm": [_ptr, _float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_pack_4bit": [_i64, _i64, _ptr, _ptr],
+    "dsmoe_q6_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
     "dsmoe_rmsnorm": [_i64, _float, _ptr, _ptr, _ptr],
     "dsmoe_router": [_i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_decode_layers": [_ptr, _i64, _i64, _i64] + [_ptr] * 5 + [_i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_quantize_4bit": [_ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_quantize_int8": [_ptr, _int, _i64, _i64, _ptr, _ptr],
+    "dsmoe_quantize_q6": [_ptr, _int, _i64, _i64, _ptr, _ptr],
 }
 """Every entry point of dsmoe_native.h and its argument types; each returns a C int."""
 

@@ -1,5 +1,6 @@
-/* Quantizing float weights while a checkpoint loads: bitsandbytes' NF4/FP4 blockwise absmax and
- * dsmoe's LLM.int8 rows, byte for byte what the PyTorch code computes, across the OpenMP team.
+/* Quantizing float weights while a checkpoint loads: bitsandbytes' NF4/FP4 blockwise absmax,
+ * dsmoe's LLM.int8 rows and its 6-bit q6 blocks (the end of this file), byte for byte what the
+ * PyTorch code computes, across the OpenMP team.
  *
  * The reference is the PyTorch arithmetic itself, so each step does the same fp32 operations:
  *   4-bit (bitsandbytes' default-backend quantize_4bit, which its CPU backend runs): a full
@@ -194,4 +195,71 @@ int dsmoe_quantize_int8(const void *x, int dtype, int64_t rows, int64_t cols, in
         free(s);
     }
     return failed ? -2 : 0;
+}
+
+/* ---- dsmoe's 6-bit format (q6.c has the layout) ---------------------------------------------- */
+
+/* An fp32 value to fp16, rounding to nearest even as PyTorch's .to(torch.float16) does, subnormals
+ * included; 65520 and above become infinity. */
+static uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    u &= 0x7fffffffu;
+    if (u >= 0x477ff000u) return sign | 0x7c00u;
+    if (u < 0x38800000u) /* below 2^-14: a multiple of fp16's subnormal unit 2^-24 (exact scaling) */
+        return sign | (uint16_t)nearbyintf(fabsf(f) * 0x1p24f);
+    const uint32_t rebased = u - ((127u - 15u) << 23);
+    return sign | (uint16_t)((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13);
+}
+
+/* One block of DSMOE_ACT_BLOCK values: its fp16 step and 48 bytes; -1 when the step overflows. */
+static int q6_block(const float *v, uint8_t *out, uint16_t *step_out) {
+    enum { N = DSMOE_ACT_BLOCK, TOP = DSMOE_Q6_MAX };
+    float amax = 0.0f;
+    for (int j = 0; j < N; j++) amax = fmaxf(amax, fabsf(v[j]));
+    const uint16_t h = f32_to_f16(amax / (float)TOP);
+    if ((h & 0x7c00u) == 0x7c00u) return -1;
+    const float step = f16_to_f32(h);
+    uint8_t u[DSMOE_ACT_BLOCK];
+    for (int j = 0; j < N; j++) {
+        float q = step > 0.0f ? nearbyintf(v[j] / step) : 0.0f;
+        q = q < -TOP ? -TOP : q;
+        q = q > TOP ? TOP : q;
+        u[j] = (uint8_t)((int)q + TOP + 1);
+    }
+    for (int j = 0; j < N / 2; j++) out[j] = (uint8_t)((u[j] & 15) | (u[j + N / 2] & 15) << 4);
+    for (int j = 0; j < N / 4; j++)
+        out[N / 2 + j] = (uint8_t)((u[j] >> 4) | (u[j + N / 4] >> 4) << 2 | (u[j + N / 2] >> 4) << 4 |
+                                   (u[j + 3 * N / 4] >> 4) << 6);
+    *step_out = h;
+    return 0;
+}
+
+int dsmoe_quantize_q6(const void *x, int dtype, int64_t rows, int64_t cols, uint8_t *packed, uint16_t *steps) {
+    if (rows < 0 || cols < 1 || cols % DSMOE_ACT_BLOCK) return -1;
+    if (dtype != DSMOE_DTYPE_F32 && dtype != DSMOE_DTYPE_BF16 && dtype != DSMOE_DTYPE_F16) return -1;
+    const int64_t blocks = cols / DSMOE_ACT_BLOCK;
+    int failed = 0, overflow = 0;
+#pragma omp parallel if (rows * cols >= PARALLEL_MIN)
+    {
+        float *s = malloc((size_t)cols * sizeof(float));
+        if (s == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (s == NULL) continue;
+            load_block(x, dtype, r * cols, cols, s);
+            for (int64_t b = 0; b < blocks; b++)
+                if (q6_block(s + b * DSMOE_ACT_BLOCK, packed + (r * blocks + b) * DSMOE_Q6_BLOCK_BYTES,
+                              steps + r * blocks + b)) {
+#pragma omp atomic write
+                    overflow = 1;
+                }
+        }
+        free(s);
+    }
+    return failed ? -2 : overflow ? -1 : 0;
 }

@@ -16,7 +16,7 @@ import torch
 from dsmoe.errors import UsageError
 from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.deepseek import BYTES_PER_WEIGHT, parameter_counts
-from dsmoe.quant.spec import lm_head_in_int8
+from dsmoe.quant.spec import lm_head_quantized
 
 GB = 1e9
 # Fraction of a measured free amount the plan lets itself use when no budget is given.
@@ -195,8 +195,9 @@ def expert_sizes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None) -
 
 def resident_bytes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None, lm_head_int8: bool | None,
                    embedding_in_file: bool) -> int:
-    """Bytes of everything but the routed experts as a run holds them: lm_head in int8 where the
-    load puts it there (``lm_head_in_int8``), the embedding table left out where its rows are read
+    """Bytes of everything but the routed experts as a run holds them: lm_head at int8's size where
+    the load quantizes it (``lm_head_quantized``; the q6 head of 4-bit runs is 22% smaller, so the
+    plan errs on the safe side), the embedding table left out where its rows are read
     from the file (CPU compute with experts on disk, ``RowEmbedding``)."""
     _, rest = expert_sizes(config, dtype, bits)
     if bits is None and config.quantization_config is not None:
@@ -205,7 +206,7 @@ def resident_bytes(config: DeepseekConfig, dtype: torch.dtype, bits: int | None,
     table = config.vocab_size * config.hidden_size
     if config.tie_word_embeddings:
         return rest
-    if lm_head_in_int8(lm_head_int8, bits in (4, 8)):
+    if lm_head_quantized(lm_head_int8, bits in (4, 8)):
         # int8 weights, and per row the fp32 SCB and scale and the bf16 unit Linear8bit keeps.
         rest += table + config.vocab_size * (4 + 4 + 2) - table * element
     return rest - (table * element if embedding_in_file else 0)

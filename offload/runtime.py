@@ -92,6 +92,7 @@ def load_offloaded(
     quantize_lm_head: bool | None = None,
     progress: LoadProgress | None = None,
     resources: Resources | None = None,
+    lm_head: str | None = None,
 ) -> tuple[DeepseekForCausalLM, Tokenizer | None, ExpertStore]:
     """Load a checkpoint with its routed experts placed by ``options``; the rest goes to the device.
 
@@ -107,7 +108,7 @@ def load_offloaded(
                            stored=_stored_spec(checkpoint))
         on_cpu = device.type == "cpu"
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                           quantize_lm_head=quantize_lm_head, device=device, progress=progress,
+                           quantize_lm_head=quantize_lm_head, lm_head=lm_head, device=device, progress=progress,
                            skip_routed_experts=True, skip_embedding=on_cpu)
         if on_cpu:  # a token needs one row of the table: read from the file, not held in RAM
             rows = RowEmbedding(checkpoint.rows(EMBEDDING), parse_dtype(dtype))
@@ -123,7 +124,8 @@ def load_offloaded(
         store = _store(model, plan, source, options)
     else:
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                           quantize_lm_head=quantize_lm_head, device="cpu", progress=progress)
+                           quantize_lm_head=quantize_lm_head, lm_head=lm_head, device="cpu",
+                           progress=progress)
         store = attach(model, plan, options)
     return model, load_tokenizer(checkpoint.path, checkpoint.config.vocab_size), store
 

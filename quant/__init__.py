@@ -1,4 +1,4 @@
-"""Quantization: bitsandbytes NF4/FP4 and LLM.int8 weights, their checkpoint layout, and conversion."""
+"""Quantization: bitsandbytes NF4/FP4 and LLM.int8 weights, dsmoe's 6-bit lm_head, their checkpoint layout, and conversion."""
 
 import logging
 
@@ -8,6 +8,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from dsmoe.quant.linear import (
     Linear4bit,
+    Linear6bit,
     Linear8bit,
     QuantLinear,
     linear_from_tensors,
@@ -19,6 +20,7 @@ from dsmoe.quant.spec import QuantSpec, quantization_config, should_quantize, sp
 
 __all__ = [
     "Linear4bit",
+    "Linear6bit",
     "Linear8bit",
     "QuantLinear",
     "QuantSpec",

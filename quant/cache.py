@@ -36,11 +36,13 @@ import torch
 from dsmoe.checkpoint.output_folder import rename_no_replace
 from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint
 from dsmoe.errors import DsmoeError
+from dsmoe.native.library import ACT_BLOCK, Q6_BLOCK_BYTES
 from dsmoe.quant.convert import quantize_checkpoint
 from dsmoe.quant.spec import QuantSpec, spec_for
 
 CACHE_FORMAT = 2
-"""Raised when what an entry holds for a given key changes, so old entries are no longer found."""
+"""Raised when what an entry holds for a given key changes, so old entries are no longer found
+(2: 4-bit weights in the kernels' layout, and the lm_head of 4-bit entries in q6, QuantSpec.lm_head)."""
 MANIFEST = "dsmoe-cache.json"
 SPACE_MARGIN = 512 * 2**20
 """Bytes left free beyond the entry's size: a cache must not be what fills the disk."""
@@ -89,7 +91,7 @@ def entry_path(folder: Path, spec: QuantSpec, root: Path | None = None) -> Path:
     material = {"format": CACHE_FORMAT, "source": source_identity(folder), "spec": dataclasses.asdict(spec)}
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", folder.resolve().name)[:60]
-    head = "-lmhead8" if spec.quantize_lm_head else ""
+    head = ("-lmhead6" if spec.lm_head == "q6" else "-lmhead8") if spec.quantize_lm_head else ""
     return (root or cache_root()) / f"{readable}-{spec.name}-b{spec.blocksize}{head}-{key}"
 
 
@@ -129,7 +131,12 @@ def quantized_bytes(checkpoint: Checkpoint, spec: QuantSpec) -> int:
         numel = 1
         for size in checkpoint.shape(name):
             numel *= size
-        total += numel // 2 + 4 * (-(-numel // layer.blocksize)) if layer.bits == 4 else numel + 4 * checkpoint.shape(name)[0]
+        if layer.bits == 4:
+            total += numel // 2 + 4 * (-(-numel // layer.blocksize))
+        elif layer.bits == 6:  # the codes and an fp16 step per block
+            total += numel // ACT_BLOCK * (Q6_BLOCK_BYTES + 2)
+        else:
+            total += numel + 4 * checkpoint.shape(name)[0]
     return total
 
 

@@ -2,7 +2,8 @@
 
 The numbers are bitsandbytes' own: 4-bit weights are quantized by ``quantize_4bit`` (NF4/FP4
 codebooks, blockwise absmax, optional double quantization of the absmax), 8-bit weights are
-LLM.int8's row-wise absmax (``round(127 * w / SCB)``). A faster in-memory layout may be built at
+LLM.int8's row-wise absmax (``round(127 * w / SCB)``); dsmoe's own 6-bit blocks (quant/q6.py) serve
+only lm_head. A faster in-memory layout may be built at
 load (see ``kernels.py``) but the checkpoint tensors always come back in the standard layout.
 """
 
@@ -20,8 +21,9 @@ from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.native.library import (ACT_BLOCK, DTYPE_BF16, DTYPE_F16, DTYPE_F32, MAX_QUANT_BLOCK, MLP_POINTERS,
-                                  check_status, native_library)
+                                  Q6_BLOCK_BYTES, check_status, native_library)
 from dsmoe.quant import kernels
+from dsmoe.quant.q6 import dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
 from dsmoe.quant.state import NATIVE_SCALES, FourBitState, NestedState, codebook, state_from_tensors
 
@@ -300,6 +302,50 @@ class Linear8bit(QuantLinear):
         }
 
 
+class Linear6bit(QuantLinear):
+    """y = x @ dequant(W).T for dsmoe's 6-bit format (quant/q6.py): the lm_head of 4-bit runs.
+
+    Stored as ``weight`` (the packed codes, uint8 [out, in / 64 * 48]) and ``weight.q6_steps``
+    (fp16 [out, in / 64]); the native kernel reads them as they are.
+    """
+
+    weight: torch.Tensor  # buffers, as Linear4bit's
+    steps: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, steps: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, blocks = (int(d) for d in steps.shape)
+        self.in_features = blocks * ACT_BLOCK
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", packed.contiguous(), persistent=False)
+        self.register_buffer("steps", steps.contiguous(), persistent=False)
+        self._on_device_change()
+
+    def _on_device_change(self) -> None:
+        self.native = (self.weight.device.type == "cpu" and self.compute_dtype == torch.bfloat16
+                       and native_library() is not None)
+
+    def kernel(self, rows: int) -> str:
+        return "q6_native" if self.native else "dequant_matmul"
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_q6(self.weight, self.steps, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        lib = native_library() if self.native else None
+        if lib is not None:
+            out = q6_native_mm(lib, flat, self.weight, self.steps)
+        else:
+            out = F.linear(flat, self.dequantized(self.compute_dtype))
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach().cpu().contiguous(),
+                "weight.q6_steps": self.steps.detach().cpu().contiguous()}
+
+
 @dataclasses.dataclass(frozen=True)
 class NativeWeights:
     """Layers of one format as the native decode kernels take them.
@@ -480,6 +526,9 @@ def quantize_linear(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.
     if weight.dim() != 2 or not weight.is_floating_point():
         raise UsageError(f"quantize_linear needs a 2-D float weight, got {tuple(weight.shape)} {weight.dtype}")
     lib = _native_quantizer(weight)
+    if spec.bits == 6:
+        packed, steps = quantize_q6(weight) if lib is None else quantize_q6_native(lib, weight)
+        return Linear6bit(packed, steps, compute_dtype)
     if spec.bits == 8:
         q, scb = quantize_int8(weight) if lib is None else quantize_int8_native(lib, weight)
         return Linear8bit(q, scb, compute_dtype)
@@ -515,6 +564,8 @@ def linear_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, spec: Qua
         raise CheckpointError(f"tensor {prefix}.weight is missing")
     if f"{prefix}.SCB" in tensors:
         return _int8_from_tensors(tensors, prefix, weight, compute_dtype, own)
+    if f"{prefix}.weight.q6_steps" in tensors:
+        return _q6_from_tensors(tensors[f"{prefix}.weight.q6_steps"], prefix, weight, compute_dtype, own)
     if spec.bits == 8:
         raise CheckpointError(f"{prefix}: the checkpoint declares 8-bit but {prefix}.SCB is missing")
     return _4bit_from_tensors(tensors, prefix, weight, compute_dtype, own)
@@ -532,6 +583,16 @@ def _int8_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
         raise CheckpointError(f"{prefix}.SCB: expected {weight.shape[0]} floats, got {scb.dtype} {list(scb.shape)}")
     scb = scb.float()
     return Linear8bit(weight if own else weight.clone(), scb if own else scb.clone(), compute_dtype)
+
+
+def _q6_from_tensors(steps: torch.Tensor, prefix: str, weight: torch.Tensor, compute_dtype: torch.dtype,
+                     own: bool) -> Linear6bit:
+    if steps.dtype != torch.float16 or steps.dim() != 2:
+        raise CheckpointError(f"{prefix}.weight.q6_steps: expected a 2-D fp16 tensor, got {steps.dtype} {list(steps.shape)}")
+    expected = [steps.shape[0], steps.shape[1] * Q6_BLOCK_BYTES]
+    if weight.dtype != torch.uint8 or list(weight.shape) != expected:
+        raise CheckpointError(f"{prefix}.weight: expected q6 codes uint8 {expected}, got {weight.dtype} {list(weight.shape)}")
+    return Linear6bit(weight if own else weight.clone(), steps if own else steps.clone(), compute_dtype)
 
 
 def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: torch.Tensor,

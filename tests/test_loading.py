@@ -12,7 +12,7 @@ from dsmoe import LoadOptions, load
 from dsmoe.cli.main import app
 from dsmoe.errors import EvalError, UsageError
 from dsmoe.offload import store_of
-from dsmoe.quant import Linear8bit, QuantSpec
+from dsmoe.quant import Linear6bit, Linear8bit, QuantSpec
 from dsmoe.quant.convert import quantize_checkpoint
 
 LOADING_COMMANDS = ("chat", "generate", "serve", "eval", "bench", "info", "perplexity")
@@ -73,20 +73,21 @@ def test_load_holds_the_model_in_memory_unless_a_budget_asks_for_a_store(tiny_pa
     assert store.stats.tokens == ids.shape[1] and store.stats.misses() > 0
 
 
-def test_lm_head_is_int8_in_every_quantized_run_unless_told(tiny_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The fast default: a 4- or 8-bit run computes lm_head in int8, quantized while loading or
-    from a stored checkpoint that kept it in floats (as transformers' 4-bit files do)."""
+def test_lm_head_is_quantized_in_every_quantized_run_unless_told(tiny_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The fast default: a 4- or 8-bit run computes lm_head quantized (q6 beside 4-bit weights,
+    int8 beside 8-bit ones), quantized while loading or from a stored checkpoint that kept it in
+    floats (as transformers' 4-bit files do)."""
     def head(*args: object, **settings: object) -> torch.nn.Module:
         return load(*args, **settings)[0].lm_head  # type: ignore[arg-type]
 
-    assert isinstance(head(tiny_path, bits=4), Linear8bit)
+    assert isinstance(head(tiny_path, bits=4), Linear6bit)
     assert isinstance(head(tiny_path, bits=8), Linear8bit)
     assert type(head(tiny_path, bits=4, quantize_lm_head=False)) is torch.nn.Linear
     assert type(head(tiny_path)) is torch.nn.Linear  # a float run keeps floats
     assert isinstance(head(tiny_path, quantize_lm_head=True), Linear8bit)  # asked for, alone
     stored = tmp_path / "nf4"
     quantize_checkpoint(tiny_path, stored, QuantSpec(bits=4, quant_type="nf4"))  # lm_head stays bf16 in the file
-    assert isinstance(head(stored), Linear8bit)
+    assert isinstance(head(stored), Linear6bit)
     assert type(head(stored, quantize_lm_head=False)) is torch.nn.Linear
     # The int8 head is LLM.int8's rounding of the float one: close logits, not the same ones.
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])

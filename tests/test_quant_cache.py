@@ -90,7 +90,7 @@ def test_a_kernel_layout_entry_runs_where_the_native_kernels_do_not(tiny_path: P
     stored standard checkpoint does there."""
     entry = dsmoe.load(tiny_path, bits=4)[0].quant_cache.path
     standard = tmp_path / "standard"
-    quantize_checkpoint(tiny_path, standard, QuantSpec(bits=4, quant_type="nf4", quantize_lm_head=True))
+    quantize_checkpoint(tiny_path, standard, QuantSpec(bits=4, quant_type="nf4", quantize_lm_head=True, lm_head="q6"))
     monkeypatch.setattr(kernels, "native_4bit_available", lambda: False)
     from_entry, _ = dsmoe.load(entry)
     from_standard, _ = dsmoe.load(standard)
@@ -117,7 +117,7 @@ def test_key_covers_the_settings(tiny_path: Path) -> None:
     dsmoe.load(tiny_path, bits=4, quant_type="fp4")
     dsmoe.load(tiny_path, bits=4, double_quant=True)
     dsmoe.load(tiny_path, bits=4, quantize_lm_head=False)
-    dsmoe.load(tiny_path, bits=4, quantize_lm_head=True)  # lm_head int8 is the default: bits=4's entry
+    dsmoe.load(tiny_path, bits=4, quantize_lm_head=True)  # a quantized lm_head (q6) is the default: bits=4's entry
     dsmoe.load(tiny_path, bits=8)
     dsmoe.load(tiny_path, bits=4, dtype="fp32")  # the compute dtype changes no stored byte: the same entry
     assert len(entries()) == 5

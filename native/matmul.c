@@ -1,5 +1,6 @@
 /* Matmuls of 8- and 4-bit weights times int8-quantized activations, for the decode step and
- * prefill: one matmul, one SwiGLU MLP per call, and a token's set of routed experts in one call.
+ * prefill: one matmul, one SwiGLU MLP per call, a token's set of routed experts in one call, and
+ * a MoE layer's routed experts over a prompt's tokens in two (prefill).
  *
  *   y[m, n] = scale[n] * sum_b xscale[m, b] * sum_{k in block b} xq[m, k] * w[n, k]
  *
@@ -259,11 +260,13 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_vnni(const uint8_t *t
 /* The same for m activation rows (prefill): out[i * ld + r] for row i. The rows go in groups of
  * GROUP_VNNI: each 64-byte load of codes becomes its two byte vectors once and feeds all the
  * group's rows, 2 * GROUP_VNNI independent vpdpbusd chains, with the group's fp32 sums held in
- * registers across the blocks (24 of the 32 zmm for 6 rows; 4 and 8 rows measured 0-15% slower). One row at a time, as before, ran two
- * dependent chains of 16 (latency-bound) and stored its fp32 row per block: 1.6-2.2x slower on the
- * expert shapes (docs/PERFORMANCE.md, "Prefill against the compute limit"). Each row's integer
- * sums are exact and its fp32 steps are in the same order as tile_4bit_vnni's, so a row's result
- * does not depend on the group it runs in. */
+ * registers across the blocks (24 of the 32 zmm at 6 rows; groups of 4 measured 3-16% slower, of
+ * 8, which spill, no faster). Before, each block's codes were unpacked to the stack and each row
+ * ran two dependent chains of 16 over them, its fp32 row loaded and stored per block: 1.07-1.9x
+ * slower on the 16B expert shapes, 1 thread (docs/PERFORMANCE.md, "Prefill against the compute
+ * limit (AVX512-VNNI)"); the grouped kernel reaches ~320 GMAC/s a core, 65% of vpdpbusd's
+ * register-to-register rate. Each row's integer sums are exact and its fp32 steps are in the same
+ * order as tile_4bit_vnni's, so a row's result does not depend on the group it runs in. */
 #define GROUP_VNNI 6
 _Static_assert(GROUP_VNNI == 6, "tile_4bit_rows_vnni names the remainders, 1 to 5 rows");
 __attribute__((target(TARGET_4BIT), always_inline)) static inline void group_4bit_vnni(
@@ -337,7 +340,11 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows_vnni(const uint8
  * activation goes in as |x| with its sign moved onto the code (vpsignb), as in the 8-bit kernel:
  * 2 * 127 * 120 < 32767. The integer sums equal the VNNI kernel's after its 128 * sum(q)
  * correction, and the fp32 steps are the same, so both give the same bits. A 32-byte load is half
- * of the VNNI kernel's 64: row pairs 0-7 (rows 0-7 and 16-23) or 8-15 (rows 8-15 and 24-31). */
+ * of the VNNI kernel's 64: row pairs 0-7 (rows 0-7 and 16-23) or 8-15 (rows 8-15 and 24-31).
+ * The rows kernel here still takes one activation row at a time: each row already runs four
+ * independent chains, and every instruction of its dot product (vpsignb onward) depends on the
+ * row, so grouping rows would share only the L1 loads of the codes; with 16 ymm registers it was
+ * left as it is (not measured on an AVX2-only CPU). */
 
 /* The signed codes of the two halves of a 32-byte load: lo[0] the low nibbles (rows r), lo[1] the
  * high nibbles (rows 16 + r). */

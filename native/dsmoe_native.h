@@ -130,6 +130,23 @@ int dsmoe_experts(const uint8_t *lut, float unit, int64_t blocksize, int64_t cou
 int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m, int64_t n, int64_t k,
                     const uint16_t *x, const uint8_t *w, const uint16_t *scales, uint16_t *out);
 
+/* A MoE layer's routed experts over many tokens (prefill), MoE.route's per-expert loop in two
+ * calls with PyTorch's h = silu(gate) * up (bf16) between them; matmul.c says how its numbers are
+ * the loop's, bit for bit. count experts (ascending ids; weights holds DSMOE_MLP_POINTERS each;
+ * lut NULL: 8-bit, else 4-bit with that table and unit), expert e's slots starts[e] ..
+ * starts[e + 1] (at least one each; total = starts[count]) holding tokens[slot], rows of x
+ * [tokens, hidden], and mix[slot], the bf16-rounded routing weights.
+ * dsmoe_moe_up writes the slots' gate and up outputs, gate and up [total, inter] bf16, for experts
+ * with more than one slot, and silu(gate) * up in fp32 into single [total, inter] for those with one.
+ * dsmoe_moe_down takes h [total, inter] (experts with more than one slot) and single (the others)
+ * and adds each slot's bf16(down(h) * mix) into out[tokens[slot]], expert after expert. */
+int dsmoe_moe_up(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, int64_t count,
+                 const void *const *weights, const int64_t *starts, const int64_t *tokens, const uint16_t *x,
+                 uint16_t *gate, uint16_t *up, float *single);
+int dsmoe_moe_down(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, int64_t count,
+                   const void *const *weights, const int64_t *starts, const int64_t *tokens, const float *mix,
+                   const uint16_t *h, const float *single, uint16_t *out);
+
 /* A 4-bit weight [n, k] from bitsandbytes' standard nibbles (n * k / 2 bytes, row-major, high
  * nibble first) into the native layout the kernels above read. standard and native may be the
  * same buffer: a loaded weight is then repacked in place, with no second copy to allocate and

@@ -126,6 +126,8 @@ SIGNATURES: dict[str, Sequence[type]] = {
     "dsmoe_4bit_mlp": [_ptr, _float, _i64, _i64, _i64] + [_ptr] * 8,
     "dsmoe_experts": [_ptr, _float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "dsmoe_4bit_gemm": [_ptr, _float, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "dsmoe_moe_up": [_ptr, _float, _i64, _i64, _i64, _i64] + [_ptr] * 7,
+    "dsmoe_moe_down": [_ptr, _float, _i64, _i64, _i64, _i64] + [_ptr] * 7,
     "dsmoe_pack_4bit": [_i64, _i64, _ptr, _ptr],
     "dsmoe_q6_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,

@@ -1,5 +1,6 @@
 /* Matmuls of 8- and 4-bit weights times int8-quantized activations, for the decode step and
- * prefill: one matmul, one SwiGLU MLP per call, and a token's set of routed experts in one call.
+ * prefill: one matmul, one SwiGLU MLP per call, a token's set of routed experts in one call, and
+ * a MoE layer's routed experts over a prompt's tokens in two (prefill).
  *
  *   y[m, n] = scale[n] * sum_b xscale[m, b] * sum_{k in block b} xq[m, k] * w[n, k]
  *
@@ -256,45 +257,80 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_vnni(const uint8_t *t
     _mm512_storeu_ps(out + 16, acc_hi);
 }
 
-/* The same for m activation rows (prefill): out[i * ld + r] for row i. Each block of the tile is
- * turned into bytes once and kept in L1 for all m rows, so the codes are not unpacked per row. */
+/* The same for m activation rows (prefill): out[i * ld + r] for row i. The rows go in groups of
+ * GROUP_VNNI: each 64-byte load of codes becomes its two byte vectors once and feeds all the
+ * group's rows, 2 * GROUP_VNNI independent vpdpbusd chains, with the group's fp32 sums held in
+ * registers across the blocks (24 of the 32 zmm at 6 rows; groups of 4 measured 3-16% slower, of
+ * 8, which spill, no faster). Before, each block's codes were unpacked to the stack and each row
+ * ran two dependent chains of 16 over them, its fp32 row loaded and stored per block: 1.07-1.9x
+ * slower on the 16B expert shapes, 1 thread (docs/PERFORMANCE.md, "Prefill against the compute
+ * limit (AVX512-VNNI)"); the grouped kernel reaches ~320 GMAC/s a core, 65% of vpdpbusd's
+ * register-to-register rate. Each row's integer sums are exact and its fp32 steps are in the same
+ * order as tile_4bit_vnni's, so a row's result does not depend on the group it runs in. */
+#define GROUP_VNNI 6
+_Static_assert(GROUP_VNNI == 6, "tile_4bit_rows_vnni names the remainders, 1 to 5 rows");
+__attribute__((target(TARGET_4BIT), always_inline)) static inline void group_4bit_vnni(
+    const uint8_t *tile, const uint16_t *scales, int64_t k, int64_t blocksize, __m512i table, float unit,
+    const qacts *a, int64_t i0, const int rows, float *out, int64_t ld) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const int64_t blocks = k / QBLOCK;
+    __m512 acc_lo[GROUP_VNNI], acc_hi[GROUP_VNNI];
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) acc_lo[r] = acc_hi[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
+        const int8_t *xb = a->q + i0 * k + b * QBLOCK;
+        __m512i s_lo[GROUP_VNNI], s_hi[GROUP_VNNI];
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) s_lo[r] = s_hi[r] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+        for (int j = 0; j < QBLOCK / 2; j += 2) {
+            const __m512i v = _mm512_loadu_si512(p + j * TILE_ROWS);
+            const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
+            const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++) {
+                int32_t four;
+                memcpy(&four, xb + r * k + 2 * j, sizeof four);
+                const __m512i xv = _mm512_set1_epi32(four);
+                s_lo[r] = _mm512_dpbusd_epi32(s_lo[r], lo, xv);
+                s_hi[r] = _mm512_dpbusd_epi32(s_hi[r], hi, xv);
+            }
+        }
+        const uint16_t *block = scales + (b * QBLOCK / blocksize) * TILE_ROWS;
+        const __m512 sc_lo = load16_bf16(block), sc_hi = load16_bf16(block + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) {
+            const int64_t at = (i0 + r) * blocks + b;
+            const __m512i offset = _mm512_set1_epi32(128 * a->sum[at]);
+            const __m512 step = _mm512_set1_ps(a->scale[at] * unit);
+            acc_lo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_lo[r], offset)), _mm512_mul_ps(sc_lo, step),
+                                        acc_lo[r]);
+            acc_hi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_hi[r], offset)), _mm512_mul_ps(sc_hi, step),
+                                        acc_hi[r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(out + (i0 + r) * ld, acc_lo[r]);
+        _mm512_storeu_ps(out + (i0 + r) * ld + 16, acc_hi[r]);
+    }
+}
+
 __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows_vnni(const uint8_t *tile, const uint16_t *scales,
                                                                      int64_t k, int64_t blocksize, const uint8_t *lut,
                                                                      float unit, const qacts *a, int64_t m, float *out,
                                                                      int64_t ld) {
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512i bytes[QBLOCK / 2]; /* one block: 16 column quads x (rows 0-15, rows 16-31) */
-    for (int64_t i = 0; i < m; i++)
-        for (int r = 0; r < TILE_ROWS; r++) out[i * ld + r] = 0.0f;
-    for (int64_t b = 0; b < k / QBLOCK; b++) {
-        const uint8_t *p = tile + b * (QBLOCK / 2) * TILE_ROWS;
-        for (int j = 0; j < QBLOCK / 2; j += 2) {
-            const __m512i v = _mm512_loadu_si512(p + j * TILE_ROWS);
-            bytes[j] = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
-            bytes[j + 1] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
-        }
-        const uint16_t *block = scales + (b * QBLOCK / blocksize) * TILE_ROWS;
-        const __m512 sc_lo = load16_bf16(block), sc_hi = load16_bf16(block + 16);
-        for (int64_t i = 0; i < m; i++) {
-            const int8_t *xb = a->q + i * k + b * QBLOCK;
-            __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
-            for (int j = 0; j < QBLOCK / 2; j += 2) {
-                int32_t four;
-                memcpy(&four, xb + 2 * j, sizeof four);
-                const __m512i xv = _mm512_set1_epi32(four);
-                s_lo = _mm512_dpbusd_epi32(s_lo, bytes[j], xv);
-                s_hi = _mm512_dpbusd_epi32(s_hi, bytes[j + 1], xv);
-            }
-            const int64_t at = i * (k / QBLOCK) + b;
-            const __m512i offset = _mm512_set1_epi32(128 * a->sum[at]);
-            const __m512 step = _mm512_set1_ps(a->scale[at] * unit);
-            float *row = out + i * ld;
-            _mm512_storeu_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_lo, offset)),
-                                                  _mm512_mul_ps(sc_lo, step), _mm512_loadu_ps(row)));
-            _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s_hi, offset)),
-                                                       _mm512_mul_ps(sc_hi, step), _mm512_loadu_ps(row + 16)));
-        }
+    int64_t i = 0;
+    for (; i + GROUP_VNNI <= m; i += GROUP_VNNI)
+        group_4bit_vnni(tile, scales, k, blocksize, table, unit, a, i, GROUP_VNNI, out, ld);
+    switch (m - i) { /* constant row counts, so each group's loops unroll into registers */
+#define REST_VNNI(r) \
+    case r: group_4bit_vnni(tile, scales, k, blocksize, table, unit, a, i, r, out, ld); break;
+    REST_VNNI(1) REST_VNNI(2) REST_VNNI(3) REST_VNNI(4) REST_VNNI(5)
+#undef REST_VNNI
+    default: break;
     }
 }
 
@@ -304,7 +340,11 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows_vnni(const uint8
  * activation goes in as |x| with its sign moved onto the code (vpsignb), as in the 8-bit kernel:
  * 2 * 127 * 120 < 32767. The integer sums equal the VNNI kernel's after its 128 * sum(q)
  * correction, and the fp32 steps are the same, so both give the same bits. A 32-byte load is half
- * of the VNNI kernel's 64: row pairs 0-7 (rows 0-7 and 16-23) or 8-15 (rows 8-15 and 24-31). */
+ * of the VNNI kernel's 64: row pairs 0-7 (rows 0-7 and 16-23) or 8-15 (rows 8-15 and 24-31).
+ * The rows kernel here still takes one activation row at a time: each row already runs four
+ * independent chains, and every instruction of its dot product (vpsignb onward) depends on the
+ * row, so grouping rows would share only the L1 loads of the codes; with 16 ymm registers it was
+ * left as it is (not measured on an AVX2-only CPU). */
 
 /* The signed codes of the two halves of a 32-byte load: lo[0] the low nibbles (rows r), lo[1] the
  * high nibbles (rows 16 + r). */
@@ -614,22 +654,210 @@ int dsmoe_4bit_gemm(const uint8_t *lut, float unit, int64_t blocksize, int64_t m
     const wformat f = {lut, unit, blocksize};
     if (!shape_ok(&f, n, k)) return -1;
     qacts a;
-    float *acc = quantized_input(x, m, k, n, &a);
+    /* fp32 sums: one row's for all tiles, or for several rows each thread's m x TILE_ROWS of the
+     * tile in hand (an [m, n] buffer was fresh memory on every call: 45 MB for the dense MLP at
+     * 1024 tokens, its page faults a visible share of the call). */
+    const int64_t width = m == 1 ? n : omp_get_max_threads() * TILE_ROWS;
+    float *acc = quantized_input(x, m, k, width, &a);
     if (!acc) return -2;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n / TILE_ROWS; t++) {
         const int64_t r = t * TILE_ROWS;
         const uint8_t *tile = w + t * TILE_ROWS * (k / 2);
         const uint16_t *tile_scales = scales + t * (k / blocksize) * TILE_ROWS;
-        if (m == 1)
+        if (m == 1) {
             tile_4bit(tile, tile_scales, k, blocksize, lut, unit, &a, acc + r);
-        else
-            tile_4bit_rows(tile, tile_scales, k, blocksize, lut, unit, &a, m, acc + r, n);
+            for (int64_t j = r; j < r + TILE_ROWS; j++) out[j] = f32_to_bf16(acc[j]);
+            continue;
+        }
+        float *mine = acc + omp_get_thread_num() * m * TILE_ROWS;
+        tile_4bit_rows(tile, tile_scales, k, blocksize, lut, unit, &a, m, mine, TILE_ROWS);
         for (int64_t i = 0; i < m; i++)
-            for (int64_t j = r; j < r + TILE_ROWS; j++) out[i * n + j] = f32_to_bf16(acc[i * n + j]);
+            for (int64_t j = 0; j < TILE_ROWS; j++) out[i * n + r + j] = f32_to_bf16(mine[i * TILE_ROWS + j]);
     }
     free_acts(&a), free(acc);
     return 0;
+}
+
+/* ---- a MoE layer's routed experts over many tokens (prefill) -------------------------------------
+ *
+ * The per-expert loop of MoE.route (model/deepseek.py) in two calls, each one thread team, around
+ * PyTorch's silu(g) * u (the C library has no exp that matches PyTorch's vectorised one bit for
+ * bit, so that step stays PyTorch's). Experts come in ascending id order with their tokens'
+ * slots contiguous: slots starts[e] .. starts[e + 1] of expert e hold tokens[slot] (ascending) and
+ * the bf16-rounded routing weight mix[slot]. An expert with one token runs as the loop runs it, on
+ * the one-token MLP path (swiglu_batch: silu(g) * u in fp32 from the fp32 sums); with more, as its
+ * three layers do, with bf16 between them. Each matmul is the one the layer would run (the same
+ * kernel per row count), so every number is the loop's, bit for bit. */
+
+/* Rows n0..n1 of y = x @ W.T for m activation rows, fp32 into out[i * ld + j - n0]: the kernels
+ * dsmoe_4bit_gemm and dsmoe_int8_gemv run for m rows (the one-row 4-bit one for m = 1). */
+static void matrix_rows_m(const wformat *f, const void *w, const void *scale, int64_t k, int64_t n0, int64_t n1,
+                          int64_t m, const qacts *a, float *out, int64_t ld) {
+    if (!f->lut) {
+        weight_rows(dsmoe_native_isa(), (const int8_t *)w + n0 * k, (const float *)scale + n0, k, 0, n1 - n0, m, a,
+                    out, ld);
+        return;
+    }
+    for (int64_t r = n0; r < n1; r += TILE_ROWS) {
+        const uint8_t *tile = (const uint8_t *)w + (r / TILE_ROWS) * TILE_ROWS * (k / 2);
+        const uint16_t *tile_scales = (const uint16_t *)scale + (r / TILE_ROWS) * (k / f->blocksize) * TILE_ROWS;
+        if (m == 1)
+            tile_4bit(tile, tile_scales, k, f->blocksize, f->lut, f->unit, a, out + r - n0);
+        else
+            tile_4bit_rows(tile, tile_scales, k, f->blocksize, f->lut, f->unit, a, m, out + r - n0, ld);
+    }
+}
+
+/* The most slots an expert has: each thread's fp32 scratch holds one task's rows. */
+static int64_t most_slots(int64_t count, const int64_t *starts) {
+    int64_t most = 0;
+    for (int64_t e = 0; e < count; e++) most = starts[e + 1] - starts[e] > most ? starts[e + 1] - starts[e] : most;
+    return most;
+}
+
+/* Slot rows s0.. of a (row width k) as their own qacts. */
+static qacts slot_rows(const qacts *a, int64_t s0, int64_t k) {
+    const qacts v = {a->q + s0 * k, a->scale + s0 * (k / QBLOCK), a->sum + s0 * (k / QBLOCK)};
+    return v;
+}
+
+/* The task list both halves share: per expert, `tiles` tasks of cost m + 1 (its rows, plus the
+ * codes' unpacking a tile pays once per group of rows). Returns 0 when out of memory. */
+static int expert_costs(int64_t count, const int64_t *starts, int64_t tiles, int64_t **tasks, int64_t **cost) {
+    *tasks = malloc((size_t)count * sizeof(int64_t));
+    *cost = malloc((size_t)count * sizeof(int64_t));
+    if (!*tasks || !*cost) {
+        free(*tasks), free(*cost);
+        return 0;
+    }
+    for (int64_t e = 0; e < count; e++) (*tasks)[e] = tiles, (*cost)[e] = starts[e + 1] - starts[e] + 1;
+    return 1;
+}
+
+/* Expert e of the share's task t (experts' runs of `tiles` tasks in order). */
+#define TASK_EXPERT(t, tiles) ((t) / (tiles))
+
+int dsmoe_moe_up(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, int64_t count,
+                 const void *const *weights, const int64_t *starts, const int64_t *tokens, const uint16_t *x,
+                 uint16_t *gate, uint16_t *up, float *single) {
+    const wformat f = {lut, unit, blocksize};
+    if (count < 1 || !shape_ok(&f, inter, hidden)) return -1;
+    const int64_t total = starts[count], step = rows_per_task(&f), per = (inter + step - 1) / step, tiles = 2 * per;
+    const int64_t most = most_slots(count, starts);
+    qacts xa;
+    float *lone_up = malloc((size_t)(count * inter) * sizeof(float)); /* up of the one-token experts */
+    int64_t *tasks = NULL, *cost = NULL;
+    if (!alloc_acts(&xa, total, hidden) || !lone_up || !expert_costs(count, starts, tiles, &tasks, &cost)) {
+        free_acts(&xa), free(lone_up);
+        return -2;
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *tmp = malloc((size_t)hidden * sizeof(float)), *acc = malloc((size_t)(most * step) * sizeof(float));
+        if (!tmp || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            /* Each slot's token rounded to int8, as the layer would round its row of x[tokens]. */
+#pragma omp for schedule(static)
+            for (int64_t s = 0; s < total; s++) {
+                qacts row = slot_rows(&xa, s, hidden);
+                quantize_bf16_rows(x + tokens[s] * hidden, 1, hidden, &row, tmp);
+            }
+            int64_t begin, end;
+            costed_share(count, tasks, cost, &begin, &end);
+            for (int64_t t = begin; t < end; t++) {
+                const int64_t e = TASK_EXPERT(t, tiles), local = t % tiles, which = local / per;
+                const int64_t n0 = (local % per) * step, n1 = n0 + step < inter ? n0 + step : inter;
+                const int64_t s0 = starts[e], m = starts[e + 1] - s0;
+                const void *const *w = weights + DSMOE_MLP_POINTERS * e + 2 * which;
+                const qacts rows = slot_rows(&xa, s0, hidden);
+                matrix_rows_m(&f, w[0], w[1], hidden, n0, n1, m, &rows, acc, step);
+                if (m == 1) { /* fp32 for the one-token path */
+                    memcpy((which ? lone_up + e * inter : single + s0 * inter) + n0, acc, (size_t)(n1 - n0) * sizeof(float));
+                    continue;
+                }
+                uint16_t *dst = (which ? up : gate) + s0 * inter; /* else the layer's bf16 output */
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t j = n0; j < n1; j++) dst[i * inter + j] = f32_to_bf16(acc[i * step + j - n0]);
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < count; e++) {
+                if (starts[e + 1] - starts[e] != 1) continue;
+                float *g = single + starts[e] * inter;
+                const float *u = lone_up + e * inter;
+                for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            }
+        }
+        free(tmp), free(acc);
+    }
+    free_acts(&xa), free(lone_up), free(tasks), free(cost);
+    return failed ? -2 : 0;
+}
+
+int dsmoe_moe_down(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidden, int64_t inter, int64_t count,
+                   const void *const *weights, const int64_t *starts, const int64_t *tokens, const float *mix,
+                   const uint16_t *h, const float *single, uint16_t *out) {
+    const wformat f = {lut, unit, blocksize};
+    if (count < 1 || !shape_ok(&f, hidden, inter)) return -1;
+    const int64_t total = starts[count], step = rows_per_task(&f), tiles = (hidden + step - 1) / step;
+    const int64_t most = most_slots(count, starts);
+    qacts ha;
+    if (!alloc_acts(&ha, total, inter)) {
+        free_acts(&ha);
+        return -2;
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *tmp = malloc((size_t)inter * sizeof(float)), *acc = malloc((size_t)(most * step) * sizeof(float));
+        if (!tmp || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            /* down's input rounded to int8: the bf16 product of the layers, or a lone token's fp32 one. */
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < count; e++)
+                for (int64_t s = starts[e]; s < starts[e + 1]; s++) {
+                    qacts row = slot_rows(&ha, s, inter);
+                    if (starts[e + 1] - starts[e] == 1)
+                        quantize_row(single + s * inter, inter, row.q, row.scale, row.sum);
+                    else
+                        quantize_bf16_rows(h + s * inter, 1, inter, &row, tmp);
+                }
+            /* A thread owns whole output tiles and goes through the experts in order for each, so it
+             * adds bf16(y * mix) into out (out.index_add_) expert after expert, as the loop does,
+             * with no [slots, hidden] buffer between (that one, fresh memory per call, cost more
+             * than its matmuls at 1024 tokens). Every tile costs the same: a static split. */
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tiles; t++) {
+                const int64_t n0 = t * step, n1 = n0 + step < hidden ? n0 + step : hidden;
+                for (int64_t e = 0; e < count; e++) {
+                    const int64_t s0 = starts[e], m = starts[e + 1] - s0;
+                    const qacts rows = slot_rows(&ha, s0, inter);
+                    matrix_rows_m(&f, weights[DSMOE_MLP_POINTERS * e + 4], weights[DSMOE_MLP_POINTERS * e + 5], inter,
+                                  n0, n1, m, &rows, acc, step);
+                    for (int64_t i = 0; i < m; i++) {
+                        uint16_t *o = out + tokens[s0 + i] * hidden;
+                        for (int64_t j = n0; j < n1; j++) {
+                            const float y = bf16_to_f32(f32_to_bf16(acc[i * step + j - n0]));
+                            o[j] = f32_to_bf16(bf16_to_f32(o[j]) + bf16_to_f32(f32_to_bf16(y * mix[s0 + i])));
+                        }
+                    }
+                }
+            }
+        }
+        free(tmp), free(acc);
+    }
+    free_acts(&ha);
+    return failed ? -2 : 0;
 }
 
 /* ---- the projections of a layer step (internal.h) ------------------------------------------- */

@@ -26,7 +26,8 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   fp32 compute (quality runs) keeps int8pack at every size.
 
 * A SwiGLU MLP for one bf16 token runs as one native call, and so do a token's routed experts
-  together, saving the Python work of three module calls and two elementwise ops per expert.
+  together, saving the Python work of three module calls and two elementwise ops per expert; a
+  MoE layer's routed experts over a prompt's tokens run as two (``linear.route_experts``).
 
 On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the standard layout.
 """

@@ -13,6 +13,7 @@ import abc
 import ctypes as ct
 import dataclasses
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -429,6 +430,41 @@ def accumulate_experts(experts: Sequence[SwiGLUKernel], mix: Sequence[float], x:
                                x.contiguous().data_ptr(), pointers, weights, out.data_ptr())
     if status != 0:
         raise RuntimeError(f"native experts kernel failed with status {status}")
+
+
+NATIVE_ROWS_KERNELS = frozenset({"4bit_native", "int8_native"})
+"""The kernels (``QuantLinear.kernel``) whose numbers ``route_experts`` reproduces for a layer's rows."""
+
+
+def route_experts(experts: Sequence[SwiGLUKernel], counts: Sequence[int], tokens: torch.Tensor, mix: torch.Tensor,
+                  x: torch.Tensor, out: torch.Tensor) -> None:
+    """MoE.route's per-expert loop over many tokens (prefill) in two native calls, bit for bit.
+
+    ``experts`` (all of one kind, ascending ids) get ``counts`` tokens each (each at least one):
+    ``tokens`` [sum(counts)] int64 holds them expert after expert, ``mix`` [sum(counts)] fp32 their
+    routing weights already rounded to bf16. ``out`` [tokens, hidden] bf16 gets
+    ``out.index_add_(0, tokens, expert(x[tokens]) * weight)`` for each expert in order. Between the
+    calls PyTorch computes ``silu(gate) * up`` as the layers' loop does, in bf16, so the result is
+    the loop's; experts with one token take the one-token path in C, as the loop's would
+    (``MLP.forward``). One call per half rather than ~3 per expert: at 64 tokens an expert gets ~6
+    rows, too few for the per-call work (Python, quantizing x, a thread team) to hide.
+    """
+    lib = native_library()
+    assert lib is not None
+    first = experts[0]
+    starts = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64)
+    total = int(starts[-1])
+    pointers = (ct.c_void_p * (MLP_POINTERS * len(experts)))(*(a for e in experts for a in e.addresses))
+    head = (first.table, first.unit, first.blocksize, first.hidden, first.inter, len(experts), pointers,
+            starts.data_ptr(), tokens.data_ptr())
+    gate = torch.empty(total, first.inter, dtype=torch.bfloat16)
+    up = torch.empty_like(gate)
+    single = torch.empty(total, first.inter, dtype=torch.float32)  # rows of one-token experts only
+    check_status(lib.dsmoe_moe_up(*head, x.contiguous().data_ptr(), gate.data_ptr(), up.data_ptr(), single.data_ptr()),
+                 "routed experts (gate, up)")
+    h = F.silu(gate) * up
+    check_status(lib.dsmoe_moe_down(*head, mix.data_ptr(), h.data_ptr(), single.data_ptr(), out.data_ptr()),
+                 "routed experts (down)")
 
 
 def swiglu_kernel(gate: nn.Module, up: nn.Module, down: nn.Module) -> SwiGLUKernel | None:

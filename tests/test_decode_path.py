@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe import load
-from dsmoe.model.deepseek import MoE, _one_query_attention
+from dsmoe.model.deepseek import MoE, _one_query_attention, apply_rotary
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 
 
@@ -19,6 +19,37 @@ def test_one_query_attention_matches_sdpa(n_heads: int, n_kv: int) -> None:
     v = torch.randn(2, n_kv, 37, 64, generator=gen)
     expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != n_heads)
     torch.testing.assert_close(_one_query_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2)])
+def test_prompt_attention_from_position_0_gives_the_masked_bits(dtype: torch.dtype, n_heads: int, n_kv: int) -> None:
+    """A prompt from position 0 runs SDPA as causal, which skips whole blocks above the diagonal;
+    the numbers must be those of the explicit mask (a later chunk, whose keys include the cache, keeps it)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, n_heads, 700, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(1, n_kv, 700, 64, generator=gen).to(dtype) for _ in range(2))
+    positions = torch.arange(700)
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=positions[None, :] <= positions[:, None],
+                                            enable_gqa=n_kv != n_heads)
+    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != n_heads)
+    assert torch.equal(causal, masked)
+
+
+def test_prompt_attention_module_from_position_0_follows_the_mask(tiny_path) -> None:
+    """The module's prompt path (no cache, position 0) against the projections, rotary and masked SDPA by hand."""
+    model, _ = load(tiny_path, dtype=torch.bfloat16)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 300, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).bfloat16()
+    cos, sin = model.model.rotary(torch.arange(300), 300, x.dtype)
+    heads = [proj(x).view(1, 300, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    q, k = (apply_rotary(t, cos, sin) for t in heads[:2])
+    positions = torch.arange(300)
+    want = F.scaled_dot_product_attention(q, k, heads[2], attn_mask=positions[None, :] <= positions[:, None],
+                                          enable_gqa=attn.n_kv_heads != attn.n_heads)
+    want = attn.o_proj(want.transpose(1, 2).reshape(1, 300, -1))
+    with torch.inference_mode():
+        assert torch.equal(attn(x, cos, sin, 0, None), want)
 
 
 def test_single_token_routing_gives_the_grouped_routes_bits(tiny_path) -> None:

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 from dsmoe import load
 from dsmoe.demo import DEMO_MODEL_PATH
-from dsmoe.model.deepseek import MLP
+from dsmoe.checkpoint.config import DeepseekConfig
+from dsmoe.model import deepseek
+from dsmoe.model.deepseek import MLP, MoE
+from dsmoe.model.routing import ExpertChannel
 from dsmoe.native.library import (
     ACT_BLOCK,
     ISA_AVX2,
@@ -22,7 +25,7 @@ from dsmoe.native.ops import attention_decode, rms_norm_row
 from dsmoe.offload import Budgets, OffloadOptions, load_offloaded
 from dsmoe.quant import QuantSpec, kernels, quantize_linear
 from dsmoe.quant.spec import INT8
-from dsmoe.quant.linear import Linear4bit, Linear8bit, accumulate_experts, swiglu_kernel
+from dsmoe.quant.linear import Linear4bit, Linear8bit, accumulate_experts, route_experts, swiglu_kernel
 
 
 def _cpu_has_avx2() -> bool:
@@ -204,6 +207,28 @@ def test_both_instruction_sets_give_the_same_4bit_numbers(lib4, quant_type: str)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_rows_kernel_gives_each_row_its_one_row_bits(lib4, quant_type: str) -> None:
+    """Prefill's kernel takes the rows in register groups with a short last group: at every row
+    count each row must be what the one-row kernel gives it alone, on both instruction sets (the
+    AVX2 kernel runs one row at a time), and the table's exact product to within bf16."""
+    weight = torch.randn(96, 640, generator=torch.Generator().manual_seed(11)) * 0.02
+    layer = quantize_linear(weight, QuantSpec(bits=4, quant_type=quant_type), torch.bfloat16)
+    x = torch.randn(17, 640, generator=torch.Generator().manual_seed(12)).bfloat16()
+    x[4, :3] *= 50
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+    want = _rounded_activations(x).double() @ _table_weight(layer).t()
+    torch.testing.assert_close(alone.double(), want, rtol=2**-8, atol=1e-6 * want.abs().max().item())
+    isas = [ISA_VNNI, ISA_AVX2] if lib4.dsmoe_native_use_isa(ISA_VNNI) == ISA_VNNI else [ISA_AVX2]
+    try:
+        for isa in isas:
+            lib4.dsmoe_native_use_isa(isa)
+            for rows in [*range(1, 10), 17]:
+                assert torch.equal(layer(x[:rows]), alone[:rows]), (isa, rows)
+    finally:
+        lib4.dsmoe_native_use_isa(-1)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_mlp_in_one_call_matches_the_three_layers(lib4, quant_type: str) -> None:
     mlp = _mlp(QuantSpec(bits=4, quant_type=quant_type))
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
@@ -234,6 +259,88 @@ def test_experts_in_one_call_give_the_per_expert_loops_bits(lib, spec: QuantSpec
     out = torch.zeros_like(x)
     accumulate_experts(fused, mix, x, out)  # type: ignore[arg-type]
     assert torch.equal(out, loop)
+
+
+def _moe(spec: QuantSpec, hidden: int = 1024, inter: int = 704, experts: int = 16, top_k: int = 6) -> MoE:
+    """A MoE layer of quantized random experts (no shared ones): 704 is 11 activation blocks and 22 tiles."""
+    config = DeepseekConfig(vocab_size=8, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                            num_attention_heads=1, num_key_value_heads=1, moe_intermediate_size=inter,
+                            n_routed_experts=experts, num_experts_per_tok=top_k)
+    torch.manual_seed(30)
+    moe = MoE(config, 0, ExpertChannel())
+    for expert in moe.experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            dense = getattr(expert, name)
+            setattr(expert, name, quantize_linear(dense.weight.detach() * 4, spec, torch.bfloat16))
+    return moe
+
+
+def _routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's output (ids ascending per token, weights) where expert 0 takes every token,
+    expert 3 exactly one and expert 5 none, so groups of rows, a lone token and a gap all occur."""
+    scores = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(31))
+    scores[:, 0] += 10
+    scores[:, 3] = -10
+    scores[7, 3] = 20
+    scores[:, 5] = -20
+    weights, ids = scores.softmax(-1).topk(top_k, dim=-1)
+    ids, order = ids.sort(dim=-1)
+    return ids, weights.gather(-1, order)
+
+
+def _route_both_ways(moe: MoE, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     monkeypatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(the native route, the per-expert loop's, how many native calls ran)."""
+    calls = []
+    monkeypatch.setattr(deepseek, "route_experts", lambda *args: (calls.append(1), route_experts(*args)))
+    with torch.inference_mode():
+        fused = moe.route(x, ids, weights)
+        with monkeypatch.context() as patch:
+            patch.setattr(MoE, "_prefill_kernels", lambda self, x, counts: None)
+            loop = moe.route(x, ids, weights)
+    return fused, loop, len(calls)
+
+
+@pytest.mark.parametrize("spec,tokens", [(QuantSpec(bits=4, quant_type="nf4"), 40),
+                                         (QuantSpec(bits=4, quant_type="fp4"), 17), (INT8, 11)],
+                         ids=["nf4", "fp4", "int8"])
+def test_routed_experts_over_many_tokens_give_the_loops_bits(lib, spec: QuantSpec, tokens: int, monkeypatch) -> None:
+    """Prefill's two native calls per MoE layer against MoE.route's per-expert loop, at a geometry
+    with several tiles and blocks, expert 0 on 40 rows (groups and a remainder) and one lone token."""
+    moe = _moe(spec)
+    x = torch.randn(tokens, 1024, generator=torch.Generator().manual_seed(32)).bfloat16()
+    ids, weights = _routing(tokens, 16, 6)
+    fused, loop, calls = _route_both_ways(moe, x, ids, weights, monkeypatch)
+    assert calls == 1
+    assert torch.equal(fused, loop)
+    assert loop.abs().amax().item() > 0
+
+
+def test_8bit_experts_with_many_rows_keep_the_loop(lib, monkeypatch) -> None:
+    """From INT_MM_MIN_ROWS rows an 8-bit layer runs torch._int_mm (on VNNI), which the native calls
+    do not reproduce, so such a layer keeps the loop."""
+    moe = _moe(INT8)
+    tokens = kernels.INT_MM_MIN_ROWS
+    x = torch.randn(tokens, 1024, generator=torch.Generator().manual_seed(33)).bfloat16()
+    fused, loop, calls = _route_both_ways(moe, x, *_routing(tokens, 16, 6), monkeypatch)
+    assert calls == (0 if kernels.int_mm_for_many_rows() else 1)
+    assert torch.equal(fused, loop)
+
+
+@pytest.mark.parametrize("bits,tokens", [(4, 40), (8, 9)])
+def test_prefill_with_native_routed_experts_gives_the_loops_logits(lib, bits: int, tokens: int, monkeypatch) -> None:
+    """The whole model (the demo: its dimensions take the native kernels, the tiny fixture's
+    32-wide experts do not): the same logits, bit for bit, with the native route as without."""
+    model, _ = load(DEMO_MODEL_PATH, bits=bits)
+    prompt = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(34))
+    calls = []
+    monkeypatch.setattr(deepseek, "route_experts", lambda *args: (calls.append(1), route_experts(*args)))
+    with torch.inference_mode():
+        fused = model(prompt)
+        monkeypatch.setattr(MoE, "_prefill_kernels", lambda self, x, counts: None)
+        loop = model(prompt)
+    assert len(calls) == len(model.moe_layers())
+    assert torch.equal(fused, loop)
 
 
 def test_no_one_call_path_for_mixed_or_fp32_layers(lib) -> None:

@@ -1,0 +1,101 @@
+/* This CPU's int8 compute limit, the ceiling prefill is measured against (docs/PERFORMANCE.md,
+ * "Prefill against the compute limit (AVX512-VNNI)").
+ *
+ * Two loops, each timed with the wall clock:
+ *   - the clock: a chain of dependent 64-bit adds (one cycle each on every x86 core since the
+ *     Pentium 4), so adds per second is cycles per second. For a VM where `perf stat -e cycles`
+ *     is not supported.
+ *   - the limit: vpdpbusd zmm on register-resident operands with ACCS independent accumulators,
+ *     enough to cover the instruction's latency, so only its throughput counts. Each one is
+ *     16 lanes x 4 byte products = 64 multiply-adds.
+ * The vpdpbusd loop runs on 1 thread and on every OpenMP thread (OMP_NUM_THREADS), each thread
+ * its own copy, and reports MACs per second and per cycle.
+ *
+ *   gcc -O2 -fopenmp -mavx512f -mavx512vnni benchmarks/vnni_peak.c -o /tmp/vnni_peak
+ *   OMP_NUM_THREADS=2 nice -n 10 /tmp/vnni_peak
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <time.h>
+
+#define ACCS 12
+#define MACS_PER_DPBUSD 64
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Cycles per second: `iters` dependent adds, unrolled 8 to a loop trip so the loop's own
+ * increment and branch run beside the chain. */
+static double clock_hz(int64_t iters) {
+    uint64_t v = 0;
+    const double t0 = now();
+    for (int64_t i = 0; i < iters; i += 8)
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                         "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0"
+                         : "+r"(v));
+    const double t1 = now();
+    return (double)iters / (t1 - t0) + 0.0 * (double)v;
+}
+
+/* `iters` rounds of ACCS independent vpdpbusd zmm; returns seconds. The accumulators are named
+ * variables, and the empty asm pins them to registers, so the loop is 12 vpdpbusd and a branch. */
+#define DP(r) r = _mm512_dpbusd_epi32(r, a, b)
+__attribute__((noinline)) static double dpbusd_loop(int64_t iters, int32_t *sink) {
+    __m512i r0 = _mm512_set1_epi32(0), r1 = _mm512_set1_epi32(1), r2 = _mm512_set1_epi32(2),
+            r3 = _mm512_set1_epi32(3), r4 = _mm512_set1_epi32(4), r5 = _mm512_set1_epi32(5),
+            r6 = _mm512_set1_epi32(6), r7 = _mm512_set1_epi32(7), r8 = _mm512_set1_epi32(8),
+            r9 = _mm512_set1_epi32(9), r10 = _mm512_set1_epi32(10), r11 = _mm512_set1_epi32(11);
+    const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+    const double t0 = now();
+    for (int64_t it = 0; it < iters; it++) {
+        DP(r0), DP(r1), DP(r2), DP(r3), DP(r4), DP(r5), DP(r6), DP(r7), DP(r8), DP(r9), DP(r10), DP(r11);
+        __asm__ volatile("" : "+v"(r0), "+v"(r1), "+v"(r2), "+v"(r3), "+v"(r4), "+v"(r5), "+v"(r6), "+v"(r7),
+                         "+v"(r8), "+v"(r9), "+v"(r10), "+v"(r11));
+    }
+    const double t1 = now();
+    __m512i total = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(r0, r1), _mm512_add_epi32(r2, r3)),
+                                     _mm512_add_epi32(_mm512_add_epi32(r4, r5), _mm512_add_epi32(r6, r7)));
+    total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_add_epi32(r8, r9), _mm512_add_epi32(r10, r11)));
+    *sink = _mm512_reduce_add_epi32(total);
+    return t1 - t0;
+}
+
+int main(void) {
+    const int64_t add_iters = 2000000000, dp_iters = 200000000;
+    double hz = 0.0;
+    for (int r = 0; r < 3; r++) {
+        const double h = clock_hz(add_iters);
+        hz = h > hz ? h : hz;
+    }
+    printf("clock (dependent adds): %.3f GHz\n", hz * 1e-9);
+    const double macs_per_run = (double)dp_iters * ACCS * MACS_PER_DPBUSD;
+    int32_t sink = 0;
+    double best1 = 1e30;
+    for (int r = 0; r < 3; r++) {
+        const double s = dpbusd_loop(dp_iters, &sink);
+        best1 = s < best1 ? s : best1;
+    }
+    printf("1 thread:  %.1f GMAC/s, %.1f MACs/cycle\n", macs_per_run / best1 * 1e-9, macs_per_run / best1 / hz);
+    const int team = omp_get_max_threads();
+    double worst = 0.0;
+#pragma omp parallel reduction(max : worst)
+    {
+        int32_t mine = 0;
+        double best = 1e30;
+        for (int r = 0; r < 3; r++) {
+#pragma omp barrier
+            const double s = dpbusd_loop(dp_iters, &mine);
+            best = s < best ? s : best;
+        }
+        worst = best;
+        sink += 0 * mine;
+    }
+    printf("%d threads: %.1f GMAC/s in all (%.1f MACs/cycle a core)\n", team, team * macs_per_run / worst * 1e-9,
+           macs_per_run / worst / hz);
+    return sink == 12345 ? 1 : 0;
+}

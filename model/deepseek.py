@@ -7,6 +7,7 @@ checkpoint loads with no renaming and a quantized layer replaces an ``nn.Linear`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -285,17 +286,26 @@ class MoE(nn.Module):
         return out
 
     def _prefill_kernels(self, x: torch.Tensor, counts: list[int]) -> list[SwiGLUKernel] | None:
-        """The chosen experts' kernels when ``route_experts`` gives ``route``'s loop its bits: resident
-        experts, bf16, all of one native kind, and each layer on the native kernel at its row count
-        (an 8-bit layer with many rows takes ``torch._int_mm`` instead)."""
-        if self.channel.holder is not None or x.dtype != torch.bfloat16:
+        """The chosen experts' kernels when ``route_experts`` gives ``route``'s loop its bits: bf16,
+        all of one native kind, each layer on the native kernel at its row count (an 8-bit layer with
+        many rows takes ``torch._int_mm`` instead), and the experts resident or all in an expert
+        store's slots for this pass (``served_experts``), whose modules ``run`` would call."""
+        if x.dtype != torch.bfloat16:
             return None
-        experts: dict[str, MLP] = self.experts._modules  # type: ignore[assignment]  # as in _route_one
+        chosen = [expert_idx for expert_idx, count in enumerate(counts) if count]
+        holder = self.channel.holder
+        if holder is None:
+            experts = self.experts._modules  # its own dict: indexing the list costs ~1.5 us
+            modules: Sequence[nn.Module] | None = [experts[str(i)] for i in chosen]
+        else:
+            served = getattr(holder, "served_experts", None)
+            modules = served(self.layer_idx, chosen) if served is not None else None
+        if modules is None:
+            return None
         kernels: list[SwiGLUKernel] = []
-        for expert_idx, count in enumerate(counts):
-            if count == 0:
-                continue
-            mlp = experts[str(expert_idx)]
+        for mlp, count in zip(modules, (counts[i] for i in chosen)):
+            if not isinstance(mlp, MLP):
+                return None
             kernel = mlp.one_token_kernel()
             if kernel is None or (kernels and kernel.kind != kernels[0].kind):
                 return None

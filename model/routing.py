@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Callable, Protocol
 
 import torch
+from torch import nn
 
 from dsmoe.model.layer_plan import weights_changed
 
@@ -40,6 +41,11 @@ class NativeExpertHolder(ExpertHolder, Protocol):
     def native_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Sequence[NativeExpert]:
         """``routed`` for one token, then the chosen experts ``ids`` [1, k] as the native decode step
         runs them, in ``ids``' order; they stay where they are until the layer's experts have run."""
+
+    def served_experts(self, layer: int, experts: Sequence[int]) -> Sequence[nn.Module] | None:
+        """The modules of ``experts`` (this pass's, ascending) when ``routed`` brought the layer's whole
+        pass into slots, so that a prefill may run them in one native call as resident experts run;
+        None when each must come through ``run``."""
 
 
 class NativeExpert(Protocol):

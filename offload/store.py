@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import copy
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,6 +523,13 @@ class ExpertStore:
                 raise RuntimeError(f"expert {expert} of layer {layer} has no native kernel")
             kernels.append(kernel)
         return kernels
+
+    def served_experts(self, layer: int, experts: Sequence[int]) -> list[nn.Module] | None:
+        """The slots' modules of ``experts`` when this pass of ``layer`` was served in ``routed`` (what
+        ``run`` would hand each of them), else None."""
+        if not self._served.get(layer):
+            return None
+        return [self.slots[(layer, expert)].ready() for expert in experts]
 
     def resident(self, layer: int) -> list[int]:
         """The experts of ``layer`` in device slots now, ascending."""

@@ -369,6 +369,27 @@ def test_offloaded_experts_decode_like_resident_ones_on_the_native_path(lib, bit
     store.detach()
 
 
+@pytest.mark.parametrize("slots,fused_layers", [(16, 3), (2, 0)], ids=["all-experts-in-slots", "two-slots"])
+def test_a_store_serving_a_whole_pass_prefills_in_the_native_route_like_resident_experts(
+        lib, slots: int, fused_layers: int, monkeypatch) -> None:
+    """With every expert a 40-token pass needs in the store's slots, the prefill takes the resident
+    model's native route over the slots' modules (one call per MoE layer of the demo's 3); with two
+    slots each expert comes through ``run``. Both give the resident model's logits, bit for bit."""
+    prompt = torch.randint(0, 2048, (1, 40), generator=torch.Generator().manual_seed(12))
+    resident, _ = load(DEMO_MODEL_PATH, bits=4)
+    offloaded, _, store = load_offloaded(DEMO_MODEL_PATH, OffloadOptions(Budgets(expert_cache=slots), "lru", False),
+                                         bits=4)
+    calls = []
+    monkeypatch.setattr(deepseek, "route_experts", lambda *args: (calls.append(1), route_experts(*args)))
+    with torch.inference_mode():
+        want = resident(prompt)
+        calls.clear()
+        got = offloaded(prompt)
+    assert len(calls) == fused_layers == (len(offloaded.moe_layers()) if slots == 16 else 0)
+    assert torch.equal(got, want)
+    store.detach()
+
+
 @pytest.mark.parametrize("n_heads,n_kv", [(8, 8), (8, 2)])
 def test_attention_decode_matches_the_pytorch_step(lib, n_heads: int, n_kv: int) -> None:
     """Rotary and the cache write are PyTorch's bits; the attention output agrees to bf16 precision."""

@@ -33,6 +33,10 @@ import torch
 from dsmoe.errors import CheckpointError
 from dsmoe.checkpoint.config import DeepseekConfig
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+"""Linux's madvise advice (5.14 and later) that maps a range's pages in, reading them if needed;
+Python's mmap module names it from 3.13 on."""
+
 READ_AHEAD_BYTES = 64 * 2**20
 """How far ``Checkpoint.read_ahead`` reads ahead: a few expert matrices, little beside a model."""
 
@@ -263,11 +267,13 @@ class Checkpoint:
         return raw.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def map(self, name: str) -> torch.Tensor:
-        """One tensor as a copy-on-write view of its shard's mapping: no copy and no page faults at
-        load (a stored 8-layer 4-bit model spent 1.7 s of its 2 s load copying the page cache into
-        fresh memory); its pages are read ahead at once (``MADV_WILLNEED``), so a cold start reads
-        the file while the rest of the load runs. The mapping lives as long as a tensor of it: the
-        file must not be truncated meanwhile (a cache entry or a downloaded snapshot never is)."""
+        """One tensor as a copy-on-write view of its shard's mapping: no copy at load (a stored
+        8-layer 4-bit model spent 1.7 s of its 2 s load copying the page cache into fresh memory).
+        Its pages are mapped in now (``MADV_POPULATE_READ``, reading them from disk if they are not
+        cached), not at first use: left to fault in, they cost the first prompt's prefill 0.05-0.15
+        s at that size. ``read_ahead`` calls this on its reader thread, beside the load's compute.
+        The mapping lives as long as a tensor of it: the file must not be truncated meanwhile (a
+        cache entry or a downloaded snapshot never is)."""
         info = self._info(name)
         mapping = self._maps.get(info.shard)
         if mapping is None:
@@ -280,7 +286,10 @@ class Checkpoint:
         if info.nbytes == 0 or info.offset % _DTYPE_BYTES[info.dtype]:
             return self.get(name)  # nothing to map, or a writer that did not align it: a view cannot
         start = info.offset - info.offset % mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+        try:
+            mapping.madvise(MADV_POPULATE_READ, start, info.offset + info.nbytes - start)
+        except OSError:  # a kernel before 5.14: read ahead, and let the pages fault in at first use
+            mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         return flat.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
@@ -308,12 +317,13 @@ class Checkpoint:
         self._maps.clear()
 
 
-def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]],
-               window: int = READ_AHEAD_BYTES) -> Iterator[dict[str, torch.Tensor]]:
+def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]], window: int = READ_AHEAD_BYTES,
+               mapped: frozenset[str] = frozenset()) -> Iterator[dict[str, torch.Tensor]]:
     """Each group's tensors, in order, read on a thread of their own up to ``window`` bytes ahead of
     the caller, so the reads overlap what the caller does with them: a stored 4-bit load spent half
-    its time in reads that waited for the repack before them. The caller must not read from
-    ``checkpoint`` itself while it iterates; the window bounds the memory read ahead."""
+    its time in reads that waited for the repack before them. Names in ``mapped`` are mapped
+    (``Checkpoint.map``) rather than read. The caller must not read from ``checkpoint`` itself
+    while it iterates; the window bounds the memory read ahead."""
     pending: deque[tuple[int, Future[dict[str, torch.Tensor]]]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsmoe-read") as reader:
         queued, ahead = 0, 0
@@ -322,7 +332,7 @@ def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]],
                 while queued < len(groups) and (not pending or ahead < window):
                     names = groups[queued]
                     nbytes = sum(checkpoint.nbytes(name) for name in names)
-                    pending.append((nbytes, reader.submit(_read_group, checkpoint, names)))
+                    pending.append((nbytes, reader.submit(_read_group, checkpoint, names, mapped)))
                     queued, ahead = queued + 1, ahead + nbytes
                 nbytes, future = pending.popleft()
                 ahead -= nbytes
@@ -346,8 +356,8 @@ def one_thread_for_the_reader() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _read_group(checkpoint: Checkpoint, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {name: checkpoint.get(name) for name in names}
+def _read_group(checkpoint: Checkpoint, names: Sequence[str], mapped: frozenset[str]) -> dict[str, torch.Tensor]:
+    return {name: checkpoint.map(name) if name in mapped else checkpoint.get(name) for name in names}
 
 
 class TensorRows:

@@ -79,11 +79,9 @@ def load_model(
               for name in params]
     sources = [stored_groups[name.rpartition(".")[0]] if quantized else [_source_of(checkpoint, name)]
                for name, quantized in zip(params, stored)]
-    kept = [_kept_as_stored(group, quantized, device) for group, quantized in zip(sources, stored)]
-    reads = [[n for n in group if n not in keep] for group, keep in zip(sources, kept)]
+    mapped = frozenset(n for group, quantized in zip(sources, stored) for n in _kept_as_stored(group, quantized, device))
     with one_thread_for_the_reader():
-        tensors = ({**read, **{n: checkpoint.map(n) for n in keep}}
-                   for read, keep in zip(read_ahead(checkpoint, reads), kept))
+        tensors = read_ahead(checkpoint, sources, mapped=mapped)
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
                      spec, head_format, lm_head, compute_dtype, device, progress)
     checkpoint.close()

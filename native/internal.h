@@ -27,6 +27,17 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* Columns n0..n1 of the fp32 rows acc [m, n] into out [m, n], as fp32 (out_f32) or rounded to bf16. */
+static inline void store_rows(void *out, int out_f32, const float *acc, int64_t m, int64_t n, int64_t n0, int64_t n1) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = n0; j < n1; j++) {
+            if (out_f32)
+                ((float *)out)[i * n + j] = acc[i * n + j];
+            else
+                ((uint16_t *)out)[i * n + j] = f32_to_bf16(acc[i * n + j]);
+        }
+}
+
 /* 8 bf16 -> 8 fp32. */
 __attribute__((target("avx2,fma"))) static inline __m256 load8_bf16(const uint16_t *p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));

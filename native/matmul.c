@@ -189,13 +189,7 @@ int dsmoe_int8_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const in
     for (int64_t t = 0; t < TASKS(n); t++) {
         const int64_t n0 = t * ROWS_PER_TASK, n1 = TASK_END(n0, n);
         weight_rows(isa, w, scale, k, n0, n1, m, &a, acc, n);
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t j = n0; j < n1; j++) {
-                if (out_f32)
-                    ((float *)out)[i * n + j] = acc[i * n + j];
-                else
-                    ((uint16_t *)out)[i * n + j] = f32_to_bf16(acc[i * n + j]);
-            }
+        store_rows(out, out_f32, acc, m, n, n0, n1);
     }
     free_acts(&a), free(acc);
     return 0;

@@ -140,13 +140,7 @@ int dsmoe_q6_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const uint
             rows_vnni(n0, n1, k, m, &a, offsets, w, steps, acc, n);
         else
             rows_avx2(n0, n1, k, m, &a, offsets, w, steps, acc, n);
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t j = n0; j < n1; j++) {
-                if (out_f32)
-                    ((float *)out)[i * n + j] = acc[i * n + j];
-                else
-                    ((uint16_t *)out)[i * n + j] = f32_to_bf16(acc[i * n + j]);
-            }
+        store_rows(out, out_f32, acc, m, n, n0, n1);
     }
     free_acts(&a), free(acc), free(offsets);
     return 0;

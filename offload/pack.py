@@ -39,6 +39,7 @@ from dsmoe.model.layer_plan import building_detached
 from dsmoe.quant import Linear4bit, Linear8bit
 from dsmoe.quant.cache import clear_stale_staging, source_identity
 from dsmoe.quant.spec import QuantSpec
+from dsmoe.quant.state import FourBitState
 
 PACK_FORMAT = 2
 """Raised when a record's layout changes, so packs of an older layout are no longer found."""
@@ -341,10 +342,10 @@ class ExpertSlots:
             # threads, whose torch ops would start thread teams beside the compute's (prefill ran
             # 15% slower when the scales were recomputed after each read).
             if layout.bits == 4:
-                state = _PackedState(torch.Size(shape), layout.quant_type, layout.blocksize, self.compute_dtype,
+                state = FourBitState(torch.Size(shape), layout.quant_type, layout.blocksize, self.compute_dtype,
                                      views[(proj, "absmax")], views[(proj, "quant_map")])
-                linear: nn.Module = Linear4bit(views[(proj, "weight")], state, self.compute_dtype, layout="native")
-                linear.register_buffer("runtime_absmax", views[(proj, "runtime_absmax")], persistent=False)
+                linear: nn.Module = Linear4bit(views[(proj, "weight")], state, self.compute_dtype, layout="native",
+                                               native_scales=views[(proj, "runtime_absmax")])
             else:
                 linear = Linear8bit(views[(proj, "weight")], views[(proj, "SCB")], self.compute_dtype)
                 linear.register_buffer("scale", views[(proj, "scale")], persistent=False)
@@ -354,16 +355,3 @@ class ExpertSlots:
     def close(self) -> None:
         self._modules.clear()
         self.reader.close()
-
-
-@dataclass(frozen=True)
-class _PackedState:
-    """What ``Linear4bit`` reads of a bitsandbytes QuantState, for scales already in fp32."""
-
-    shape: torch.Size
-    quant_type: str
-    blocksize: int
-    dtype: torch.dtype
-    absmax: torch.Tensor
-    code: torch.Tensor
-    nested: bool = False

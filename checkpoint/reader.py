@@ -38,7 +38,7 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 Python's mmap module names it from 3.13 on."""
 
 READ_AHEAD_BYTES = 64 * 2**20
-"""How far ``Checkpoint.read_ahead`` reads ahead: a few expert matrices, little beside a model."""
+"""How far ``read_ahead`` reads ahead: a few expert matrices, little beside a model."""
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -296,12 +296,6 @@ class Checkpoint:
     def rows(self, name: str) -> "TensorRows":
         """Rows of a 2-D tensor read on demand (an embedding table a token needs one row of)."""
         return TensorRows(self._info(name), name)
-
-    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Tensors in shard order, so each shard's pages are read once, front to back."""
-        chosen = names if names is not None else self.tensor_names()
-        for name in sorted(chosen, key=lambda n: (self._info(n).shard.name, n)):
-            yield name, self.get(name)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / name for name in TOKENIZER_FILES if (self.path / name).exists()]

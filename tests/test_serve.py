@@ -322,8 +322,8 @@ def test_a_full_queue_answers_429_and_shutdown_ends_what_is_in_flight(tiny):
     waiting: dict[str, object] = {}
     started = threading.Event()
 
-    def running() -> None:  # takes the worker
-        body = {"prompt": "Once", "max_tokens": 500, "stream": True}
+    def running() -> None:  # takes the worker (ignore_eos: a sampled end of text would free it early)
+        body = {"prompt": "Once", "max_tokens": 500, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):

@@ -13,6 +13,17 @@ SHARED = REPO.parent / "shared"
 TINY = SHARED / "fixtures" / "tiny-deepseek"
 
 
+@pytest.fixture(scope="module")
+def lib():  # type: ignore[no-untyped-def]
+    """dsmoe's native library, which must be built here (test_native_kernels has its own, that skips
+    where the CPU lacks AVX2)."""
+    from dsmoe.native.library import native_library, native_library_problem
+
+    library = native_library()
+    assert library is not None, f"dsmoe's native library is not in use: {native_library_problem()}"
+    return library
+
+
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     if not TINY.exists():

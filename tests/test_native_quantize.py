@@ -11,20 +11,12 @@ from bitsandbytes.functional import quantize_4bit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsmoe.native.library import native_library, native_library_problem
 from dsmoe.quant import linear
 from dsmoe.quant.linear import (codebook_buckets, quantize_4bit_native, quantize_int8, quantize_int8_native,
                                 quantize_linear)
 from dsmoe.quant.spec import QuantSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(scope="module")
-def lib():
-    library = native_library()
-    assert library is not None, f"dsmoe's native library is not in use: {native_library_problem()}"
-    return library
 
 
 def assert_4bit_matches(lib, x: torch.Tensor, blocksize: int, quant_type: str) -> None:

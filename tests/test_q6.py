@@ -13,7 +13,7 @@ import torch
 from dsmoe import load
 from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
-from dsmoe.native.library import ISA_AVX2, ISA_VNNI, native_library, native_library_problem
+from dsmoe.native.library import ISA_AVX2, ISA_VNNI
 from dsmoe.quant import Linear6bit, Linear8bit, QuantSpec, linear_from_tensors, quantize_linear, quantized_tensors
 from dsmoe.quant.convert import quantize_checkpoint
 from dsmoe.quant.q6 import dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
@@ -21,13 +21,6 @@ from dsmoe.quant.spec import Q6, quantization_config, spec_from_config
 from test_native_kernels import _rounded_activations
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(scope="module")
-def lib():
-    library = native_library()
-    assert library is not None, f"dsmoe's native library is not in use: {native_library_problem()}"
-    return library
 
 
 def test_layout_by_hand() -> None:

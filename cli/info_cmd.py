@@ -22,6 +22,7 @@ from dsmoe.offload.bandwidth import PROBE_BYTES, disk_bandwidth
 from dsmoe.offload.plan import Prediction, predict
 from dsmoe.perf.runner import measure_bandwidth
 from dsmoe.quant import spec_from_config
+from dsmoe.quant.spec import lm_head_format
 
 
 def _params(n: int) -> str:
@@ -40,7 +41,7 @@ def stored_format(quant: dict[str, Any] | None) -> str:
     extras = [f"{spec.bits}-bit"]
     if spec.double_quant:
         extras.append("double quant")
-    run_head = "q6" if spec.bits == 4 else "int8"
+    run_head = lm_head_format(None, None, spec.bits)  # what a load with no lm_head flag runs it in
     extras.append(f"lm_head {spec.lm_head}" if spec.quantize_lm_head else f"lm_head stored unquantized ({run_head} when run)")
     return f"quantized: {name}, {', '.join(extras)}"
 

@@ -1,7 +1,8 @@
 """Build the model from a checkpoint, tensor by tensor, so peak memory stays near the model's size.
 
-The modules are created on the meta device (no memory), then each weight is read from its
-memory-mapped shard, checked, converted (or quantized) and put in place before the next is read.
+The modules are created on the meta device (no memory), then each weight is read from its shard
+(a window ahead, on a reader thread; a 4-bit weight in the kernels' layout is mapped instead),
+checked, converted (or quantized) and put in place, so only the window is held beside the model.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "dsmoe_native.h"
@@ -25,6 +26,17 @@ static inline uint16_t f32_to_bf16(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);                                         /* round to nearest even */
     return (uint16_t)(u >> 16);
+}
+
+/* This thread's scratch of n floats, inside a parallel region: NULL when out of memory, and then
+ * *failed (shared by the team) is set, so the caller can skip its work and report -2. */
+static inline float *thread_scratch(int64_t n, int *failed) {
+    float *p = malloc((size_t)n * sizeof(float));
+    if (!p) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
 }
 
 /* Columns n0..n1 of the fp32 rows acc [m, n] into out [m, n], as fp32 (out_f32) or rounded to bf16. */

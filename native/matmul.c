@@ -749,11 +749,7 @@ int dsmoe_moe_up(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidd
     int failed = 0;
 #pragma omp parallel
     {
-        float *tmp = malloc((size_t)hidden * sizeof(float)), *acc = malloc((size_t)(most * step) * sizeof(float));
-        if (!tmp || !acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *tmp = thread_scratch(hidden, &failed), *acc = thread_scratch(most * step, &failed);
 #pragma omp barrier
         if (!failed) {
             /* Each slot's token rounded to int8, as the layer would round its row of x[tokens]. */
@@ -809,11 +805,7 @@ int dsmoe_moe_down(const uint8_t *lut, float unit, int64_t blocksize, int64_t hi
     int failed = 0;
 #pragma omp parallel
     {
-        float *tmp = malloc((size_t)inter * sizeof(float)), *acc = malloc((size_t)(most * step) * sizeof(float));
-        if (!tmp || !acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *tmp = thread_scratch(inter, &failed), *acc = thread_scratch(most * step, &failed);
 #pragma omp barrier
         if (!failed) {
             /* down's input rounded to int8: the bf16 product of the layers, or a lone token's fp32 one. */

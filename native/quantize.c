@@ -184,11 +184,7 @@ int dsmoe_quantize_int8(const void *x, int dtype, int64_t rows, int64_t cols, in
     int failed = 0;
 #pragma omp parallel if (rows * cols >= PARALLEL_MIN)
     {
-        float *s = malloc((size_t)cols * sizeof(float));
-        if (s == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *s = thread_scratch(cols, &failed);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             if (s != NULL) int8_row(x, dtype, r, cols, s, q, scb);
@@ -243,11 +239,7 @@ int dsmoe_quantize_q6(const void *x, int dtype, int64_t rows, int64_t cols, uint
     int failed = 0, overflow = 0;
 #pragma omp parallel if (rows * cols >= PARALLEL_MIN)
     {
-        float *s = malloc((size_t)cols * sizeof(float));
-        if (s == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *s = thread_scratch(cols, &failed);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (s == NULL) continue;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from dsmoe.cli.offload_view import plan_table
 from dsmoe.errors import UsageError
 from dsmoe.loading import LoadOptions
 from dsmoe.checkpoint.reader import open_checkpoint
-from dsmoe.offload import store_of
+from dsmoe.offload import TraceHeader, TraceRecorder, store_of
 from dsmoe.quant import Linear6bit, Linear8bit, spec_from_config
 
 
@@ -80,6 +81,8 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     save: Path = typer.Option(None, "--save", help="With --synthetic: write the weights as a bf16 HF checkpoint and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    trace: Path = typer.Option(None, "--trace", help="Record every MoE layer's routed experts (and an expert "
+                               "store's prefetch guesses) to this file, for 'dsmoe simulate' and 'dsmoe info --plan --trace'."),
     *,
     load: LoadOptions,
 ) -> None:
@@ -118,8 +121,13 @@ def bench(
     load_seconds = time.perf_counter() - started
     name = f"synthetic {synthetic}" if synthetic else str(source.path)
     lm_head_bits = 8 if isinstance(loaded.lm_head, Linear8bit) else 6 if isinstance(loaded.lm_head, Linear6bit) else 16  # as loaded, whatever decided it
-    result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
-                           bandwidth=bandwidth, lm_head_bits=lm_head_bits, store=store)
+    with contextlib.ExitStack() as recording:
+        if trace is not None:
+            header = TraceHeader.for_model(loaded, store.plan.expert_bytes if store else None, name)
+            recorder = recording.enter_context(TraceRecorder(trace, header))  # kept only if the run finishes
+            loaded.set_routing_observer(recorder, recorder.guessed)
+        result = run_benchmark(loaded, name, bits, load_seconds, prompt_tokens, new_tokens, seed=seed,
+                               bandwidth=bandwidth, lm_head_bits=lm_head_bits, store=store)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
     else:

@@ -80,7 +80,7 @@ def generate(
     if trace is not None:
         header = TraceHeader.for_model(loaded, store.plan.expert_bytes if store else None, model or "demo")
         recorder = TraceRecorder(trace, header)
-        loaded.set_routing_observer(recorder)
+        loaded.set_routing_observer(recorder, recorder.guessed)
     stream = TextStream(tokenizer, stop)
     try:
         for piece in stream_text(loaded, tokenizer, ids, settings, stream=stream):

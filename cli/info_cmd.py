@@ -57,7 +57,8 @@ def info(
     hit_rate: float = typer.Option(None, "--hit-rate", help="With --plan: the RAM hit rate to predict with "
                                    "(default: what even routing gives)."),
     trace: Path = typer.Option(None, "--trace", help="With --plan: predict with the hit rate `dsmoe simulate` "
-                               "finds on this routing trace (from --trace of generate or bench)."),
+                               "finds for its decode steps on this routing trace (from --trace of generate or "
+                               "bench), prefetch replayed where the trace recorded its guesses."),
     *,
     load: LoadOptions,
 ) -> None:
@@ -109,7 +110,11 @@ def _prediction(checkpoint: Checkpoint, plan: Plan, load: LoadOptions, hit_rate:
         if routing.header.n_experts != plan.n_experts:
             raise UsageError(f"{trace} records {routing.header.n_experts} experts per layer, this model has {plan.n_experts}")
         slots = (plan.tiers[-2] if len(plan.tiers) > 1 else plan.tiers[0]).slots
-        hit_rate = simulate(routing, load.policy, slots).hit_rate if slots < plan.n_experts else 1.0
+        if slots >= plan.n_experts:
+            hit_rate = 1.0
+        else:
+            replay = simulate(routing, load.policy, slots, load.prefetch)
+            hit_rate = replay.decode_hit_rate if replay.decode_hit_rate is not None else replay.hit_rate
     memory = measure_bandwidth(PROBE_BYTES, repeats=3)
     disk = disk_bandwidth(sorted(checkpoint.path.glob("*.safetensors"))) if plan.on_disk else math.inf
     return predict(plan, memory, disk, hit_rate)

@@ -18,7 +18,7 @@ from dsmoe.model.cache import KVCache
 from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.model.generate import SamplingSettings, generate_ids
 from dsmoe.model.layer_plan import LayerPlan, StackPlan, Validity, native_token, weight_of
-from dsmoe.model.routing import ExpertChannel, RoutingObserver
+from dsmoe.model.routing import ExpertChannel, GuessObserver, RoutingObserver
 from dsmoe.native.library import MAX_TOP_K
 from dsmoe.native.ops import attention_decode, rms_norm_row, route_one
 from dsmoe.quant.cache import CacheOutcome
@@ -466,9 +466,11 @@ class DeepseekForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
-    def set_routing_observer(self, observer: RoutingObserver | None) -> None:
-        """Report every MoE layer's routing decisions to ``observer`` (None to stop)."""
+    def set_routing_observer(self, observer: RoutingObserver | None, guesses: GuessObserver | None = None) -> None:
+        """Report every MoE layer's routing decisions to ``observer`` (None to stop), and an expert
+        store's guesses of them (its prefetch) to ``guesses``."""
         self.experts_channel.observer = observer
+        self.experts_channel.guess_observer = guesses
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)

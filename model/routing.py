@@ -20,6 +20,10 @@ from dsmoe.model.layer_plan import weights_changed
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(layer_idx, expert_ids [N, k], weights [N, k])`` by every MoE layer."""
 
+GuessObserver = Callable[[int, torch.Tensor], None]
+"""Called as ``observer(layer_idx, guessed_ids [N, k])`` when an expert store guesses a layer's
+routing before that layer runs (its prefetch), so that a trace can replay the prefetch too."""
+
 
 class ExpertHolder(Protocol):
     """What holds a model's routed experts in place of its layers (``dsmoe.offload.ExpertStore``)."""
@@ -61,6 +65,7 @@ class ExpertChannel:
     def __init__(self) -> None:
         self.holder: ExpertHolder | None = None
         self.observer: RoutingObserver | None = None
+        self.guess_observer: GuessObserver | None = None
 
     def hold(self, holder: ExpertHolder | None) -> None:
         """Hand the routed experts to ``holder`` (None: back to the layers' own modules).
@@ -80,3 +85,8 @@ class ExpertChannel:
         """Tell the observer; the native decode step calls only this (it runs only without a holder)."""
         if self.observer is not None:
             self.observer(layer, ids, weights)
+
+    def guessed(self, layer: int, ids: torch.Tensor) -> None:
+        """The holder's guess of ``layer``'s next routing, made before the layer runs."""
+        if self.guess_observer is not None:
+            self.guess_observer(layer, ids)

@@ -10,7 +10,7 @@ Tiers are pluggable: a ``Source`` gives an expert as a module in host memory (re
 or read from disk), a ``Transfer`` puts it into a slot on the compute device (a CUDA copy on a
 side stream, a real copy within RAM standing in for a device, or nothing at all when the source's
 memory is the slot). The decisions (hits, evictions, prefetch, where to run a miss) live here and
-in ``policies.LayerCache``, whatever the tiers are.
+in ``schedule.Schedule``, whatever the tiers are.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsmoe.model.deepseek import MLP, DeepseekForCausalLM, MoE
+from dsmoe.model.deepseek import MLP, DeepseekForCausalLM
 from dsmoe.model.layer_plan import building_detached
 from dsmoe.quant.linear import SwiGLUKernel
 from dsmoe.offload.disk import DiskExperts
 from dsmoe.offload.pack import DATA, ExpertSlots
 from dsmoe.offload.plan import Plan
 from dsmoe.offload.policies import LayerCache
+from dsmoe.offload.schedule import READ_WORKERS, Schedule
 from dsmoe.offload.stats import StoreStats
 
 Key = tuple[int, int]
@@ -265,11 +266,6 @@ class Transfer(abc.ABC):
         """Stop background work."""
 
 
-READ_WORKERS = 4
-"""Expert reads in flight at once: a layer's misses (~3 at the 16B geometry) and the next layer's
-prefetch together; one request at a time left the disk idle between reads (docs/PERFORMANCE.md)."""
-
-
 class InPlace(Transfer):
     """The source's memory is the slot (CPU compute); reads started ahead run on worker threads."""
 
@@ -369,20 +365,14 @@ class ExpertStore:
         self.device = model.device
         self.stats = StoreStats()
         source.count_into(self.stats)
-        self.caches = {layer: LayerCache(plan.device_slots, policy) for layer in plan.moe_layers}
+        moes = model.moe_layers()
+        self.schedule = Schedule(plan.moe_layers, plan.n_experts, plan.device_slots, policy, prefetch,
+                                 self.stats, self)
+        self.caches = self.schedule.caches
         self.slots: dict[Key, Slot] = {}
-        self._predicted: dict[int, set[int]] = {}
-        self._served: dict[int, bool] = {}  # per layer: its current pass was served in ``routed``
-        self._ahead_order: dict[int, list[int]] = {}  # per layer: a big pass's experts yet to run
-        self._read_early: set[Key] = set()  # read ahead for the current pass, not yet run
         config = model.config
         self._expert_params = 3 * config.hidden_size * config.moe_intermediate_size
-        moes = model.moe_layers()
-        self._first_layer = moes[0].layer_idx
-        # The layer whose gate guesses each layer's next routing, where prefetching can pay.
-        self._following: dict[int, MoE] = {}
-        if prefetch and plan.device_slots < plan.n_experts:
-            self._following = {moe.layer_idx: following for moe, following in zip(moes, moes[1:])}
+        self._gates = {moe.layer_idx: moe.gate for moe in moes}
         model.experts_channel.hold(self)
         if plan.device_slots >= plan.n_experts:
             for layer, cache in self.caches.items():
@@ -397,78 +387,27 @@ class ExpertStore:
         read starts here, all at once, before the next layer's prefetch; ``run`` then only waits.
         """
         needed = set(ids.reshape(-1).tolist())  # torch.unique costs ~0.1 ms, a decode step's whole budget here
-        if layer == self._first_layer:
-            self.stats.tokens += ids.shape[0]
-        stats = self.stats.layer(layer)
-        predicted = self._predicted.pop(layer, None)
-        if predicted is not None:
-            stats.predicted += len(predicted)
-            stats.predicted_used += len(predicted & needed)
-        cache = self.caches[layer]
-        self._served[layer] = self.cost is None and len(needed) <= cache.capacity
-        self._ahead_order.pop(layer, None)
-        if self._served[layer]:
-            for expert, hit, evicted in cache.serve(sorted(needed)):
-                self._drop(layer, evicted)
-                if hit:
-                    stats.hits += 1
-                else:
-                    stats.misses += 1
-                    self._fill(layer, expert, ahead=True)
-        else:
-            cache.begin(needed)
-            if self.prefetch_enabled and self.cost is None:
-                # Bigger than the slots (a prompt): read the next experts of the pass ahead of use.
-                self._ahead_order[layer] = sorted(needed)
-                self._read_ahead(layer)
-        following = self._following.get(layer)
+        self.schedule.routed(layer, needed, ids.shape[0], may_serve=self.cost is None)
+        following = self.schedule.following(layer)
         if following is not None:
             # The next layer's router on this layer's input: the residual stream changes little
             # from one layer to the next, so its top-k is a good guess of the next routing.
-            next_ids, _ = following.gate(x)
-            self.prefetch(following.layer_idx, next_ids)
+            next_ids, _ = self._gates[following](x)
+            self.model.experts_channel.guessed(following, next_ids)
+            self.prefetch(following, next_ids)
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Start bringing in the experts ``ids`` names for ``layer``, most-named first, up to its slots."""
-        cache = self.caches[layer]
-        counts = torch.bincount(ids.reshape(-1), minlength=self.plan.n_experts).tolist()
-        ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e))
-        chosen = ranked[: cache.capacity]
-        self._predicted[layer] = set(chosen)
-        cache.begin(set(chosen))
-        stats = self.stats.layer(layer)
-        for expert in chosen:
-            if expert in cache:
-                continue
-            evicted = cache.prefetch(expert)
-            if evicted is None:
-                break
-            self._drop(layer, evicted)
-            self._fill(layer, expert, ahead=True)
-            stats.prefetched += 1
+        self.schedule.prefetch(layer, ids.reshape(-1).tolist())
 
-    def _drop(self, layer: int, experts: list[int]) -> None:
+    def drop(self, layer: int, experts: list[int]) -> None:
         for expert in experts:
             slot = self.slots.pop((layer, expert), None)
             if isinstance(slot, FutureSlot):
                 slot.future.result()  # a read still landing in memory the source is about to reuse
             self.source.release(layer, expert)
 
-    def _read_ahead(self, layer: int, keep: int | None = None) -> None:
-        """Start reading the next ``READ_WORKERS`` missing experts of a pass bigger than the slots,
-        into slots no unused expert of the pass holds (``keep``: the expert about to run)."""
-        cache = self.caches[layer]
-        for expert in self._ahead_order.get(layer, [])[:READ_WORKERS]:
-            if expert in cache:
-                continue
-            evicted = cache.prefetch(expert, keep=keep)
-            if evicted is None:
-                break
-            self._drop(layer, evicted)
-            self._fill(layer, expert, ahead=True)
-            self._read_early.add((layer, expert))
-
-    def _fill(self, layer: int, expert: int, ahead: bool) -> None:
+    def fill(self, layer: int, expert: int, ahead: bool) -> None:
         if self.transfer.link is not None:
             self.stats.moved(self.transfer.link, self.source.nbytes(layer, expert))
         self.slots[(layer, expert)] = self.transfer.start(self.source, layer, expert, ahead)
@@ -480,30 +419,13 @@ class ExpertStore:
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` of ``layer`` on its tokens ``x``, from its slot (brought in on a miss)."""
-        if self._served.get(layer):
+        if self.schedule.served(layer):
             return self.slots[(layer, expert)].ready()(x)
-        cache = self.caches[layer]
-        stats = self.stats.layer(layer)
-        if expert not in cache and self.host_is_cheaper(layer, expert, x.shape[0]):
-            cache.access(expert, admit=False)
-            stats.misses += 1
-            stats.host_runs += 1
+        if expert not in self.caches[layer] and self.host_is_cheaper(layer, expert, x.shape[0]):
+            self.schedule.run_elsewhere(layer, expert)
             host = self.source.module(layer, expert)
             return host(x.to(_device_of(host))).to(x.device)
-        order = self._ahead_order.get(layer)
-        if order and order[0] == expert:
-            order.pop(0)
-        hit, evicted = cache.access(expert)
-        self._drop(layer, evicted)
-        if hit and (layer, expert) not in self._read_early:
-            stats.hits += 1
-        else:
-            stats.misses += 1  # read for this pass: now, or ahead by _read_ahead
-            self._read_early.discard((layer, expert))
-            if not hit:
-                self._fill(layer, expert, ahead=False)
-        if order:
-            self._read_ahead(layer, keep=expert)
+        self.schedule.use(layer, expert)
         return self.slots[(layer, expert)].ready()(x)
 
     def serves_native(self, layer: int, top_k: int) -> bool:
@@ -527,7 +449,7 @@ class ExpertStore:
     def served_experts(self, layer: int, experts: Sequence[int]) -> list[nn.Module] | None:
         """The slots' modules of ``experts`` when this pass of ``layer`` was served in ``routed`` (what
         ``run`` would hand each of them), else None."""
-        if not self._served.get(layer):
+        if not self.schedule.served(layer):
             return None
         return [self.slots[(layer, expert)].ready() for expert in experts]
 

@@ -220,13 +220,13 @@ def test_a_prompt_bigger_than_the_slots_reads_its_next_experts_ahead(small_path,
     model, _, store = load_offloaded(small_path, OffloadOptions(Budgets(max_ram=budget_for(small_path, 4, 2))),
                                      bits=4, resources=ROOMY)
     fills: list[bool] = []
-    real = store._fill
+    real = store.fill
 
     def fill(layer, expert, ahead):
         fills.append(ahead)
         real(layer, expert, ahead)
 
-    store._fill = fill
+    store.fill = fill
     tokens = torch.arange(0, 512, 16).view(1, -1)  # 32 tokens: every layer routes to most of its 8 experts
     with torch.inference_mode():
         assert torch.equal(model(tokens), resident(tokens))

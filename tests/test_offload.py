@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ from dsmoe.offload import (
 from dsmoe.offload.disk import DiskExperts
 from dsmoe.offload.plan import WORKSPACE, expert_sizes, resident_bytes
 from dsmoe.offload.store import HostCopy, ResidentSource
-from dsmoe.offload.trace import Trace
+from dsmoe.offload.trace import Routing, Trace
 
 # Plenty of RAM and an empty process, so a --max-ram budget alone decides the plan.
 ROOMY = Resources(gpu_free=None, ram_available=10**12, process_rss=0)
@@ -87,7 +88,7 @@ def test_prefetch_never_evicts_an_announced_expert():
 def test_simulate_on_a_scripted_trace():
     header = TraceHeader(moe_layers=[1], n_experts=8, top_k=2, expert_bytes=100)
     # One token per pass; pass by pass the experts used are {0,1}, {0,2}, {1,2}, {0,1}.
-    trace = Trace(header, [(1, [[0, 1]]), (1, [[0, 2]]), (1, [[1, 2]]), (1, [[0, 1]])])
+    trace = Trace(header, [Routing(1, [[0, 1]]), Routing(1, [[0, 2]]), Routing(1, [[1, 2]]), Routing(1, [[0, 1]])])
     lru = simulate(trace, "lru", 2)
     # [0,1] -> miss miss; [0,2] -> 0 hit, 2 miss (1 was not announced: evicted); [1,2] -> 1 miss (evicts 0),
     # 2 hit; [0,1] -> 0 miss (evicts 2), 1 hit.
@@ -162,7 +163,8 @@ def test_store_counts_equal_the_simulation_of_its_trace(tiny_path, tmp_path, pro
         with torch.inference_mode():
             model.generate(prompt, max_new_tokens=10)
     trace = read_trace(path)
-    simulated = simulate(trace, policy, slots)
+    assert not trace.has_guesses
+    simulated = simulate(trace, policy, slots, prefetch=False)
     assert (simulated.hits, simulated.misses) == (store.stats.hits(), store.stats.misses())
     assert trace.tokens == store.stats.tokens == prompt.shape[1] + 9
     # Each miss moves one expert: copied at the compute dtype, or read from disk as stored (bf16).
@@ -170,6 +172,54 @@ def test_store_counts_equal_the_simulation_of_its_trace(tiny_path, tmp_path, pro
     assert moved == store.stats.misses() * store.source.nbytes(1, 0)
     assert store.source.nbytes(1, 0) == (store.plan.expert_bytes if where == "cpu-slots" else store.plan.expert_bytes // 2)
     store.detach()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_the_simulation_replays_the_prefetch_a_trace_recorded(tiny_path, tmp_path, prompt, policy, slots):
+    """A disk-tier run with prefetch on (guesses of the next layer, reads ahead within the prompt):
+    its trace carries the guesses, and replaying it counts the run's hits, misses, guesses and reads."""
+    budgets = Budgets(max_ram=disk_budget(tiny_path, torch.float32, slots))
+    model, _, store = load_offloaded(tiny_path, OffloadOptions(budgets, policy, prefetch=True),
+                                     dtype=torch.float32, resources=ROOMY)
+    path = tmp_path / "routing.jsonl"
+    with TraceRecorder(path, TraceHeader.for_model(model, store.source.nbytes(1, 0))) as recorder:
+        model.set_routing_observer(recorder, recorder.guessed)
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=10)
+    trace = read_trace(path)
+    moes = store.plan.moe_layers
+    # Every pass of every MoE layer after the first was guessed, and only those.
+    assert all((event.guess is not None) == (event.layer != moes[0]) for event in trace.events)
+    assert all(len(event.guess) == len(event.ids) for event in trace.events if event.guess is not None)
+    stats = store.stats
+    prefetched = sum(layer.prefetched for layer in stats.layers.values())
+    assert prefetched > 0
+    simulated = simulate(trace, policy, slots)
+    assert (simulated.hits, simulated.misses, simulated.prefetched) == (stats.hits(), stats.misses(), prefetched)
+    assert simulated.bytes_moved == stats.link_bytes["disk->ram"]
+    # The guesses matter: replaying without them counts fewer hits than the run had.
+    assert simulate(trace, policy, slots, prefetch=False).hits < stats.hits()
+    store.detach()
+
+
+def test_a_trace_without_guesses_replays_the_read_ahead_only(tmp_path):
+    """A version-1 trace (no guesses) still reads; a prompt pass bigger than the slots is read ahead
+    of use, each of its experts counted once as a miss, as the store counts them."""
+    path = tmp_path / "v1.jsonl"
+    head = {"format": "dsmoe-routing-trace", "version": 1, "moe_layers": [1, 2], "n_experts": 8, "top_k": 2,
+            "expert_bytes": 10}
+    lines = [head, {"layer": 1, "ids": [[0, 1], [2, 3], [4, 5]]}, {"layer": 2, "ids": [[0, 1], [2, 3], [4, 5]]},
+             {"layer": 1, "ids": [[4, 5]]}, {"layer": 2, "ids": [[0, 1]]}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trace = read_trace(path)
+    assert not trace.has_guesses and trace.tokens == 4
+    # 4 slots: the prompt's 6 experts miss in each layer; then 4 and 5 are the most recent in both
+    # layers, so layer 1's [4, 5] hits and layer 2's [0, 1] misses twice.
+    result = simulate(trace, "lru", 4)
+    assert (result.hits, result.misses, result.prefetched) == (2, 14, 0)
+    assert result.bytes_moved == 14 * 10
+    assert result.decode_hit_rate == 0.5  # the decode step alone: 2 hits, 2 misses
 
 
 @pytest.fixture
@@ -290,7 +340,7 @@ def test_trace_is_atomic_and_validated(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with TraceRecorder(path, header) as recorder:
         recorder(1, torch.tensor([[2], [3]]), torch.ones(2, 1))
-    assert read_trace(path).events == [(1, [[2], [3]])]
+    assert read_trace(path).events == [Routing(1, [[2], [3]])]
     path.write_text(path.read_text().replace("[[2],[3]]", "[[2],[7]]"))
     with pytest.raises(TraceError, match="out of range"):
         read_trace(path)

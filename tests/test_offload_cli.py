@@ -14,10 +14,14 @@ def test_generate_with_one_slot_matches_the_resident_run_and_records_a_trace(cap
     assert offloaded.out == plain.out
     assert "expert placement" in offloaded.err and "1 of 16 experts per layer" in offloaded.err
     assert "expert cache over" in offloaded.err and "ram->cpu" in offloaded.err
-    simulated = run_cli(capsys, "simulate", str(trace), "--slots", "1,4", "--policy", "lru")
+    simulated = run_cli(capsys, "simulate", str(trace), "--slots", "1,4", "--policy", "lru", "--no-prefetch")
     assert simulated.code == 0, simulated.err
     rows = [line for line in simulated.out.splitlines() if "lru" in line]
-    assert len(rows) == 2 and "0.0%" in rows[0]  # one slot, top-4 routing: nothing can hit
+    assert len(rows) == 2 and "0.0%" in rows[0]  # one slot, top-4 routing, no prefetch: nothing can hit
+    replayed = run_cli(capsys, "simulate", str(trace), "--slots", "1", "--policy", "lru")
+    assert "prefetch replayed from the trace's guesses" in replayed.out
+    row = next(line for line in replayed.out.splitlines() if "lru" in line)
+    assert "0.0%" not in row  # the prefetcher's guess lands in the slot before its layer runs
 
 
 def test_info_plan_shows_the_tiers(capsys, tiny_path):

@@ -22,7 +22,7 @@ from cli_runner import run_cli
 from dsmoe import load
 from dsmoe.errors import UsageError
 from dsmoe.checkpoint.reader import open_checkpoint
-from dsmoe.offload import Budgets, Resources, make_plan, store_of
+from dsmoe.offload import Budgets, Resources, make_plan, read_trace, simulate, store_of
 from dsmoe.offload import bandwidth
 from dsmoe.offload import plan as plan_module
 from dsmoe.offload.plan import cgroup_room, predict
@@ -218,6 +218,26 @@ def test_info_plan_predicts_from_a_hit_rate_or_a_trace(capsys, monkeypatch, tiny
     assert "predicted decode:" in simulated.out and "RAM hit rate" in simulated.out
     alone = run_cli(capsys, "info", str(tiny_path), "--hit-rate", "0.5")
     assert alone.code == 1 and "go with --plan" in alone.err
+
+
+def test_info_plan_replays_the_prefetch_of_a_bench_trace(capsys, monkeypatch, tiny_path, tmp_path):
+    """``bench --trace`` under a disk plan records the prefetcher's guesses; ``info --plan --trace``
+    predicts with the decode steps' hit rate of their replay, prefetch included (as the run had it)."""
+    monkeypatch.setattr(Resources, "measure", classmethod(lambda cls, device: ROOMY))
+    trace = tmp_path / "bench.jsonl"
+    budget = ["--dtype", "fp32", "--max-ram", str(FOUR_SLOTS / 1e9)]
+    ran = run_cli(capsys, "bench", "-m", str(tiny_path), *budget, "--prompt-tokens", "12", "-n", "8", "--json",
+                  "--trace", str(trace))
+    assert ran.code == 0, ran.err
+    routing = read_trace(trace)
+    assert routing.has_guesses
+    with_guesses, without = simulate(routing, "lru", 4), simulate(routing, "lru", 4, prefetch=False)
+    assert with_guesses.decode_hit_rate != without.decode_hit_rate
+    shown = run_cli(capsys, "info", str(tiny_path), "--plan", *budget, "--trace", str(trace))
+    assert shown.code == 0, shown.err
+    assert f"RAM hit rate {with_guesses.decode_hit_rate:.0%}" in shown.out
+    plain = run_cli(capsys, "info", str(tiny_path), "--plan", *budget, "--no-prefetch", "--trace", str(trace))
+    assert f"RAM hit rate {without.decode_hit_rate:.0%}" in plain.out
 
 
 def test_disk_probe_reads_with_o_direct(tmp_path, monkeypatch):

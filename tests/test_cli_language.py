@@ -137,8 +137,11 @@ def test_sizes_show_a_small_model(capsys, tiny_path):
 @pytest.mark.parametrize("flags, expected", [
     (["--bits", "4", "--quant-type", "fp4", "--double-quant", "--quantize-lm-head"],
      "quantized: fp4, 4-bit, double quant, lm_head q6"),  # q6: the head beside 4-bit weights
-    (["--bits", "4"], "quantized: nf4, 4-bit, lm_head stored unquantized (q6 when run)"),
-    (["--bits", "8"], "quantized: int8 (LLM.int8), 8-bit, lm_head stored unquantized (int8 when run)"),
+    (["--bits", "4"], "quantized: nf4, 4-bit, lm_head q6"),  # the default layout stores what a run uses
+    (["--bits", "4", "--layout", "transformers"], "quantized: nf4, 4-bit, lm_head stored unquantized (q6 when run)"),
+    (["--bits", "8", "--layout", "transformers"],
+     "quantized: int8 (LLM.int8), 8-bit, lm_head stored unquantized (int8 when run)"),
+    (["--bits", "8"], "quantized: int8 (LLM.int8), 8-bit, lm_head int8"),
 ])
 def test_info_names_a_quantized_format(capsys, tiny_path, tmp_path, flags, expected):
     dst = tmp_path / "q"

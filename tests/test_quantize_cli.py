@@ -54,17 +54,41 @@ def test_quantize_command_refuses_existing_output_and_bad_values(
     assert (dst / "model.safetensors.index.json").is_file() or list(dst.glob("*.safetensors"))
 
 
-def test_kernel_layout_writes_what_the_kernels_run_and_loads_to_the_same_logits(
+def test_quantize_writes_by_default_what_a_run_uses_and_loads_to_the_same_logits(
     capsys: pytest.CaptureFixture[str], tiny_path: Path, tmp_path: Path
 ) -> None:
+    """The default layout is the benchmarked one: kernel-layout 4-bit weights and a q6 lm_head."""
     dst = tmp_path / "q4k"
-    result = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "4", "--kernel-layout")
+    result = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "4")
     assert result.code == 0, result.err
-    assert json.loads((dst / "config.json").read_text())["quantization_config"]["dsmoe_kernel_layout"] is True
+    config = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert config["dsmoe_kernel_layout"] is True and config["dsmoe_lm_head"] == "q6"
     ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
     stored, _ = load(dst)
     on_load, _ = load(tiny_path, bits=4, no_cache=True)
     module = "model.layers.1.self_attn.q_proj"
     assert torch.equal(Checkpoint(dst).get(f"{module}.weight"), on_load.get_submodule(module).weight)
+    assert torch.equal(Checkpoint(dst).get("lm_head.weight"), on_load.lm_head.weight)
     with torch.no_grad():
         assert torch.equal(stored(ids), on_load(ids))
+
+
+def test_the_transformers_layout_keeps_bitsandbytes_order_and_a_float_lm_head(
+    capsys: pytest.CaptureFixture[str], tiny_path: Path, tmp_path: Path
+) -> None:
+    dst = tmp_path / "q4t"
+    result = run_cli(capsys, "quantize", str(tiny_path), str(dst), "--bits", "4", "--layout", "Transformers")
+    assert result.code == 0, result.err
+    config = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert "dsmoe_kernel_layout" not in config and "dsmoe_lm_head" not in config
+    stored = Checkpoint(dst)
+    assert not any(name.endswith("native_scales") for name in stored.tensor_names())
+    assert stored.get("lm_head.weight").dtype == Checkpoint(tiny_path).get("lm_head.weight").dtype
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    loaded, _ = load(dst)
+    on_load, _ = load(tiny_path, bits=4, no_cache=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), on_load(ids))
+
+    bad = run_cli(capsys, "quantize", str(tiny_path), str(tmp_path / "x"), "--layout", "gguf")
+    assert bad.code == 1 and "--layout must be one of dsmoe, transformers" in bad.err

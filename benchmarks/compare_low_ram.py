@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -183,7 +184,8 @@ class Run:
     cap_bytes: int
     round: int
     tool: str
-    """``dsmoe budget``, ``dsmoe fit`` or ``llama.cpp``."""
+    """``dsmoe budget``, ``dsmoe fit`` or ``llama.cpp``; with --predict also ``dsmoe MODE trace`` (the
+    run that records a routing trace) and ``dsmoe MODE plan`` (``info --plan`` on that trace)."""
     command: list[str]
     exit_code: int | None
     """The shell's convention: 128 + N when signal N ended it; None when it ran past the timeout."""
@@ -220,6 +222,19 @@ def dsmoe_command(checkpoint: Path, args: argparse.Namespace, budget: int | None
     return cmd
 
 
+def plan_command(checkpoint: Path, args: argparse.Namespace, budget: int | None, trace: Path) -> list[str]:
+    """``dsmoe info --plan`` as the run would be planned: the same budget (or none), under the same cap."""
+    cmd = ["dsmoe", "info", str(checkpoint), "--plan", "--trace", str(trace)]
+    if args.from_source:
+        cmd += ["--bits", str(args.bits), "--quantize-lm-head"]
+    if budget is not None:
+        cmd += ["--max-ram", f"{budget / GB:.3f}"]
+    return cmd
+
+
+PREDICTED = re.compile(r"predicted decode: ([0-9.]+) tok/s")
+
+
 def llama_command(bins: Path, gguf: Path, args: argparse.Namespace) -> list[str]:
     return [str(bins / "llama-bench"), "-m", str(gguf), "--repack", "0", "-t", str(args.threads),
             "-p", str(args.prompt_tokens), "-n", str(args.new_tokens), "-r", "1", "-o", "json"]
@@ -236,7 +251,12 @@ def dsmoe_figures(result: dict[str, Any]) -> dict[str, float | None]:
 
 
 def parse_output(tool: str, stdout: str) -> dict[str, float | None]:
-    """The figures of a finished run's stdout (JSON from either tool)."""
+    """The figures of a finished run's stdout (JSON from either bench; ``info --plan``'s prediction line)."""
+    if tool.endswith(" plan"):
+        found = PREDICTED.search(stdout)
+        if found is None:
+            raise ValueError("no prediction in the output")
+        return {"predicted_decode": float(found.group(1))}
     data = json.loads(stdout)
     if tool == "llama.cpp":
         return dict(base.llama_rates(data))
@@ -269,7 +289,7 @@ def run_capped(kind: CgroupKind, cap: tuple[str, int], round_: int, tool: str, c
         group.remove()
     if code == 0:
         try:
-            run.figures = parse_output(tool.split()[0], stdout)
+            run.figures = parse_output(tool, stdout)
         except (ValueError, KeyError, StopIteration):
             run.stderr_tail += "\n(unreadable output)\n" + stdout[-1000:]
     print(f"  {run.status}, {seconds:.0f} s, peak {_gib(run.peak_bytes)}, failcnt {run.failcnt}",
@@ -312,14 +332,18 @@ def report(runs: list[Run], header: str) -> str:
     lines = [header, "",
              "| cap | tool | finished | decode tok/s | prefill tok/s | decode / llama.cpp (paired) "
              "| prefill / llama.cpp (paired) | peak cgroup usage | failcnt | hit rate | disk per decoded token "
-             "(plan, even routing) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(plan, even routing) | plan's prediction from a trace: tok/s (measured / predicted) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     caps_seen = list(dict.fromkeys(r.cap for r in runs))
     for cap in caps_seen:
         here = [r for r in runs if r.cap == cap]
         llama = [r for r in here if r.tool == "llama.cpp"]
-        for tool in dict.fromkeys(r.tool for r in here):
+        for tool in dict.fromkeys(r.tool for r in here if not r.tool.endswith(" plan")):
             mine = [r for r in here if r.tool == tool]
+            predicted = summary([r for r in here if r.tool == f"{tool} plan"], "predicted_decode")
+            measured = summary(mine, "decode")
+            prediction = "" if predicted is None else (
+                f"{predicted:.2f} ({measured / predicted:.2f}x)" if measured is not None else f"{predicted:.2f}")
             ok = sum(r.status == "ok" for r in mine)
             states = ", ".join(sorted({r.status for r in mine if r.status != "ok"}))
             finished = f"{ok}/{len(mine)}" + (f" ({states})" if states else "")
@@ -335,12 +359,17 @@ def report(runs: list[Run], header: str) -> str:
                 f"| {_value(summary(mine, 'prefill'), '.1f')} | {ratios[0]} | {ratios[1]} "
                 f"| {_gib(max(peaks) if peaks else None)} | {max(fails) if fails else 'n/a'} "
                 f"| {_value(summary(mine, 'hit_rate'), '.0%') if tool != 'llama.cpp' else ''} "
-                f"| {f'{_mb(disk)} ({_mb(plan)})' if tool != 'llama.cpp' else ''} |")
+                f"| {f'{_mb(disk)} ({_mb(plan)})' if tool != 'llama.cpp' else ''} | {prediction} |")
     lines += ["", "Every run (exit 137 with an OOM kill counted: the kernel ended it at the cap):", "",
               "| cap | round | tool | status | exit | s | decode | prefill | peak | failcnt | hit rate | disk/token |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         f = r.figures
+        if r.tool.endswith(" plan"):
+            lines.append(f"| {r.cap} | {r.round} | {r.tool} | {r.status} | {r.exit_code} | {r.seconds:.0f} "
+                         f"| predicted {_value(f.get('predicted_decode'), '.2f')} | | {_gib(r.peak_bytes)} "
+                         f"| {r.failcnt} | | |")
+            continue
         lines.append(f"| {r.cap} | {r.round} | {r.tool} | {r.status} | {r.exit_code} | {r.seconds:.0f} "
                      f"| {_value(f.get('decode'), '.2f')} | {_value(f.get('prefill'), '.1f')} | {_gib(r.peak_bytes)} "
                      f"| {r.failcnt} | {_value(f.get('hit_rate'), '.0%')} | {_mb(f.get('disk_bytes_per_token'))} |")
@@ -390,6 +419,9 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, nargs="*", default=[], help="explicit caps, GiB")
     parser.add_argument("--dsmoe", nargs="+", default=list(DSMOE_MODES), choices=DSMOE_MODES,
                         help="budget: --max-ram the cap implies; fit: no budget flag (dsmoe fits itself)")
+    parser.add_argument("--predict", action="store_true",
+                        help="per cap, first a run that records a routing trace, then 'dsmoe info --plan --trace' "
+                             "on it in the same cap: the report sets the measured runs beside that prediction")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -411,6 +443,15 @@ def main() -> None:
     chosen = caps(size, args.fractions, args.cap_gib)
     runs: list[Run] = []
     for cap in chosen:
+        if args.predict:  # a trace from a run of its own, then the plan's prediction from it, both capped
+            for mode in args.dsmoe:
+                budget = budget_for(cap[1]) if mode == "budget" else None
+                trace = (args.results or args.work / "low-ram-results") / f"trace-{cap[1]}-{mode}.jsonl"
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                runs.append(run_capped(kind, cap, -1, f"dsmoe {mode} trace",
+                                       dsmoe_command(dsmoe_dir, args, budget) + ["--trace", str(trace)], args.timeout))
+                runs.append(run_capped(kind, cap, -1, f"dsmoe {mode} plan",
+                                       plan_command(dsmoe_dir, args, budget, trace), args.timeout))
         for round_ in range(args.runs):  # alternate, so drift in the machine hits both alike
             for mode in args.dsmoe:
                 budget = budget_for(cap[1]) if mode == "budget" else None

@@ -27,7 +27,7 @@ def _sizes(value: str | None) -> list[int] | None:
 @app.command("simulate")
 @guarded
 def simulate(
-    trace: str = typer.Argument(..., help="A routing trace recorded with 'dsmoe generate --trace FILE'."),
+    trace: str = typer.Argument(..., help="A routing trace recorded with 'dsmoe generate --trace FILE' or 'dsmoe bench --trace FILE'."),
     policy: list[str] = typer.Option([], "--policy", help="Policies to replay, comma-separated or repeated (default: all)."),
     slots: str = typer.Option(None, "--slots", help="Comma-separated slots per layer (default: 1, 2, 4, ... and top-k)."),
     prefetch: bool = PrefetchOption,

@@ -159,6 +159,26 @@ def test_report_medians_and_paired_ratios_by_hand():
     assert text.count("| OOM-killed | 137 |") == 1
 
 
+def test_the_plan_prediction_parses_and_sits_beside_the_measured_runs(tmp_path):
+    line = "predicted decode: 12.5 tok/s (310.2 MB/token from RAM at 18.0 GB/s + 41.0 MB/token from disk"
+    assert low.parse_output("dsmoe fit plan", f"a table\n{line}\n") == {"predicted_decode": 12.5}
+    with pytest.raises(ValueError):
+        low.parse_output("dsmoe fit plan", "a table without it")
+    args = low.argparse.Namespace(from_source=False, bits=4)
+    cmd = low.plan_command(Path("/ckpt"), args, None, tmp_path / "t.jsonl")
+    assert cmd[:4] == ["dsmoe", "info", "/ckpt", "--plan"] and cmd[cmd.index("--trace") + 1] == str(tmp_path / "t.jsonl")
+    plan = low.Run("75% of the model", 2 * 2**30, -1, "dsmoe fit plan", [], 0, 1.0, 2**30, 0, 0,
+                   {"predicted_decode": 2.5})
+    runs = [_run(0, "dsmoe fit", 2.0), _run(0, "llama.cpp", 1.0), _run(1, "dsmoe fit", 4.0),
+            _run(1, "llama.cpp", 1.0), _run(2, "dsmoe fit", 3.0), _run(2, "llama.cpp", 1.0), plan]
+    text = low.report(runs, "header")
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| 75% of the model (")}
+    assert "dsmoe fit plan" not in rows  # its figure is the last column of the run it predicts
+    assert rows["dsmoe fit"][11] == "2.50 (1.20x)" and rows["llama.cpp"][11] == ""  # median 3.0 / 2.5
+    assert "| dsmoe fit plan | ok | 0 | 1 | predicted 2.50 |" in text
+
+
 def test_model_bytes_is_the_larger_file(tmp_path):
     (tmp_path / "a.safetensors").write_bytes(b"x" * 300)
     (tmp_path / "b.safetensors").write_bytes(b"x" * 200)

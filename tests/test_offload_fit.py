@@ -24,8 +24,9 @@ from dsmoe.errors import UsageError
 from dsmoe.checkpoint.reader import open_checkpoint
 from dsmoe.offload import Budgets, Resources, make_plan, read_trace, simulate, store_of
 from dsmoe.offload import bandwidth
-from dsmoe.offload import plan as plan_module
-from dsmoe.offload.plan import cgroup_room, predict
+from dsmoe.checkpoint import free_memory as memory_module
+from dsmoe.checkpoint.free_memory import cgroup_room
+from dsmoe.offload.plan import predict
 from dsmoe.cli.offload_view import plan_table
 
 MiB = 2**20
@@ -97,10 +98,10 @@ def test_cgroup_namespace_reads_the_mount_root(tmp_path):
 
 
 def test_measure_takes_the_cgroup_when_it_is_smaller(monkeypatch):
-    monkeypatch.setattr(plan_module, "cgroup_room", lambda: 12345)
+    monkeypatch.setattr(memory_module, "cgroup_room", lambda: 12345)
     measured = Resources.measure(torch.device("cpu"))
     assert (measured.ram_available, measured.ram_source) == (12345, "memory cgroup limit")
-    monkeypatch.setattr(plan_module, "cgroup_room", lambda: None)
+    monkeypatch.setattr(memory_module, "cgroup_room", lambda: None)
     assert Resources.measure(torch.device("cpu")).ram_source == "MemAvailable"
 
 

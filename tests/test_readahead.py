@@ -1,0 +1,110 @@
+"""The console script reads a model's files ahead before importing torch, and only when it should."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsmoe.checkpoint import readahead
+from dsmoe.cli.entry import model_to_read_ahead
+
+
+def _folder(tmp_path: Path, quantized: bool = False) -> Path:
+    folder = tmp_path / ("quantized" if quantized else "model")
+    folder.mkdir()
+    config = {"model_type": "deepseek"} | ({"quantization_config": {"load_in_4bit": True}} if quantized else {})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_which_command_lines_read_ahead(tmp_path: Path) -> None:
+    plain = _folder(tmp_path)
+    m = str(plain)
+    assert model_to_read_ahead(["generate", "hi", "-m", m]) == plain
+    assert model_to_read_ahead(["--debug", "bench", f"--model={m}"]) == plain
+    assert model_to_read_ahead(["chat", "--model", m, "--bits", "16"]) == plain
+    assert model_to_read_ahead(["info", m, "-m", m]) is None  # reads the header only
+    assert model_to_read_ahead(["quantize", m, str(tmp_path / "out")]) is None  # streams its source
+    assert model_to_read_ahead(["generate", "hi", "-m", m, "--max-ram", "4"]) is None  # offloaded
+    assert model_to_read_ahead(["generate", "hi", "-m", m, "--expert-cache=8"]) is None
+    assert model_to_read_ahead(["generate", "hi", "-m", m, "--bits", "4"]) is None  # the cache or a conversion
+    assert model_to_read_ahead(["generate", "hi", "-m", str(tmp_path / "absent")]) is None
+    assert model_to_read_ahead(["generate", "hi"]) is None  # the bundled demo model
+    stored = _folder(tmp_path, quantized=True)
+    assert model_to_read_ahead(["generate", "hi", "-m", str(stored), "--bits=4"]) == stored
+
+
+def test_the_read_ahead_module_and_the_entry_do_not_import_torch() -> None:
+    code = "import sys, dsmoe.cli.entry; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_each_file_is_advised_front_to_back_and_a_model_too_large_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder(tmp_path)
+    sizes = {"model-00001-of-00002.safetensors": 3 * readahead.ADVICE_BYTES // 2, "model-00002-of-00002.safetensors": 10}
+    for name, size in sizes.items():
+        with open(folder / name, "wb") as f:
+            f.truncate(size)
+    calls: list[tuple[str, int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length, advice)))
+    monkeypatch.setattr(readahead, "available_memory", lambda: (10 * readahead.ADVICE_BYTES, "MemAvailable"))
+    thread = readahead.start_read_ahead(folder)
+    assert thread is not None
+    thread.join(10)
+    will = os.POSIX_FADV_WILLNEED
+    first, second = sizes
+    assert calls == [(first, 0, readahead.ADVICE_BYTES, will),
+                     (first, readahead.ADVICE_BYTES, readahead.ADVICE_BYTES // 2, will), (second, 0, 10, will)]
+    calls.clear()
+    # 1.5 spans + 10 bytes is more than half of 3 spans: not read ahead.
+    monkeypatch.setattr(readahead, "available_memory", lambda: (3 * readahead.ADVICE_BYTES, "memory cgroup limit"))
+    assert readahead.start_read_ahead(folder) is None and calls == []
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages it has): mincore over a mapping of it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        base = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert base is not None and base != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+    try:
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(base, size, vec) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        libc.munmap(base, size)
+    return sum(v & 1 for v in vec), pages
+
+
+def test_a_file_dropped_from_the_page_cache_is_back_in_it_after_the_advice(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 * 2**20))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    cached, pages = _resident_pages(path)
+    if cached > pages // 2:
+        pytest.skip("this filesystem keeps a file's pages when told to drop them (tmpfs)")
+    readahead.advise_will_need([path])
+    deadline = time.monotonic() + 10
+    while _resident_pages(path)[0] < pages and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _resident_pages(path) == (pages, pages)

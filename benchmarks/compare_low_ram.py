@@ -460,7 +460,8 @@ def main() -> None:
             runs.append(run_capped(kind, cap, round_, "llama.cpp", llama_command(bench.parent, gguf, args),
                                    args.timeout))
     skew = f", skewed router (skew={args.skew:g})" if args.skew else ", random router (near-even routing)"
-    header = (f"16B geometry, {args.layers} layers, dsmoe {args.bits}-bit vs {base.LLAMA_TYPES[args.bits]} mmap "
+    layers = json.loads((dsmoe_dir / "config.json").read_text())["num_hidden_layers"]  # --model: not --layers
+    header = (f"16B geometry, {layers} layers, dsmoe {args.bits}-bit vs {base.LLAMA_TYPES[args.bits]} mmap "
               f"(--repack 0){skew}; {args.threads} threads, {args.prompt_tokens}-token prefill, {args.new_tokens}-token "
               f"decode; caps by {kind.describe()}, model {size / GiB:.2f} GiB; dsmoe budget = cap - "
               f"{CAP_MARGIN / GiB:.2f} GiB; page cache dropped before each run; median of {args.runs} alternated runs, "

@@ -49,6 +49,7 @@ def load_model(
     progress: LoadProgress | None = None,
     skip_routed_experts: bool = False,
     skip_embedding: bool = False,
+    map_weights: bool = True,
 ) -> DeepseekForCausalLM:
     """The model of an opened checkpoint (``dsmoe.load`` opens it and adds the tokenizer).
 
@@ -58,7 +59,10 @@ def load_model(
     stored checkpoint's float lm_head included; a stored quantized lm_head is read as it is.
     ``skip_routed_experts`` leaves the routed experts unread, on the meta device, for an expert
     store to own (see dsmoe.offload); ``skip_embedding`` leaves the embedding table unread, for a
-    ``RowEmbedding`` that reads its rows from the file.
+    ``RowEmbedding`` that reads its rows from the file. ``map_weights`` False reads even the weights
+    a load would map (``_kept_as_stored``) into memory of the process's own: an offloaded run is
+    short of memory, and mapped file pages are what the kernel reclaims first under pressure (a
+    memory cgroup counts them), so every token would read its resident weights from disk again.
     """
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -80,7 +84,8 @@ def load_model(
               for name in params]
     sources = [stored_groups[name.rpartition(".")[0]] if quantized else [_source_of(checkpoint, name)]
                for name, quantized in zip(params, stored)]
-    mapped = frozenset(n for group, quantized in zip(sources, stored) for n in _kept_as_stored(group, quantized, device))
+    mapped = frozenset(n for group, quantized in zip(sources, stored) if map_weights
+                       for n in _kept_as_stored(group, quantized, device))
     with one_thread_for_the_reader():
         tensors = read_ahead(checkpoint, sources, mapped=mapped)
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,

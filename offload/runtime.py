@@ -109,7 +109,7 @@ def load_offloaded(
         on_cpu = device.type == "cpu"
         model = load_model(checkpoint, dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
                            quantize_lm_head=quantize_lm_head, lm_head=lm_head, device=device, progress=progress,
-                           skip_routed_experts=True, skip_embedding=on_cpu)
+                           skip_routed_experts=True, skip_embedding=on_cpu, map_weights=False)
         if on_cpu:  # a token needs one row of the table: read from the file, not held in RAM
             rows = RowEmbedding(checkpoint.rows(EMBEDDING), parse_dtype(dtype))
             model.model.embed_tokens = rows  # type: ignore[assignment]  # nn.Embedding's interface, its rows on disk

@@ -275,3 +275,39 @@ def _finished_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def _file_mappings(path: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from files under ``path`` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(path)):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_an_offloaded_load_holds_its_resident_weights_itself_rather_than_mapping_them(small_path, prompt, tmp_path):
+    """Mapped file pages are what a memory cap reclaims first: an offloaded run would read its
+    attention weights from disk again every token. A plain load maps them (nothing copied)."""
+    from dsmoe.quant.convert import quantize_checkpoint
+    from dsmoe.quant.spec import QuantSpec
+
+    stored = tmp_path / "kernel-layout"
+    quantize_checkpoint(small_path, stored, QuantSpec(bits=4), kernel_layout=True)
+    weight = "model.layers.1.self_attn.q_proj"
+
+    def mapped(model: torch.nn.Module) -> bool:
+        address = model.get_submodule(weight).weight.data_ptr()
+        return any(start <= address < end for start, end in _file_mappings(stored))
+
+    plain, _ = load(stored)
+    assert mapped(plain)
+    with torch.inference_mode():
+        want = plain(prompt)
+    del plain
+    model, _, store = load_offloaded(stored, OffloadOptions(Budgets(max_ram=budget_for(stored, 4, 3))), resources=ROOMY)
+    assert store.plan.on_disk and not mapped(model)
+    with torch.inference_mode():
+        assert torch.equal(model(prompt), want)

@@ -103,6 +103,7 @@ def _prediction(checkpoint: Checkpoint, plan: Plan, load: LoadOptions, hit_rate:
     """The CPU plan's decode speed from bandwidths measured now (GPU plans: none, nothing measures the GPU)."""
     if plan.compute != "cpu":
         return None
+    disk_bytes = None
     if trace is not None:
         if hit_rate is not None:
             raise UsageError("give --hit-rate or --trace, not both")
@@ -115,6 +116,8 @@ def _prediction(checkpoint: Checkpoint, plan: Plan, load: LoadOptions, hit_rate:
         else:
             replay = simulate(routing, load.policy, slots, load.prefetch)
             hit_rate = replay.decode_hit_rate if replay.decode_hit_rate is not None else replay.hit_rate
+            disk_bytes = replay.decode_bytes_per_token if replay.decode_bytes_per_token is not None else \
+                replay.bytes_per_token
     memory = measure_bandwidth(PROBE_BYTES, repeats=3)
     disk = disk_bandwidth(sorted(checkpoint.path.glob("*.safetensors"))) if plan.on_disk else math.inf
-    return predict(plan, memory, disk, hit_rate)
+    return predict(plan, memory, disk, hit_rate, disk_bytes)

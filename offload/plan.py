@@ -315,12 +315,15 @@ class Prediction:
         return 1.0 / self.seconds_per_token
 
 
-def predict(plan: Plan, memory_bandwidth: float, disk_bandwidth: float, hit_rate: float | None = None) -> Prediction:
+def predict(plan: Plan, memory_bandwidth: float, disk_bandwidth: float, hit_rate: float | None = None,
+            disk_bytes: float | None = None) -> Prediction:
     """The decode speed of a CPU plan from measured bandwidths (bytes/s) and a RAM hit rate.
 
     ``hit_rate`` (a share of a token's experts found in RAM, e.g. from ``dsmoe simulate`` on a
-    trace) defaults to what even routing gives: slots / experts. Copies between two tiers in RAM
-    (``--expert-cache`` with the model resident) read and write each missed expert once more.
+    trace) defaults to what even routing gives: slots / experts. ``disk_bytes``, what a decode
+    step reads from disk (the simulator's count: misses and prefetches, wrong guesses included),
+    defaults to the misses alone. Copies between two tiers in RAM (``--expert-cache`` with the
+    model resident) read and write each missed expert once more.
     """
     if plan.compute != "cpu":
         raise UsageError("a tok/s prediction needs a CPU plan: the probes measure RAM and disk, not the GPU")
@@ -331,7 +334,10 @@ def predict(plan: Plan, memory_bandwidth: float, disk_bandwidth: float, hit_rate
     memory: float = resident + per_token
     cached = plan.tiers[-2] if len(plan.tiers) > 1 else plan.tiers[0]
     hits = min(cached.slots, plan.n_experts) / plan.n_experts if hit_rate is None else hit_rate
-    disk = per_token * (1.0 - hits) if plan.on_disk else 0.0
+    if not plan.on_disk:
+        disk = 0.0
+    else:
+        disk = per_token * (1.0 - hits) if disk_bytes is None else disk_bytes
     if plan.tiers[0].name == "cpu":  # a copy-in cache within RAM: each miss is read and written once more
         memory += 2 * per_token * (1.0 - hits)
     return Prediction(memory, disk, memory_bandwidth, disk_bandwidth, hits)

@@ -30,6 +30,9 @@ class SimResult:
     decode_hits: int = 0
     decode_misses: int = 0
     """Of ``hits`` and ``misses``, those of one-token passes (decode steps)."""
+    decode_tokens: int = 0
+    decode_bytes_moved: int = 0
+    """Of ``bytes_moved``, what decode steps read: their misses and their prefetches, right or wrong."""
 
     @property
     def hit_rate(self) -> float:
@@ -45,6 +48,12 @@ class SimResult:
     @property
     def bytes_per_token(self) -> float:
         return self.bytes_moved / self.tokens if self.tokens else 0.0
+
+    @property
+    def decode_bytes_per_token(self) -> float | None:
+        """Bytes a decode step reads (None: the trace has none): a prediction of decode speed needs
+        this rather than misses x expert size, because a wrong guess is read too."""
+        return self.decode_bytes_moved / self.decode_tokens if self.decode_tokens else None
 
 
 class _Reads:
@@ -67,8 +76,9 @@ def simulate(trace: Trace, policy: str, slots: int, prefetch: bool = True) -> Si
     head = trace.header
     stats, reads = StoreStats(), _Reads()
     schedule = Schedule(head.moe_layers, head.n_experts, slots, policy, prefetch, stats, reads)
-    decode_hits = decode_misses = 0
+    decode_hits = decode_misses = decode_tokens = decode_reads = 0
     for event in trace.events:
+        reads_before = reads.reads
         if event.guess is not None and schedule.following(_previous(head.moe_layers, event.layer)) == event.layer:
             schedule.prefetch(event.layer, [e for row in event.guess for e in row])
         needed = {e for row in event.ids for e in row}
@@ -80,9 +90,11 @@ def simulate(trace: Trace, policy: str, slots: int, prefetch: bool = True) -> Si
         if len(event.ids) == 1:
             decode_hits += layer.hits - hits
             decode_misses += layer.misses - misses
+            decode_reads += reads.reads - reads_before
+            decode_tokens += event.layer == head.moe_layers[0]
     prefetched = sum(layer.prefetched for layer in stats.layers.values())
     return SimResult(policy, slots, stats.hits(), stats.misses(), trace.tokens, reads.reads * head.expert_bytes,
-                     prefetched, decode_hits, decode_misses)
+                     prefetched, decode_hits, decode_misses, decode_tokens, decode_reads * head.expert_bytes)
 
 
 def _previous(moe_layers: list[int], layer: int) -> int:

@@ -220,6 +220,24 @@ def test_a_trace_without_guesses_replays_the_read_ahead_only(tmp_path):
     assert (result.hits, result.misses, result.prefetched) == (2, 14, 0)
     assert result.bytes_moved == 14 * 10
     assert result.decode_hit_rate == 0.5  # the decode step alone: 2 hits, 2 misses
+    assert (result.decode_tokens, result.decode_bytes_per_token) == (1, 20.0)  # its 2 misses' reads
+
+
+def test_a_decode_step_reads_its_wrong_guesses_too(tmp_path):
+    """What a decode step reads from disk is its misses plus its prefetches, right or wrong: the
+    figure a speed prediction needs (the misses alone undercount it)."""
+    path = tmp_path / "v2.jsonl"
+    head = {"format": "dsmoe-routing-trace", "version": 2, "moe_layers": [1, 2], "n_experts": 8, "top_k": 2,
+            "expert_bytes": 10}
+    lines = [head, {"layer": 1, "ids": [[0, 1], [2, 3], [4, 5]]}, {"layer": 2, "ids": [[0, 1], [2, 3], [4, 5]]},
+             {"layer": 1, "ids": [[4, 5]]}, {"layer": 2, "ids": [[0, 1]], "guess": [[6, 7]]}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # 4 slots, LRU: after the prompt layer 2 holds 2, 3, 4, 5; the guess reads 6 and 7 in place of
+    # 2 and 3, both wrong; then 0 and 1 miss. The decode step read 4 experts: 40 bytes.
+    result = simulate(read_trace(path), "lru", 4)
+    assert (result.prefetched, result.decode_hits, result.decode_misses) == (2, 2, 2)
+    assert (result.decode_tokens, result.decode_bytes_per_token) == (1, 40.0)
+    assert result.bytes_moved == (12 + 4) * 10
 
 
 @pytest.fixture

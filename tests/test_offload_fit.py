@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from dsmoe.offload import bandwidth
 from dsmoe.checkpoint import free_memory as memory_module
 from dsmoe.checkpoint.free_memory import cgroup_room
 from dsmoe.offload.plan import predict
+from dsmoe.offload.schedule import READ_WORKERS
 from dsmoe.cli.offload_view import plan_table
 
 MiB = 2**20
@@ -191,6 +194,9 @@ def test_prediction_matches_a_hand_computation(tiny_path):
     assert even.tokens_per_second == pytest.approx(4434.88, abs=0.01)
     given = predict(plan, memory_bandwidth=10e9, disk_bandwidth=1e9, hit_rate=0.5)
     assert given.disk_bytes == 98_304 and given.tokens_per_second == pytest.approx(1 / 1.763328e-4)
+    # A simulated count of the bytes a decode step reads (misses and wrong guesses) replaces the misses'.
+    counted = predict(plan, memory_bandwidth=10e9, disk_bandwidth=1e9, hit_rate=0.5, disk_bytes=150_000)
+    assert counted.disk_bytes == 150_000 and counted.seconds_per_token == pytest.approx(780_288 / 10e9 + 150e-6)
     whole = make_plan(open_checkpoint(tiny_path).config, torch.device("cpu"), Budgets(), ROOMY, torch.float32)
     assert predict(whole, 10e9, 1e9).disk_bytes == 0
     # Four slots copied into within RAM: each of the 3/4 that miss is read and written once more,
@@ -251,6 +257,25 @@ def test_disk_probe_reads_with_o_direct(tmp_path, monkeypatch):
     except OSError:
         pytest.skip(f"{tmp_path} takes O_DIRECT opens but not reads")
     assert rate > 0 and buffered == []
+
+
+def test_disk_probe_keeps_as_many_reads_in_flight_as_the_disk_tier(tmp_path, monkeypatch):
+    data = tmp_path / "shard.bin"
+    data.write_bytes(os.urandom(16 * MiB))
+    busy, most, lock, real = [0], [0], threading.Lock(), os.preadv
+
+    def slow_read(fd, buffers, offset):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.05)
+        with lock:
+            busy[0] -= 1
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", slow_read)
+    assert bandwidth.disk_bandwidth([data], limit=16 * MiB) > 0
+    assert most[0] == READ_WORKERS == 4
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")

@@ -19,8 +19,10 @@ from dsmoe.checkpoint.free_memory import available_memory
 
 READ_AHEAD_SHARE = 0.5
 """The most of the available memory a read-ahead may fill: the loaded model needs room of its own."""
-ADVICE_BYTES = 64 * 2**20
-"""One ``POSIX_FADV_WILLNEED`` call's span: the thread issues the files front to back in such spans,
+ADVICE_BYTES = 128 * 2**10
+"""One ``POSIX_FADV_WILLNEED`` call's span. Linux reads at most max(read_ahead_kb, max_sectors_kb)
+of what one call asks for and drops the rest, silently (64 MiB spans read 8 MiB of each here);
+128 KiB is the default read_ahead_kb, so every span is read in full. The files go front to back,
 so the first tensors the loader maps are the first to arrive."""
 
 

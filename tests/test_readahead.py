@@ -96,7 +96,7 @@ def _resident_pages(path: Path) -> tuple[int, int]:
 def test_a_file_dropped_from_the_page_cache_is_back_in_it_after_the_advice(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     with open(path, "wb") as f:
-        f.write(os.urandom(8 * 2**20))
+        f.write(os.urandom(32 * 2**20))  # more than one call of the kernel's read-ahead clamp (8 MiB here)
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -22,8 +23,7 @@ READ_AHEAD_SHARE = 0.5
 ADVICE_BYTES = 128 * 2**10
 """One ``POSIX_FADV_WILLNEED`` call's span. Linux reads at most max(read_ahead_kb, max_sectors_kb)
 of what one call asks for and drops the rest, silently (64 MiB spans read 8 MiB of each here);
-128 KiB is the default read_ahead_kb, so every span is read in full. The files go front to back,
-so the first tensors the loader maps are the first to arrive."""
+128 KiB is the default read_ahead_kb, so every span is read in full."""
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -56,18 +56,56 @@ def start_read_ahead(folder: Path) -> threading.Thread | None:
     return thread
 
 
-def advise_will_need(files: list[Path]) -> None:
-    """``POSIX_FADV_WILLNEED`` over each file in turn: the kernel queues the reads and returns."""
+def load_order(files: list[Path]) -> list[tuple[Path, int, int]]:
+    """Each file's tensors as (file, start, end) byte ranges, in the order the loader reads them:
+    by name with layer numbers compared as numbers (the files sort ``layers.10`` before ``layers.2``,
+    and a loader waiting on layer 2 while the disk reads layer 19 overlaps nothing). A file whose
+    header cannot be read is one range, whole."""
+    ranges: list[tuple[list[str | int], Path, int, int]] = []
     for path in files:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            size = path.stat().st_size
         except OSError:
-            continue  # the loader reports a missing or unreadable file; a hint has nothing to say
+            continue  # gone: the loader will say so
         try:
-            size = os.fstat(fd).st_size
-            for offset in range(0, size, ADVICE_BYTES):
-                os.posix_fadvise(fd, offset, min(ADVICE_BYTES, size - offset), os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length)) if length <= size - 8 else None
+        except (OSError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            ranges.append(([], path, 0, size))
+            continue
+        base = 8 + length
+        for name, info in header.items():
+            if isinstance(info, dict) and "data_offsets" in info:
+                start, end = info["data_offsets"]
+                ranges.append((_natural(name), path, base + int(start), base + int(end)))
+    ranges.sort(key=lambda item: item[0])
+    return [(path, start, end) for _, path, start, end in ranges]
+
+
+def _natural(name: str) -> list[str | int]:
+    """``model.layers.10.x`` -> ["model.layers.", 10, ".x"]: numbers compare as numbers."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
+def advise_will_need(files: list[Path]) -> None:
+    """``POSIX_FADV_WILLNEED`` over each tensor in the loader's order: the kernel queues the reads
+    and returns."""
+    handles: dict[Path, int] = {}
+    try:
+        for path, start, end in load_order(files):
+            fd = handles.get(path)
+            if fd is None:
+                try:
+                    fd = handles[path] = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue  # the loader reports a missing or unreadable file; a hint has nothing to say
+            for offset in range(start, end, ADVICE_BYTES):
+                os.posix_fadvise(fd, offset, min(ADVICE_BYTES, end - offset), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        for fd in handles.values():
             os.close(fd)

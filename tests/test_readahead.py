@@ -73,6 +73,24 @@ def test_each_file_is_advised_front_to_back_and_a_model_too_large_is_not(
     assert readahead.start_read_ahead(folder) is None and calls == []
 
 
+def test_tensors_are_advised_in_the_loaders_order_with_layer_numbers_as_numbers(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "model.safetensors"
+    tensors = {"model.layers.10.w": torch.zeros(300, dtype=torch.uint8), "model.layers.2.w": torch.zeros(200, dtype=torch.uint8),
+               "model.embed_tokens.weight": torch.zeros(100, dtype=torch.uint8)}
+    save_file(tensors, str(path))
+    order = readahead.load_order([path])
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    # The file holds them by name (embed, layers.10, layers.2), each of its own size, after the header.
+    assert [end - start for _, start, end in order] == [100, 200, 300]
+    assert min(start for _, start, _ in order) == header and max(end for *_, end in order) == path.stat().st_size
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    assert readahead.load_order([garbage]) == [(garbage, 0, 64)]
+
+
 def _resident_pages(path: Path) -> tuple[int, int]:
     """(pages of ``path`` in the page cache, pages it has): mincore over a mapping of it."""
     libc = ctypes.CDLL(None, use_errno=True)

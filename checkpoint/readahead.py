@@ -21,9 +21,12 @@ from dsmoe.checkpoint.free_memory import available_memory
 READ_AHEAD_SHARE = 0.5
 """The most of the available memory a read-ahead may fill: the loaded model needs room of its own."""
 ADVICE_BYTES = 128 * 2**10
-"""One ``POSIX_FADV_WILLNEED`` call's span. Linux reads at most max(read_ahead_kb, max_sectors_kb)
-of what one call asks for and drops the rest, silently (64 MiB spans read 8 MiB of each here);
-128 KiB is the default read_ahead_kb, so every span is read in full."""
+"""The smallest ``POSIX_FADV_WILLNEED`` span. Linux reads at most max(read_ahead_kb, max_sectors_kb)
+of what one call asks for and drops the rest, silently (64 MiB spans read 8 MiB of each here), so
+each call asks for the device's own figure (``advice_span``); 128 KiB, the default read_ahead_kb,
+where sysfs does not say. Not smaller than needed: each call takes the GIL back on return, and
+while the main thread imports torch a waiting thread gets it once per switch interval (5 ms), so
+128 KiB spans advanced the read-ahead at tens of MB/s."""
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -85,6 +88,19 @@ def load_order(files: list[Path]) -> list[tuple[Path, int, int]]:
     return [(path, start, end) for _, path, start, end in ranges]
 
 
+def advice_span(path: Path, root: Path = Path("/")) -> int:
+    """The most one ``WILLNEED`` call on ``path`` reads: its block device's larger of read_ahead_kb
+    and max_sectors_kb (a partition's are its disk's). ``root`` is "/" except in tests."""
+    try:
+        device = os.stat(path).st_dev
+        block = (root / f"sys/dev/block/{os.major(device)}:{os.minor(device)}").resolve()
+        queue = block / "queue" if (block / "queue").is_dir() else block.parent / "queue"
+        kib = max(int((queue / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+    except (OSError, ValueError):
+        return ADVICE_BYTES
+    return max(ADVICE_BYTES, kib * 2**10)
+
+
 def _natural(name: str) -> list[str | int]:
     """``model.layers.10.x`` -> ["model.layers.", 10, ".x"]: numbers compare as numbers."""
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
@@ -94,6 +110,7 @@ def advise_will_need(files: list[Path]) -> None:
     """``POSIX_FADV_WILLNEED`` over each tensor in the loader's order: the kernel queues the reads
     and returns."""
     handles: dict[Path, int] = {}
+    spans: dict[Path, int] = {}
     try:
         for path, start, end in load_order(files):
             fd = handles.get(path)
@@ -102,8 +119,9 @@ def advise_will_need(files: list[Path]) -> None:
                     fd = handles[path] = os.open(path, os.O_RDONLY)
                 except OSError:
                     continue  # the loader reports a missing or unreadable file; a hint has nothing to say
-            for offset in range(start, end, ADVICE_BYTES):
-                os.posix_fadvise(fd, offset, min(ADVICE_BYTES, end - offset), os.POSIX_FADV_WILLNEED)
+                spans[path] = advice_span(path)
+            for offset in range(start, end, spans[path]):
+                os.posix_fadvise(fd, offset, min(spans[path], end - offset), os.POSIX_FADV_WILLNEED)
     except OSError:
         pass
     finally:

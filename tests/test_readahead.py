@@ -60,6 +60,7 @@ def test_each_file_is_advised_front_to_back_and_a_model_too_large_is_not(
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
         (Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length, advice)))
     monkeypatch.setattr(readahead, "available_memory", lambda: (10 * readahead.ADVICE_BYTES, "MemAvailable"))
+    monkeypatch.setattr(readahead, "advice_span", lambda path: readahead.ADVICE_BYTES)
     thread = readahead.start_read_ahead(folder)
     assert thread is not None
     thread.join(10)
@@ -89,6 +90,27 @@ def test_tensors_are_advised_in_the_loaders_order_with_layer_numbers_as_numbers(
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     assert readahead.load_order([garbage]) == [(garbage, 0, 64)]
+
+
+def test_a_call_spans_what_the_device_reads_of_one_call(tmp_path: Path) -> None:
+    """The larger of read_ahead_kb and max_sectors_kb, from the disk's queue (a partition's parent)."""
+    data = tmp_path / "model.safetensors"
+    data.write_bytes(b"x")
+    device = os.stat(data).st_dev
+    disk = tmp_path / "root/sys/devices/vda"
+    for name, kib in (("read_ahead_kb", "128"), ("max_sectors_kb", "1280")):
+        (disk / "queue").mkdir(parents=True, exist_ok=True)
+        (disk / "queue" / name).write_text(kib + "\n")
+    (disk / "vda1").mkdir()
+    (tmp_path / "root/sys/dev/block").mkdir(parents=True)
+    link = tmp_path / f"root/sys/dev/block/{os.major(device)}:{os.minor(device)}"
+    link.symlink_to(disk / "vda1")  # a partition: no queue of its own
+    assert readahead.advice_span(data, tmp_path / "root") == 1280 * 1024
+    link.unlink()
+    link.symlink_to(disk)
+    (disk / "queue" / "read_ahead_kb").write_text("8192\n")
+    assert readahead.advice_span(data, tmp_path / "root") == 8192 * 1024
+    assert readahead.advice_span(data, tmp_path / "nowhere") == readahead.ADVICE_BYTES
 
 
 def _resident_pages(path: Path) -> tuple[int, int]:

@@ -24,9 +24,9 @@ ADVICE_BYTES = 128 * 2**10
 """The smallest ``POSIX_FADV_WILLNEED`` span. Linux reads at most max(read_ahead_kb, max_sectors_kb)
 of what one call asks for and drops the rest, silently (64 MiB spans read 8 MiB of each here), so
 each call asks for the device's own figure (``advice_span``); 128 KiB, the default read_ahead_kb,
-where sysfs does not say. Not smaller than needed: each call takes the GIL back on return, and
-while the main thread imports torch a waiting thread gets it once per switch interval (5 ms), so
-128 KiB spans advanced the read-ahead at tens of MB/s."""
+where sysfs does not say. Not smaller than needed: each return from a call waits for the GIL,
+which the main thread holds while it imports torch (the three variants measured alike at 28
+layers, docs/PERFORMANCE.md, but fewer waits cannot hurt)."""
 
 
 def weight_files(folder: Path) -> list[Path]:

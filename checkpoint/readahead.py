@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 
 from dsmoe.checkpoint.free_memory import available_memory
+from dsmoe.checkpoint.safetensors_header import read_safetensors_header
+from dsmoe.errors import CheckpointError
 
 READ_AHEAD_SHARE = 0.5
 """The most of the available memory a read-ahead may fill: the loaded model needs room of its own."""
@@ -67,23 +69,14 @@ def load_order(files: list[Path]) -> list[tuple[Path, int, int]]:
     ranges: list[tuple[list[str | int], Path, int, int]] = []
     for path in files:
         try:
-            size = path.stat().st_size
-        except OSError:
-            continue  # gone: the loader will say so
-        try:
-            with open(path, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(length)) if length <= size - 8 else None
-        except (OSError, ValueError):
-            header = None
-        if not isinstance(header, dict):
-            ranges.append(([], path, 0, size))
+            tensors = read_safetensors_header(path)
+        except CheckpointError:  # the loader reports it; read the file whole meanwhile
+            try:
+                ranges.append(([], path, 0, path.stat().st_size))
+            except OSError:
+                pass
             continue
-        base = 8 + length
-        for name, info in header.items():
-            if isinstance(info, dict) and "data_offsets" in info:
-                start, end = info["data_offsets"]
-                ranges.append((_natural(name), path, base + int(start), base + int(end)))
+        ranges += [(_natural(name), path, info.offset, info.offset + info.nbytes) for name, info in tensors.items()]
     ranges.sort(key=lambda item: item[0])
     return [(path, start, end) for _, path, start, end in ranges]
 

@@ -17,7 +17,8 @@ from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint, one_thread_for_the_reader, read_ahead
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
-from dsmoe.quant import Linear6bit, QuantSpec, linear_from_tensors, quantize_linear, spec_for, spec_from_config
+from dsmoe.quant import (Linear6bit, QuantSpec, linear_from_tensors, native_bf16_linears, quantize_linear, spec_for,
+                         spec_from_config)
 from dsmoe.quant.spec import LM_HEAD, LM_HEAD_SPECS, lm_head_format
 from dsmoe.quant.state import NATIVE_SCALES
 
@@ -91,6 +92,7 @@ def load_model(
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
                      spec, head_format, lm_head, compute_dtype, device, progress)
     checkpoint.close()
+    native_bf16_linears(model)
     release_freed_memory()
     return model
 

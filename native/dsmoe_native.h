@@ -9,7 +9,7 @@
  * checks the two agree).
  *
  * The kernels, by job: matmul.c (8- and 4-bit matmuls, SwiGLU MLPs, routed experts), q6.c (the
- * 6-bit lm_head matmul), ops.c
+ * 6-bit lm_head matmul), bf16.c (float weights), ops.c
  * (attention for one new token, RMSNorm, the router), layer_step.c (a decoder layer's decode step),
  * abi.c (what this library was built with). Every kernel returns 0 on success, -1 for arguments
  * it cannot take (shapes, sizes, a CPU without the instruction set), -2 when out of memory; the
@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 /* Python parses the lines `#define DSMOE_<NAME> <integer>` below; keep each one a plain integer. */
-#define DSMOE_ABI_VERSION 4
+#define DSMOE_ABI_VERSION 5
 /* Activation values per int8 scale: every matmul input width is a multiple of it. */
 #define DSMOE_ACT_BLOCK 64
 /* Output rows per tile of the 4-bit layout (bitsandbytes' CPU tiles). */
@@ -161,6 +161,17 @@ int dsmoe_pack_4bit(int64_t n, int64_t k, const uint8_t *standard, uint8_t *nati
  * not a multiple of DSMOE_ACT_BLOCK. Weight rows are split across the threads. */
 int dsmoe_q6_gemv(int64_t m, int64_t n, int64_t k, const uint16_t *x, const uint8_t *w, const uint16_t *steps,
                   void *out, int out_f32);
+
+/* ---- bf16.c: float weights ------------------------------------------------------------------ */
+
+/* The matmuls' step along the input width: bf16.c's k is a multiple of it. */
+#define DSMOE_BF16_K_STEP 16
+
+/* out [m, n] = x [m, k] bf16 @ w [n, k] bf16 .T, summed in fp32 and rounded to bf16 (what
+ * torch.nn.functional.linear gives, up to the order of the fp32 sums). -1 also when the CPU lacks
+ * AVX2 and FMA or k is not a multiple of DSMOE_BF16_K_STEP. Weight rows are split across the
+ * threads. */
+int dsmoe_bf16_matmul(int64_t m, int64_t n, int64_t k, const uint16_t *x, const uint16_t *w, uint16_t *out);
 
 /* ---- ops.c: the decode step's other kernels --------------------------------------------------- */
 

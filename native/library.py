@@ -61,6 +61,8 @@ Q6_MAX = CONSTANTS["DSMOE_Q6_MAX"]
 """The largest |code| of dsmoe's 6-bit format; codes are stored as q + Q6_MAX + 1."""
 Q6_BLOCK_BYTES = CONSTANTS["DSMOE_Q6_BLOCK_BYTES"]
 """Bytes of one q6 block of ACT_BLOCK values (low nibbles, then the top two bits)."""
+BF16_K_STEP = CONSTANTS["DSMOE_BF16_K_STEP"]
+"""The native bf16 matmul's input widths are multiples of it."""
 DTYPE_F32, DTYPE_BF16, DTYPE_F16 = (CONSTANTS[f"DSMOE_DTYPE_{name}"] for name in ("F32", "BF16", "F16"))
 """The element types the native quantizers read."""
 CODES_4BIT = CONSTANTS["DSMOE_4BIT_CODES"]
@@ -130,6 +132,7 @@ SIGNATURES: dict[str, Sequence[type]] = {
     "dsmoe_moe_down": [_ptr, _float, _i64, _i64, _i64, _i64] + [_ptr] * 7,
     "dsmoe_pack_4bit": [_i64, _i64, _ptr, _ptr],
     "dsmoe_q6_gemv": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+    "dsmoe_bf16_matmul": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "dsmoe_attention_decode": [_i64] * 5 + [_ptr] * 8,
     "dsmoe_rmsnorm": [_i64, _float, _ptr, _ptr, _ptr],
     "dsmoe_router": [_i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr],

@@ -21,7 +21,7 @@ from torch import nn
 from dsmoe.errors import CheckpointError
 from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.model.deepseek import MLP
-from dsmoe.quant import linear_from_tensors, quantize_linear
+from dsmoe.quant import float_linear, linear_from_tensors, quantize_linear
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
 _DTYPES = {
@@ -138,7 +138,7 @@ class DiskExperts:
                 if tuple(weight.shape) != expected or not weight.is_floating_point():
                     raise CheckpointError(f"{self.path}: tensor {name}.weight is {weight.dtype} {list(weight.shape)}, "
                                           f"config.json implies floats {list(expected)}")
-                getattr(module, proj)._parameters["weight"] = nn.Parameter(weight.to(self.dtype), requires_grad=False)
+                setattr(module, proj, float_linear(weight.to(self.dtype)))
         return module
 
     def close(self) -> None:

@@ -7,11 +7,14 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from dsmoe.quant.linear import (
+    Bf16Linear,
     Linear4bit,
     Linear6bit,
     Linear8bit,
     QuantLinear,
+    float_linear,
     linear_from_tensors,
+    native_bf16_linears,
     quantize_linear,
     quantize_model,
     quantized_tensors,
@@ -19,12 +22,15 @@ from dsmoe.quant.linear import (
 from dsmoe.quant.spec import QuantSpec, quantization_config, should_quantize, spec_for, spec_from_config
 
 __all__ = [
+    "Bf16Linear",
     "Linear4bit",
     "Linear6bit",
     "Linear8bit",
     "QuantLinear",
     "QuantSpec",
+    "float_linear",
     "linear_from_tensors",
+    "native_bf16_linears",
     "quantization_config",
     "quantize_linear",
     "quantize_model",

@@ -29,6 +29,10 @@ The rule (see docs/PERFORMANCE.md for the measurements behind it), on CPU:
   together, saving the Python work of three module calls and two elementwise ops per expert; a
   MoE layer's routed experts over a prompt's tokens run as two (``linear.route_experts``).
 
+* bf16 weights (a float model, a float lm_head) on the CPU: dsmoe's bf16 kernel
+  (``bf16_native_mm``, ``linear.Bf16Linear``), fp32 sums of exact products, where PyTorch's CPU bf16
+  matmul ran at ~5 GMAC/s for every shape here.
+
 On CUDA, bitsandbytes' own kernels (``matmul_4bit`` and ``matmul``) on the standard layout.
 """
 
@@ -265,6 +269,19 @@ def int8_native_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     out = torch.empty(rows, out_features, dtype=out_dtype)
     check_status(lib.dsmoe_int8_gemv(rows, out_features, in_features, x.data_ptr(), weight.data_ptr(),
                                      scale.data_ptr(), out.data_ptr(), int(out_dtype == torch.float32)), "int8 matmul")
+    return out
+
+
+def bf16_native_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, in] bf16 @ weight [out, in] bf16 .T with fp32 sums, bf16 out, by ``dsmoe_bf16_matmul``
+    (needs ``native_library`` and ``in`` a multiple of ``BF16_K_STEP``)."""
+    lib = native_library()
+    assert lib is not None
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    check_status(lib.dsmoe_bf16_matmul(rows, out_features, in_features, x.data_ptr(), weight.data_ptr(),
+                                       out.data_ptr()), "bf16 matmul")
     return out
 
 

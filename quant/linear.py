@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.errors import CheckpointError, UsageError
-from dsmoe.native.library import (ACT_BLOCK, DTYPE_BF16, DTYPE_F16, DTYPE_F32, MAX_QUANT_BLOCK, MLP_POINTERS,
+from dsmoe.native.library import (ACT_BLOCK, BF16_K_STEP, DTYPE_BF16, DTYPE_F16, DTYPE_F32, MAX_QUANT_BLOCK, MLP_POINTERS,
                                   Q6_BLOCK_BYTES, check_status, native_library)
 from dsmoe.quant import kernels
 from dsmoe.quant.q6 import dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
@@ -345,6 +345,56 @@ class Linear6bit(QuantLinear):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.detach().cpu().contiguous(),
                 "weight.q6_steps": self.steps.detach().cpu().contiguous()}
+
+
+class Bf16Linear(nn.Linear):
+    """An ``nn.Linear`` of bf16 weights on the CPU whose matmul is dsmoe's (native/bf16.c: fp32 sums
+    of exact products, bf16 out, as ``F.linear`` up to the sums' order). PyTorch's CPU bf16 matmul
+    ran at ~5 GMAC/s here for every shape, a float lm_head's row 3x slower than the bandwidth
+    allows and a prompt 5-10x slower than fp32 (docs/PERFORMANCE.md, "bf16 matmul"). Inputs the
+    kernel does not take (another dtype or device, autograd, no rows) go to ``F.linear``.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
+        # The same parameter where it is one already: a tied lm_head stays the embedding's.
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == self.weight.device.type == "cpu"
+                and x.numel() > 0 and not (x.requires_grad and torch.is_grad_enabled())):
+            return F.linear(x, self.weight)
+        lead = x.shape[:-1]
+        return kernels.bf16_native_mm(x.reshape(-1, self.in_features), self.weight).reshape(*lead, self.out_features)
+
+
+def float_linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free linear layer holding ``weight``: a ``Bf16Linear`` where dsmoe's kernel takes it (bf16 on
+    the CPU, the library built, the input width a multiple of ``BF16_K_STEP``), else an ``nn.Linear``."""
+    if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()
+            and weight.shape[1] % BF16_K_STEP == 0 and native_library() is not None):
+        return Bf16Linear(weight)
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def native_bf16_linears(model: nn.Module) -> int:
+    """Replace, in place, each bias-free ``nn.Linear`` that ``float_linear`` gives a ``Bf16Linear`` for,
+    keeping its weight tensor; returns how many were replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module.bias is not None:
+            continue
+        linear = float_linear(module.weight)
+        if isinstance(linear, Bf16Linear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+            replaced += 1
+    return replaced
 
 
 @dataclasses.dataclass(frozen=True)

@@ -335,10 +335,11 @@ __attribute__((target(TARGET_4BIT))) static void tile_4bit_rows_vnni(const uint8
  * 2 * 127 * 120 < 32767. The integer sums equal the VNNI kernel's after its 128 * sum(q)
  * correction, and the fp32 steps are the same, so both give the same bits. A 32-byte load is half
  * of the VNNI kernel's 64: row pairs 0-7 (rows 0-7 and 16-23) or 8-15 (rows 8-15 and 24-31).
- * The rows kernel here still takes one activation row at a time: each row already runs four
- * independent chains, and every instruction of its dot product (vpsignb onward) depends on the
- * row, so grouping rows would share only the L1 loads of the codes; with 16 ymm registers it was
- * left as it is (not measured on an AVX2-only CPU). */
+ * The rows kernel unpacks a block's codes once for all rows and runs the rows in pairs: every
+ * instruction of a dot product (vpsignb onward) depends on the row, so a pair shares only the
+ * loads of the codes and the loop's overhead, but its 8 independent chains ran the 16B shapes
+ * 1.03-1.23x faster than one row at a time (Zen 3, one thread, the same bits;
+ * docs/PERFORMANCE.md), though gcc keeps 3 of its 8 sums on the stack: AVX2 has 16 ymm registers. */
 
 /* The signed codes of the two halves of a 32-byte load: lo[0] the low nibbles (rows r), lo[1] the
  * high nibbles (rows 16 + r). */
@@ -395,6 +396,37 @@ __attribute__((target("avx2,fma"))) static void tile_4bit_avx2(const uint8_t *ti
     for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + 8 * q, acc[q]);
 }
 
+/* Rows i0 .. i0 + rows (rows <= GROUP_AVX2, constant at each call) of one block: each code vector
+ * of the block feeds every row of the group, GROUP_AVX2 x 4 independent chains. */
+#define GROUP_AVX2 2
+__attribute__((target("avx2,fma"), always_inline)) static inline void group_4bit_avx2(
+    const __m256i (*codes)[4], const uint16_t *block, int64_t b, int64_t k, float unit, const qacts *a, int64_t i0,
+    const int rows, float *out, int64_t ld) {
+    __m256i s[GROUP_AVX2][4];
+#pragma GCC unroll 2
+    for (int r = 0; r < rows; r++)
+        for (int q = 0; q < 4; q++) s[r][q] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int j = 0; j < QBLOCK / 2; j += 2) {
+#pragma GCC unroll 2
+        for (int r = 0; r < rows; r++) {
+            int32_t four;
+            memcpy(&four, a->q + (i0 + r) * k + b * QBLOCK + 2 * j, sizeof four);
+            const __m256i xv = _mm256_set1_epi32(four), xabs = _mm256_abs_epi8(xv);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) DOT4_AVX2(s[r][q], xabs, xv, codes[j / 2][q]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < rows; r++) {
+        __m256 acc[4];
+        float *row = out + (i0 + r) * ld;
+        for (int q = 0; q < 4; q++) acc[q] = _mm256_loadu_ps(row + 8 * q);
+        scale_add_avx2(s[r], block, a->scale[(i0 + r) * (k / QBLOCK) + b] * unit, acc);
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(row + 8 * q, acc[q]);
+    }
+}
+
 __attribute__((target("avx2,fma"))) static void tile_4bit_rows_avx2(const uint8_t *tile, const uint16_t *scales,
                                                                     int64_t k, int64_t blocksize, const uint8_t *lut,
                                                                     float unit, const qacts *a, int64_t m, float *out,
@@ -410,24 +442,12 @@ __attribute__((target("avx2,fma"))) static void tile_4bit_rows_avx2(const uint8_
             codes_avx2(table, p + j * TILE_ROWS + 32, &codes[j / 2][1], &codes[j / 2][3]);
         }
         const uint16_t *block = scales + (b * QBLOCK / blocksize) * TILE_ROWS;
-        for (int64_t i = 0; i < m; i++) {
-            const int8_t *xb = a->q + i * k + b * QBLOCK;
-            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                            _mm256_setzero_si256()};
-            for (int j = 0; j < QBLOCK / 2; j += 2) {
-                int32_t four;
-                memcpy(&four, xb + 2 * j, sizeof four);
-                const __m256i xv = _mm256_set1_epi32(four), xabs = _mm256_abs_epi8(xv);
-                for (int q = 0; q < 4; q++) DOT4_AVX2(s[q], xabs, xv, codes[j / 2][q]);
-            }
-            __m256 acc[4];
-            float *row = out + i * ld;
-            for (int q = 0; q < 4; q++) acc[q] = _mm256_loadu_ps(row + 8 * q);
-            scale_add_avx2(s, block, a->scale[i * (k / QBLOCK) + b] * unit, acc);
-            for (int q = 0; q < 4; q++) _mm256_storeu_ps(row + 8 * q, acc[q]);
-        }
+        int64_t i = 0;
+        for (; i + GROUP_AVX2 <= m; i += GROUP_AVX2) group_4bit_avx2(codes, block, b, k, unit, a, i, GROUP_AVX2, out, ld);
+        if (i < m) group_4bit_avx2(codes, block, b, k, unit, a, i, 1, out, ld);
     }
 }
+_Static_assert(GROUP_AVX2 == 2, "tile_4bit_rows_avx2 names the remainder, 1 row");
 
 /* One tile for one activation row, or for m rows into out with row stride ld, with the best
  * instruction set in use. */

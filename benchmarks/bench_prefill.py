@@ -1,8 +1,8 @@
 """Prefill speed against the CPU's int8 compute limit, the per-expert loop against the native route,
 alternated in one process (docs/PERFORMANCE.md, "Prefill against the compute limit (AVX512-VNNI)").
 
-    gcc -O2 -fopenmp -mavx512f -mavx512vnni benchmarks/vnni_peak.c -o /tmp/vnni_peak
-    OMP_NUM_THREADS=2 /tmp/vnni_peak      # the limit: 2-thread GMAC/s
+    gcc -O2 -fopenmp benchmarks/int8_peak.c -o /tmp/int8_peak
+    OMP_NUM_THREADS=2 /tmp/int8_peak      # the limit: 2-thread GMAC/s
     python benchmarks/bench_prefill.py --model /work/bench/16b8-q4 --tokens 64 256 1024 \\
         --limit-gmacs 975 [--before-library OLD/native/_native.cpython-311-x86_64-linux-gnu.so]
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--limit-gmacs", type=float, help="the int8 limit (vnni_peak.c) for the fraction")
+    parser.add_argument("--limit-gmacs", type=float, help="the int8 limit (int8_peak.c) for the fraction")
     parser.add_argument("--before-library", help="an older native library for the loop variant's matmuls")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,18 +1,20 @@
 /* This CPU's int8 compute limit, the ceiling prefill is measured against (docs/PERFORMANCE.md,
- * "Prefill against the compute limit (AVX512-VNNI)").
+ * "Prefill against the compute limit (AVX512-VNNI)" and "... on AVX2").
  *
- * Two loops, each timed with the wall clock:
+ * Two loops, each timed in thread CPU time:
  *   - the clock: a chain of dependent 64-bit adds (one cycle each on every x86 core since the
  *     Pentium 4), so adds per second is cycles per second. For a VM where `perf stat -e cycles`
  *     is not supported.
- *   - the limit: vpdpbusd zmm on register-resident operands with ACCS independent accumulators,
- *     enough to cover the instruction's latency, so only its throughput counts. Each one is
- *     16 lanes x 4 byte products = 64 multiply-adds.
- * The vpdpbusd loop runs on 1 thread and on every OpenMP thread (OMP_NUM_THREADS), each thread
- * its own copy, and reports MACs per second and per cycle.
+ *   - the limit: the kernels' integer dot product on register-resident operands with ACCS
+ *     independent accumulators, enough to cover its latency, so only its throughput counts. With
+ *     AVX512-VNNI, vpdpbusd zmm: 16 lanes x 4 byte products = 64 multiply-adds. With AVX2 alone,
+ *     what the AVX2 kernels run instead (matmul.c): vpmaddubsw, then vpmaddwd by ones and vpaddd
+ *     into the accumulator, 8 lanes x 4 = 32 multiply-adds (the kernels' vpsignb is left out).
+ * The loop runs on 1 thread and on every OpenMP thread (OMP_NUM_THREADS), each thread its own
+ * copy, and reports MACs per second and per cycle.
  *
- *   gcc -O2 -fopenmp -mavx512f -mavx512vnni benchmarks/vnni_peak.c -o /tmp/vnni_peak
- *   OMP_NUM_THREADS=2 nice -n 10 /tmp/vnni_peak
+ *   gcc -O2 -fopenmp benchmarks/int8_peak.c -o /tmp/int8_peak
+ *   OMP_NUM_THREADS=2 nice -n 10 /tmp/int8_peak
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -22,6 +24,7 @@
 
 #define ACCS 12
 #define MACS_PER_DPBUSD 64
+#define MACS_PER_MADD_PAIR 32
 
 static double now(void) {
     struct timespec t;
@@ -45,7 +48,7 @@ static double clock_hz(int64_t iters) {
 /* `iters` rounds of ACCS independent vpdpbusd zmm; returns seconds. The accumulators are named
  * variables, and the empty asm pins them to registers, so the loop is 12 vpdpbusd and a branch. */
 #define DP(r) r = _mm512_dpbusd_epi32(r, a, b)
-__attribute__((noinline)) static double dpbusd_loop(int64_t iters, int32_t *sink) {
+__attribute__((noinline, target("avx512f,avx512vnni"))) static double dpbusd_loop(int64_t iters, int32_t *sink) {
     __m512i r0 = _mm512_set1_epi32(0), r1 = _mm512_set1_epi32(1), r2 = _mm512_set1_epi32(2),
             r3 = _mm512_set1_epi32(3), r4 = _mm512_set1_epi32(4), r5 = _mm512_set1_epi32(5),
             r6 = _mm512_set1_epi32(6), r7 = _mm512_set1_epi32(7), r8 = _mm512_set1_epi32(8),
@@ -65,6 +68,37 @@ __attribute__((noinline)) static double dpbusd_loop(int64_t iters, int32_t *sink
     return t1 - t0;
 }
 
+/* The same for AVX2's pair: ACCS chains of vpmaddubsw, vpmaddwd by ones, vpaddd. Each chain's
+ * operands are rewritten by an empty asm after every four, so no two products are the same
+ * expression for the compiler to merge. */
+#define MADD(r, x) r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_maddubs_epi16(x, b), ones))
+__attribute__((noinline, target("avx2"))) static double maddubs_loop(int64_t iters, int32_t *sink) {
+    __m256i r0 = _mm256_set1_epi32(0), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0, r8 = r0,
+            r9 = r0, r10 = r0, r11 = r0;
+    __m256i a0 = _mm256_set1_epi8(1), a1 = _mm256_set1_epi8(2), a2 = _mm256_set1_epi8(3), a3 = _mm256_set1_epi8(4);
+    const __m256i b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+    const double t0 = now();
+    for (int64_t it = 0; it < iters; it++) {
+        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
+        MADD(r0, a0), MADD(r1, a1), MADD(r2, a2), MADD(r3, a3);
+        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
+        MADD(r4, a0), MADD(r5, a1), MADD(r6, a2), MADD(r7, a3);
+        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
+        MADD(r8, a0), MADD(r9, a1), MADD(r10, a2), MADD(r11, a3);
+    }
+    const double t1 = now();
+    __m256i total = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(r0, r1), _mm256_add_epi32(r2, r3)),
+                                     _mm256_add_epi32(_mm256_add_epi32(r4, r5), _mm256_add_epi32(r6, r7)));
+    total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(r8, r9), _mm256_add_epi32(r10, r11)));
+    *sink = _mm256_extract_epi32(total, 0);
+    return t1 - t0;
+}
+
+/* The loop this CPU's kernels run, and the multiply-adds one of its ACCS steps does. */
+static double int8_loop(int vnni, int64_t iters, int32_t *sink) {
+    return vnni ? dpbusd_loop(iters, sink) : maddubs_loop(iters, sink);
+}
+
 int main(void) {
     const int64_t add_iters = 2000000000, dp_iters = 200000000;
     double hz = 0.0;
@@ -73,11 +107,14 @@ int main(void) {
         hz = h > hz ? h : hz;
     }
     printf("clock (dependent adds): %.3f GHz\n", hz * 1e-9);
-    const double macs_per_run = (double)dp_iters * ACCS * MACS_PER_DPBUSD;
+    __builtin_cpu_init();
+    const int vnni = __builtin_cpu_supports("avx512vnni");
+    printf("loop: %s\n", vnni ? "vpdpbusd zmm (AVX512-VNNI)" : "vpmaddubsw + vpmaddwd + vpaddd ymm (AVX2)");
+    const double macs_per_run = (double)dp_iters * ACCS * (vnni ? MACS_PER_DPBUSD : MACS_PER_MADD_PAIR);
     int32_t sink = 0;
     double best1 = 1e30;
     for (int r = 0; r < 3; r++) {
-        const double s = dpbusd_loop(dp_iters, &sink);
+        const double s = int8_loop(vnni, dp_iters, &sink);
         best1 = s < best1 ? s : best1;
     }
     printf("1 thread:  %.1f GMAC/s, %.1f MACs/cycle\n", macs_per_run / best1 * 1e-9, macs_per_run / best1 / hz);
@@ -89,7 +126,7 @@ int main(void) {
         double best = 1e30;
         for (int r = 0; r < 3; r++) {
 #pragma omp barrier
-            const double s = dpbusd_loop(dp_iters, &mine);
+            const double s = int8_loop(vnni, dp_iters, &mine);
             best = s < best ? s : best;
         }
         worst = best;

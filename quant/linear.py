@@ -352,7 +352,8 @@ class Bf16Linear(nn.Linear):
     of exact products, bf16 out, as ``F.linear`` up to the sums' order). PyTorch's CPU bf16 matmul
     ran at ~5 GMAC/s here for every shape, a float lm_head's row 3x slower than the bandwidth
     allows and a prompt 5-10x slower than fp32 (docs/PERFORMANCE.md, "bf16 matmul"). Inputs the
-    kernel does not take (another dtype or device, autograd, no rows) go to ``F.linear``.
+    kernel does not take (another dtype or device, autograd on the input or the weight, no rows) go
+    to ``F.linear``.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -364,7 +365,7 @@ class Bf16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == self.weight.device.type == "cpu"
-                and x.numel() > 0 and not (x.requires_grad and torch.is_grad_enabled())):
+                and x.numel() > 0 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return F.linear(x, self.weight)
         lead = x.shape[:-1]
         return kernels.bf16_native_mm(x.reshape(-1, self.in_features), self.weight).reshape(*lead, self.out_features)

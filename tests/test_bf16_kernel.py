@@ -65,6 +65,10 @@ def test_bf16_linear_runs_the_kernel_and_falls_back_for_other_inputs(lib, monkey
     assert layer(x[:0]).shape == (0, 5, 24)
     grad_input = x.clone().requires_grad_()
     assert torch.equal(layer(grad_input).detach(), F.linear(x, w))
+    trained = Bf16Linear(nn.Parameter(w.clone()))  # a weight that wants its gradient
+    assert trained.weight.requires_grad
+    trained(x).float().sum().backward()
+    assert trained.weight.grad is not None
     assert calls == [(10, 64)]
     # A width off the kernel's step, or fp32 weights, stay nn.Linear.
     assert type(float_linear(_bf16((4, BF16_K_STEP + 8), 5))) is nn.Linear

@@ -1,7 +1,8 @@
 /* bf16 weights times bf16 activations, summed in fp32: a float model's linears and a float
- * lm_head. PyTorch's CPU bf16 matmul runs at ~5 GMAC/s here whatever the shape (a 102400 x 2048
- * lm_head row took 53 ms, a memory-bound GEMV that the bandwidth allows in ~12), and fp32 doubles
- * the bytes a GEMV reads; docs/PERFORMANCE.md has the numbers.
+ * lm_head. PyTorch's CPU bf16 matmul ran at ~5 GMAC/s a thread at every shape on an AVX2 machine
+ * (no AVX512-BF16 for oneDNN): 4-6x this kernel's time at 64 rows, 1.3-2.9x at one row, where
+ * both are bound by memory for the large matrices (the 16B lm_head: 24.0 against 19.2 ms, 2
+ * threads); docs/PERFORMANCE.md has the table.
  *
  *   out[i, j] = bf16(sum_t x[i, t] * w[j, t])
  *
@@ -12,8 +13,8 @@
  * stored even values first, then odd, per 16), two ALU operations per 16 weights against the four
  * of widening 8 at a time. Each widened weight vector feeds up to ROWS activation rows: blocks of
  * ROWS x COLS dot products in AVX2 registers (12 accumulators, the activations read from L1 as
- * the FMAs' memory operands). On Zen 4 a zmm FMA costs what two ymm
- * ones do, so AVX2 is also the AVX512 machines' path. Weight rows (outputs) are split across the
+ * the FMAs' memory operands). AVX2 is the path on AVX512 machines too: on Zen 4 a zmm FMA costs
+ * what two ymm ones do (not measured there). Weight rows (outputs) are split across the
  * OpenMP threads in contiguous runs; activation rows go in passes that fit a core's L2 share, so
  * each pass reads its activations from cache while the weights stream once per pass.
  */

@@ -350,8 +350,9 @@ class Linear6bit(QuantLinear):
 class Bf16Linear(nn.Linear):
     """An ``nn.Linear`` of bf16 weights on the CPU whose matmul is dsmoe's (native/bf16.c: fp32 sums
     of exact products, bf16 out, as ``F.linear`` up to the sums' order). PyTorch's CPU bf16 matmul
-    ran at ~5 GMAC/s here for every shape, a float lm_head's row 3x slower than the bandwidth
-    allows and a prompt 5-10x slower than fp32 (docs/PERFORMANCE.md, "bf16 matmul"). Inputs the
+    ran at ~5 GMAC/s a thread for every shape on an AVX2 machine: 4-6x this kernel's time at 64
+    rows, 1.3-2.9x at one (docs/PERFORMANCE.md, "bf16 matmul: dsmoe's kernel instead of
+    PyTorch's"). Inputs the
     kernel does not take (another dtype or device, autograd on the input or the weight, no rows) go
     to ``F.linear``.
     """

@@ -26,7 +26,8 @@ from dsmoe.native.library import (ACT_BLOCK, BF16_K_STEP, DTYPE_BF16, DTYPE_F16,
 from dsmoe.quant import kernels
 from dsmoe.quant.q6 import dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
-from dsmoe.quant.state import NATIVE_SCALES, FourBitState, NestedState, codebook, state_from_tensors
+from dsmoe.quant.state import (NATIVE_SCALES, FourBitState, NestedState, codebook, is_standard_codebook,
+                               state_from_tensors)
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
 
@@ -710,7 +711,7 @@ def _4bit_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
     blocks = -(-numel // state.blocksize)
     if state.absmax.numel() != blocks:
         raise CheckpointError(f"{prefix}.weight.absmax: expected {blocks} values, got {state.absmax.numel()}")
-    if state.code.numel() != 16 or not torch.allclose(state.code.float(), codebook(state.quant_type), atol=1e-6):
+    if not is_standard_codebook(state.code, state.quant_type):
         raise CheckpointError(f"{prefix}.weight.quant_map is not the standard {state.quant_type} codebook")
     if in_features % 2:
         raise CheckpointError(f"{prefix}: odd input width {in_features} is not supported")
@@ -734,7 +735,7 @@ def _native_4bit(prefix: str, weight: torch.Tensor, state: FourBitState, scales:
     if state.absmax.numel() != n * k // state.blocksize:
         raise CheckpointError(f"{prefix}.weight.absmax: expected {n * k // state.blocksize} values, "
                               f"got {state.absmax.numel()}")
-    if state.code.numel() != 16 or not torch.allclose(state.code.float(), codebook(state.quant_type), atol=1e-6):
+    if not is_standard_codebook(state.code, state.quant_type):
         raise CheckpointError(f"{prefix}.weight.quant_map is not the standard {state.quant_type} codebook")
     return Linear4bit(weight, state, compute_dtype, layout="native", native_scales=scales.reshape(-1))
 

@@ -8,6 +8,8 @@ and ``as_dict(packed=True)``); tests/test_quant_state.py holds them to bitsandby
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +39,20 @@ _STATE_KEY = "quant_state.bitsandbytes__"
 def codebook(quant_type: str) -> torch.Tensor:
     """The 16 fp32 values of a 4-bit format, a new tensor each call (callers may keep it)."""
     return torch.tensor(_CODES[quant_type], dtype=torch.float32)
+
+
+@functools.cache
+def _codebook_values(quant_type: str) -> tuple[float, ...]:
+    return tuple(codebook(quant_type).tolist())
+
+
+def is_standard_codebook(code: torch.Tensor, quant_type: str) -> bool:
+    """Whether a stored ``quant_map`` is the format's codebook, as ``torch.allclose(code, codebook,
+    atol=1e-6)`` says, but on 16 Python floats: allclose took ~170 us a call, 0.24 s of an 8-layer
+    load's 1400 linears."""
+    standard = _codebook_values(quant_type)
+    values = code.tolist() if code.dim() == 1 else []
+    return len(values) == len(standard) and all(abs(a - b) <= 1e-6 + 1e-5 * abs(b) for a, b in zip(values, standard))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from dsmoe.quant import QuantSpec
 from dsmoe.quant.convert import quantize_checkpoint
-from dsmoe.quant.state import FourBitState, NestedState, codebook, state_from_tensors
+from dsmoe.quant.state import FourBitState, NestedState, codebook, is_standard_codebook, state_from_tensors
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 bnb = pytest.importorskip("bitsandbytes")
@@ -101,3 +101,20 @@ def test_a_stored_4bit_load_does_not_import_bitsandbytes(tmp_path: Path, tiny_pa
              "print(type(model.model.layers[0].self_attn.q_proj).__name__, 'bitsandbytes' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe, str(stored)], check=True, capture_output=True, text=True)
     assert done.stdout.split() == ["Linear4bit", "False"]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_codebook_check_says_what_allclose_says(quant_type: str) -> None:
+    standard = codebook(quant_type)
+    generator = torch.Generator().manual_seed(0)
+    candidates = [standard, standard * 2, standard[:15], standard.view(4, 4), standard.to(torch.bfloat16)]
+    for scale in (1e-7, 5e-7, 2e-6, 1e-5):
+        candidates += [standard + torch.randn(16, generator=generator) * scale for _ in range(5)]
+    nan = standard.clone()
+    nan[3] = float("nan")
+    candidates.append(nan)
+    for code in candidates:
+        peer = code.shape == standard.shape and torch.allclose(code.float(), standard, atol=1e-6)
+        assert is_standard_codebook(code, quant_type) == peer
+    assert is_standard_codebook(standard, quant_type)
+    assert not is_standard_codebook(standard * 2, quant_type)

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.reader import Checkpoint, one_thread_for_the_reader, read_ahead
 from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.layer_plan import building_detached
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
 from dsmoe.quant import (Linear6bit, QuantSpec, linear_from_tensors, native_bf16_linears, quantize_linear, spec_for,
                          spec_from_config)
@@ -73,7 +74,9 @@ def load_model(
     body_bits = stored_spec.bits if stored_spec is not None else bits if bits in (4, 8) else None
     head_format = lm_head_format(quantize_lm_head, lm_head, body_bits)
     spec = _quant_spec(checkpoint, bits, quant_type, double_quant, head_format)
-    with torch.device("meta"), _WithoutRandomInit():
+    # A model being built is in no layer plan yet, so registering its ~10,000 modules and tensors
+    # need not make every plan stale one by one (10,369 calls, 0.15 s of an 8-layer load).
+    with torch.device("meta"), _WithoutRandomInit(), building_detached():
         model = DeepseekForCausalLM(checkpoint.config)
     model.eval().requires_grad_(False)
 
@@ -87,12 +90,12 @@ def load_model(
                for name, quantized in zip(params, stored)]
     mapped = frozenset(n for group, quantized in zip(sources, stored) if map_weights
                        for n in _kept_as_stored(group, quantized, device))
-    with one_thread_for_the_reader():
+    with one_thread_for_the_reader(), building_detached():
         tensors = read_ahead(checkpoint, sources, mapped=mapped)
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
                      spec, head_format, lm_head, compute_dtype, device, progress)
+        native_bf16_linears(model)
     checkpoint.close()
-    native_bf16_linears(model)
     release_freed_memory()
     return model
 

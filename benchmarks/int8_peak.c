@@ -1,5 +1,6 @@
 /* This CPU's int8 compute limit, the ceiling prefill is measured against (docs/PERFORMANCE.md,
- * "Prefill against the compute limit (AVX512-VNNI)" and "... on AVX2").
+ * "Prefill against the compute limit (AVX512-VNNI)" and "Fast by default on an AVX2-only CPU,
+ * again").
  *
  * Two loops, each timed in thread CPU time:
  *   - the clock: a chain of dependent 64-bit adds (one cycle each on every x86 core since the

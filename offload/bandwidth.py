@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,22 +35,33 @@ def disk_bandwidth(files: list[Path], limit: int = PROBE_BYTES, seconds: float =
         if len(chunks) * CHUNK >= limit:
             break
     chunks = chunks[: max(1, limit // CHUNK)]
+    # One page-aligned buffer (as O_DIRECT wants) per read in flight, made before the clock starts:
+    # a fresh 4 MiB mapping per request would fault in 1024 pages inside every timed read.
+    buffers: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+    made = [mmap.mmap(-1, CHUNK) for _ in range(in_flight)]
+    for buffer in made:
+        buffer.write(bytes(CHUNK))  # touch every page now
+        buffers.put(buffer)
     started = time.perf_counter()
     deadline = started + seconds
-    with ThreadPoolExecutor(in_flight, thread_name_prefix="dsmoe-disk-probe") as pool:
-        total = sum(pool.map(_read_chunk, [path for path, _ in chunks], [offset for _, offset in chunks],
-                             [deadline] * len(chunks)))
+    try:
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="dsmoe-disk-probe") as pool:
+            total = sum(pool.map(lambda chunk: _read_chunk(chunk[0], chunk[1], deadline, buffers), chunks))
+    finally:
+        for buffer in made:
+            buffer.close()
     elapsed = time.perf_counter() - started
     if total == 0:
         raise OSError(errno.ENODATA, "nothing to read for the disk probe", str(files[0]) if files else "")
     return total / elapsed
 
 
-def _read_chunk(path: Path, offset: int, deadline: float) -> int:
-    """One request: O_DIRECT, or buffered from dropped pages where the filesystem refuses it."""
+def _read_chunk(path: Path, offset: int, deadline: float, buffers: queue.SimpleQueue[mmap.mmap]) -> int:
+    """One request into a free buffer: O_DIRECT, or buffered from dropped pages where the filesystem
+    refuses it."""
     if time.perf_counter() >= deadline:
         return 0
-    buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    buffer = buffers.get()
     try:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
@@ -66,7 +78,7 @@ def _read_chunk(path: Path, offset: int, deadline: float) -> int:
             os.close(fd)
         return _read_buffered(path, buffer, offset)
     finally:
-        buffer.close()
+        buffers.put(buffer)
 
 
 def _read_buffered(path: Path, buffer: mmap.mmap, offset: int) -> int:

@@ -161,14 +161,16 @@ class Checkpoint:
             raise CheckpointError(f"{info.shard}: truncated while reading tensor {name!r}")
         return raw.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
-    def map(self, name: str) -> torch.Tensor:
+    def map(self, name: str, populate: bool = True) -> torch.Tensor:
         """One tensor as a copy-on-write view of its shard's mapping: no copy at load (a stored
         8-layer 4-bit model spent 1.7 s of its 2 s load copying the page cache into fresh memory).
         Its pages are mapped in now (``MADV_POPULATE_READ``, reading them from disk if they are not
         cached), not at first use: left to fault in, they cost the first prompt's prefill 0.05-0.15
-        s at that size. ``read_ahead`` calls this on its reader thread, beside the load's compute.
-        The mapping lives as long as a tensor of it: the file must not be truncated meanwhile (a
-        cache entry or a downloaded snapshot never is)."""
+        s at that size. ``populate`` False leaves them to fault in, for a tensor of which a run
+        reads little or nothing (an embedding table's rows, bitsandbytes' absmax beside the kernel
+        scales): those bytes are then never read from disk at all. ``read_ahead`` calls this on its
+        reader thread, beside the load's compute. The mapping lives as long as a tensor of it: the
+        file must not be truncated meanwhile (a cache entry or a downloaded snapshot never is)."""
         info = self._info(name)
         mapping = self._maps.get(info.shard)
         if mapping is None:
@@ -181,10 +183,11 @@ class Checkpoint:
         if info.nbytes == 0 or info.offset % DTYPE_BYTES[info.dtype]:
             return self.get(name)  # nothing to map, or a writer that did not align it: a view cannot
         start = info.offset - info.offset % mmap.PAGESIZE
-        try:
-            mapping.madvise(MADV_POPULATE_READ, start, info.offset + info.nbytes - start)
-        except OSError:  # a kernel before 5.14: read ahead, and let the pages fault in at first use
-            mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+        if populate:
+            try:
+                mapping.madvise(MADV_POPULATE_READ, start, info.offset + info.nbytes - start)
+            except OSError:  # a kernel before 5.14: read ahead, and let the pages fault in at first use
+                mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         return flat.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
@@ -207,12 +210,14 @@ class Checkpoint:
 
 
 def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]], window: int = READ_AHEAD_BYTES,
-               mapped: frozenset[str] = frozenset()) -> Iterator[dict[str, torch.Tensor]]:
+               mapped: frozenset[str] = frozenset(), lazy: frozenset[str] = frozenset()
+               ) -> Iterator[dict[str, torch.Tensor]]:
     """Each group's tensors, in order, read on a thread of their own up to ``window`` bytes ahead of
     the caller, so the reads overlap what the caller does with them: a stored 4-bit load spent half
     its time in reads that waited for the repack before them. Names in ``mapped`` are mapped
-    (``Checkpoint.map``) rather than read. The caller must not read from ``checkpoint`` itself
-    while it iterates; the window bounds the memory read ahead."""
+    (``Checkpoint.map``) rather than read, those in ``lazy`` mapped with their pages left to fault
+    in. The caller must not read from ``checkpoint`` itself while it iterates; the window bounds
+    the memory read ahead (a lazy tensor counts nothing against it)."""
     pending: deque[tuple[int, Future[dict[str, torch.Tensor]]]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsmoe-read") as reader:
         queued, ahead = 0, 0
@@ -220,8 +225,8 @@ def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]], window: 
             while queued < len(groups) or pending:
                 while queued < len(groups) and (not pending or ahead < window):
                     names = groups[queued]
-                    nbytes = sum(checkpoint.nbytes(name) for name in names)
-                    pending.append((nbytes, reader.submit(_read_group, checkpoint, names, mapped)))
+                    nbytes = sum(checkpoint.nbytes(name) for name in names if name not in lazy)
+                    pending.append((nbytes, reader.submit(_read_group, checkpoint, names, mapped, lazy)))
                     queued, ahead = queued + 1, ahead + nbytes
                 nbytes, future = pending.popleft()
                 ahead -= nbytes
@@ -245,8 +250,10 @@ def one_thread_for_the_reader() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _read_group(checkpoint: Checkpoint, names: Sequence[str], mapped: frozenset[str]) -> dict[str, torch.Tensor]:
-    return {name: checkpoint.map(name) if name in mapped else checkpoint.get(name) for name in names}
+def _read_group(checkpoint: Checkpoint, names: Sequence[str], mapped: frozenset[str],
+                lazy: frozenset[str]) -> dict[str, torch.Tensor]:
+    return {name: checkpoint.map(name) if name in mapped else checkpoint.map(name, populate=False) if name in lazy
+            else checkpoint.get(name) for name in names}
 
 
 class TensorRows:

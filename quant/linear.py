@@ -24,7 +24,7 @@ from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.native.library import (ACT_BLOCK, BF16_K_STEP, DTYPE_BF16, DTYPE_F16, DTYPE_F32, MAX_QUANT_BLOCK, MLP_POINTERS,
                                   Q6_BLOCK_BYTES, check_status, native_library)
 from dsmoe.quant import kernels
-from dsmoe.quant.q6 import dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
+from dsmoe.quant.q6 import Q6_STEPS, dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
 from dsmoe.quant.state import (NATIVE_SCALES, FourBitState, NestedState, codebook, is_standard_codebook,
                                state_from_tensors)
@@ -345,7 +345,7 @@ class Linear6bit(QuantLinear):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.detach().cpu().contiguous(),
-                "weight.q6_steps": self.steps.detach().cpu().contiguous()}
+                f"weight.{Q6_STEPS}": self.steps.detach().cpu().contiguous()}
 
 
 class Bf16Linear(nn.Linear):
@@ -653,8 +653,8 @@ def linear_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, spec: Qua
         raise CheckpointError(f"tensor {prefix}.weight is missing")
     if f"{prefix}.SCB" in tensors:
         return _int8_from_tensors(tensors, prefix, weight, compute_dtype, own)
-    if f"{prefix}.weight.q6_steps" in tensors:
-        return _q6_from_tensors(tensors[f"{prefix}.weight.q6_steps"], prefix, weight, compute_dtype, own)
+    if f"{prefix}.weight.{Q6_STEPS}" in tensors:
+        return _q6_from_tensors(tensors[f"{prefix}.weight.{Q6_STEPS}"], prefix, weight, compute_dtype, own)
     if spec.bits == 8:
         raise CheckpointError(f"{prefix}: the checkpoint declares 8-bit but {prefix}.SCB is missing")
     return _4bit_from_tensors(tensors, prefix, weight, compute_dtype, own)
@@ -677,7 +677,7 @@ def _int8_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, weight: to
 def _q6_from_tensors(steps: torch.Tensor, prefix: str, weight: torch.Tensor, compute_dtype: torch.dtype,
                      own: bool) -> Linear6bit:
     if steps.dtype != torch.float16 or steps.dim() != 2:
-        raise CheckpointError(f"{prefix}.weight.q6_steps: expected a 2-D fp16 tensor, got {steps.dtype} {list(steps.shape)}")
+        raise CheckpointError(f"{prefix}.weight.{Q6_STEPS}: expected a 2-D fp16 tensor, got {steps.dtype} {list(steps.shape)}")
     expected = [steps.shape[0], steps.shape[1] * Q6_BLOCK_BYTES]
     if weight.dtype != torch.uint8 or list(weight.shape) != expected:
         raise CheckpointError(f"{prefix}.weight: expected q6 codes uint8 {expected}, got {weight.dtype} {list(weight.shape)}")

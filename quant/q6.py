@@ -20,6 +20,9 @@ import torch
 from dsmoe.errors import UsageError
 from dsmoe.native.library import ACT_BLOCK, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Q6_BLOCK_BYTES, Q6_MAX, check_status
 
+Q6_STEPS = "q6_steps"
+"""``X.weight.q6_steps``: the fp16 steps stored beside a q6 ``X.weight`` (its codes)."""
+
 _NATIVE_DTYPES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16, torch.float16: DTYPE_F16}
 _OFFSET = Q6_MAX + 1
 _HALF, _QUARTER = ACT_BLOCK // 2, ACT_BLOCK // 4

@@ -73,15 +73,26 @@ def test_an_entry_holds_4bit_weights_in_the_kernels_layout_and_a_load_maps_them(
     assert torch.equal(stored.get(f"{name}.weight"), module.weight)
     assert torch.equal(stored.get(f"{name}.weight.{NATIVE_SCALES}"), module.runtime_absmax)
     read: list[str] = []
-    original_get = Checkpoint.get
+    populated: dict[str, bool] = {}
+    original_get, original_map = Checkpoint.get, Checkpoint.map
     monkeypatch.setattr(Checkpoint, "get", lambda self, n: read.append(n) or original_get(self, n))
+    monkeypatch.setattr(Checkpoint, "map", lambda self, n, populate=True: populated.setdefault(n, populate) is None
+                        or original_map(self, n, populate))
     mapped, _ = dsmoe.load(tiny_path, bits=4)
     native = [n for n in stored.tensor_names() if n.endswith(f".weight.{NATIVE_SCALES}")]
     mapped_names = {n[: -len(NATIVE_SCALES) - 1] for n in native} | set(native)
-    assert len(native) > 0 and not set(read) & mapped_names
-    assert any(n.endswith(".weight.absmax") for n in read)  # the rest is read as before
+    absmax = {n[: -len(NATIVE_SCALES)] + "absmax" for n in native}
+    assert len(native) > 0 and not set(read) & (mapped_names | absmax)
+    assert all(populated[n] for n in mapped_names | {"lm_head.weight", "lm_head.weight.q6_steps"})
+    # Read by a save or a dequantize only, a row a token: their pages are left to fault in.
+    assert not any(populated[n] for n in absmax | {"model.embed_tokens.weight"})
+    assert "model.layers.0.self_attn.q_proj.weight.quant_map" in read  # the rest is read as before
     with torch.no_grad():
         assert torch.equal(mapped(IDS), direct(IDS))
+    assert torch.equal(mapped.model.embed_tokens.weight, direct.model.embed_tokens.weight)
+    assert torch.equal(mapped.lm_head.weight, direct.lm_head.weight)
+    # dequantized() reads the lazily mapped absmax
+    assert torch.equal(mapped.get_submodule(name).dequantized(), module.dequantized())
 
 
 def test_a_kernel_layout_entry_runs_where_the_native_kernels_do_not(tiny_path: Path, tmp_path: Path,

@@ -82,10 +82,13 @@ def bench_kernels(shapes: list[tuple[int, int]], batches: list[int], budget_s: f
 
         candidates: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, float]] = {
             "bf16 F.linear": (lambda x: F.linear(x, w_bf16), None, 16.0),
-            "nf4 bnb CPU kernel (repacked)": (
+        }
+        if kernels.cpu_4bit_kernel_available():  # bitsandbytes' kernel is AVX512-BF16 code: SIGILL without it
+            candidates["nf4 bnb CPU kernel (repacked)"] = (
                 lambda x: kernels.gemv_4bit_cpu(x, bnb_weight, (out_f, in_f), bnb_absmax, nf4.quant_map,
                                                 nf4.blocksize, kernels.cpu_4bit_entry("nf4")), nf4_ref,
-                _bits_per_weight(nf4)),
+                _bits_per_weight(nf4))
+        candidates |= {
             "nf4 dequantize + bf16 matmul": (
                 lambda x: F.linear(x, nf4_std.dequantized(torch.bfloat16)), nf4_ref, _bits_per_weight(nf4)),
             "int8 _weight_int8pack_mm": (

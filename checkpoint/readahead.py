@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 
 from dsmoe.checkpoint.free_memory import available_memory
-from dsmoe.checkpoint.safetensors_header import read_safetensors_header
+from dsmoe.checkpoint.lazy import mapped_lazily
+from dsmoe.checkpoint.safetensors_header import TensorInfo, read_safetensors_header
 from dsmoe.errors import CheckpointError
 
 READ_AHEAD_SHARE = 0.5
@@ -56,27 +57,32 @@ def start_read_ahead(folder: Path) -> threading.Thread | None:
     available, _ = available_memory()
     if not files or total > READ_AHEAD_SHARE * available:
         return None
-    thread = threading.Thread(target=advise_will_need, args=(files,), name="dsmoe-read-ahead", daemon=True)
+    thread = threading.Thread(target=advise_will_need, args=(files, is_stored_quantized(folder)),
+                              name="dsmoe-read-ahead", daemon=True)
     thread.start()
     return thread
 
 
-def load_order(files: list[Path]) -> list[tuple[Path, int, int]]:
+def load_order(files: list[Path], stored_quantized: bool = False) -> list[tuple[Path, int, int]]:
     """Each file's tensors as (file, start, end) byte ranges, in the order the loader reads them:
     by name with layer numbers compared as numbers (the files sort ``layers.10`` before ``layers.2``,
-    and a loader waiting on layer 2 while the disk reads layer 19 overlaps nothing). A file whose
-    header cannot be read is one range, whole."""
+    and a loader waiting on layer 2 while the disk reads layer 19 overlaps nothing). Of a stored
+    quantized checkpoint, not the tensors a load maps without reading (``lazy.mapped_lazily``). A
+    file whose header cannot be read is one range, whole."""
+    headers: dict[Path, dict[str, TensorInfo]] = {}
     ranges: list[tuple[list[str | int], Path, int, int]] = []
     for path in files:
         try:
-            tensors = read_safetensors_header(path)
+            headers[path] = read_safetensors_header(path)
         except CheckpointError:  # the loader reports it; read the file whole meanwhile
             try:
                 ranges.append(([], path, 0, path.stat().st_size))
             except OSError:
                 pass
             continue
-        ranges += [(_natural(name), path, info.offset, info.offset + info.nbytes) for name, info in tensors.items()]
+    unread = mapped_lazily([name for tensors in headers.values() for name in tensors]) if stored_quantized else set()
+    ranges += [(_natural(name), path, info.offset, info.offset + info.nbytes)
+               for path, tensors in headers.items() for name, info in tensors.items() if name not in unread]
     ranges.sort(key=lambda item: item[0])
     return [(path, start, end) for _, path, start, end in ranges]
 
@@ -99,13 +105,13 @@ def _natural(name: str) -> list[str | int]:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
-def advise_will_need(files: list[Path]) -> None:
-    """``POSIX_FADV_WILLNEED`` over each tensor in the loader's order: the kernel queues the reads
-    and returns."""
+def advise_will_need(files: list[Path], stored_quantized: bool = False) -> None:
+    """``POSIX_FADV_WILLNEED`` over each tensor in the loader's order (``load_order``): the kernel
+    queues the reads and returns."""
     handles: dict[Path, int] = {}
     spans: dict[Path, int] = {}
     try:
-        for path, start, end in load_order(files):
+        for path, start, end in load_order(files, stored_quantized):
             fd = handles.get(path)
             if fd is None:
                 try:

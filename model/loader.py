@@ -14,6 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dsmoe.errors import CheckpointError, UsageError
+from dsmoe.checkpoint.lazy import EMBEDDING, NATIVE_SCALES, mapped_lazily
 from dsmoe.checkpoint.reader import Checkpoint, one_thread_for_the_reader, read_ahead
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.layer_plan import building_detached
@@ -22,7 +23,6 @@ from dsmoe.quant import (Linear6bit, QuantSpec, linear_from_tensors, native_bf16
                          spec_from_config)
 from dsmoe.quant.spec import LM_HEAD, LM_HEAD_SPECS, lm_head_format
 from dsmoe.quant.q6 import Q6_STEPS
-from dsmoe.quant.state import NATIVE_SCALES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -91,8 +91,10 @@ def load_model(
                for name, quantized in zip(params, stored)]
     mapped = frozenset(n for group, quantized in zip(sources, stored) if map_weights
                        for n in _kept_as_stored(group, quantized, device))
-    lazy = frozenset(n for group, quantized in zip(sources, stored) if map_weights
-                     for n in _mapped_lazily(group, quantized, stored_spec is not None, device))
+    # A user's own float checkpoint is read, never mapped: a file rewritten under a mapping takes the
+    # process down (a cache entry or a `dsmoe quantize` output is written once).
+    lazy = frozenset(mapped_lazily(checkpoint.tensor_names())
+                     if map_weights and stored_spec is not None and device.type == "cpu" else ())
     with one_thread_for_the_reader(), building_detached():
         tensors = read_ahead(checkpoint, sources, mapped=mapped, lazy=lazy)
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
@@ -118,22 +120,6 @@ def _kept_as_stored(group: list[str], quantized: bool, device: torch.device) -> 
         return {scales, scales[: -len(NATIVE_SCALES) - 1]}
     q6_steps = next((name for name in group if name.endswith(f".weight.{Q6_STEPS}")), None)
     return set() if q6_steps is None else {q6_steps, q6_steps[: -len(Q6_STEPS) - 1]}
-
-
-def _mapped_lazily(group: list[str], quantized: bool, stored_quantized: bool, device: torch.device) -> set[str]:
-    """The tensors of ``group`` mapped with their pages left to fault in (``Checkpoint.map``,
-    ``populate=False``), as llama.cpp maps its token embeddings: the embedding table of a stored
-    quantized checkpoint, of whose 419 MB (16B) a prompt reads a row a token, and bitsandbytes'
-    absmax beside a weight's kernel scales, which only ``dequantized`` and a save read. They were
-    0.31 and 0.67 s of an 8-layer stored 4-bit load's reads (warm, 2 cores), and a cold start never
-    reads them from disk. A user's own float checkpoint is read, never mapped: a file rewritten
-    under a mapping takes the process down."""
-    if device.type != "cpu" or not stored_quantized:
-        return set()
-    if group == [EMBEDDING]:
-        return {EMBEDDING}
-    scales = next((name for name in group if name.endswith(f".weight.{NATIVE_SCALES}")), None) if quantized else None
-    return set() if scales is None else {f"{scales[: -len(NATIVE_SCALES)]}absmax"} & set(group)
 
 
 def _load_params(model: DeepseekForCausalLM, checkpoint: Checkpoint, params: list[str], stored: list[bool],
@@ -166,8 +152,6 @@ def _load_params(model: DeepseekForCausalLM, checkpoint: Checkpoint, params: lis
         if progress is not None:
             progress(done, len(params))
 
-
-EMBEDDING = "model.embed_tokens.weight"
 
 
 class _WithoutRandomInit(TorchFunctionMode):

@@ -26,7 +26,8 @@ from dsmoe.native.library import (ACT_BLOCK, BF16_K_STEP, DTYPE_BF16, DTYPE_F16,
 from dsmoe.quant import kernels
 from dsmoe.quant.q6 import Q6_STEPS, dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
-from dsmoe.quant.state import (NATIVE_SCALES, FourBitState, NestedState, codebook, is_standard_codebook,
+from dsmoe.checkpoint.lazy import NATIVE_SCALES
+from dsmoe.quant.state import (FourBitState, NestedState, codebook, is_standard_codebook,
                                state_from_tensors)
 
 _QS_PREFIX = "quant_state.bitsandbytes__"

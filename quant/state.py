@@ -27,11 +27,6 @@ FP4_CODE = tuple(v / 12 for v in _FP4_MAGNITUDES) + tuple(-v / 12 if v else 0.0 
 """bitsandbytes' FP4 (E2M1 with its own bit order): codes 0-7 positive, 8-15 their negatives (code 8
 a positive zero, as bitsandbytes has it), over 12."""
 
-NATIVE_SCALES = "native_scales"
-"""``X.weight.native_scales``: stored beside a 4-bit ``X.weight`` that is in dsmoe's kernel layout
-(``kernels.pack_4bit``), its block scales in the kernels' tile-major bf16; a weight without it is in
-bitsandbytes' layout."""
-
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 _STATE_KEY = "quant_state.bitsandbytes__"
 

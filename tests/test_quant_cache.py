@@ -21,7 +21,7 @@ from dsmoe.errors import CheckpointError
 from dsmoe.quant import QuantSpec, kernels
 from dsmoe.quant.convert import quantize_checkpoint
 from dsmoe.quant.spec import KERNEL_LAYOUT_KEY
-from dsmoe.quant.state import NATIVE_SCALES
+from dsmoe.checkpoint.lazy import NATIVE_SCALES
 from dsmoe.quant import cache as quant_cache
 from dsmoe.quant import linear
 from tests.cli_runner import run_cli

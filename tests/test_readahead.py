@@ -92,6 +92,20 @@ def test_tensors_are_advised_in_the_loaders_order_with_layer_numbers_as_numbers(
     assert readahead.load_order([garbage]) == [(garbage, 0, 64)]
 
 
+def test_a_stored_quantized_checkpoint_is_advised_without_what_a_load_maps_unread(tmp_path: Path) -> None:
+    """The embedding, and an absmax beside kernel scales (``native_scales``), are mapped with their
+    pages left to fault in: reading them ahead would spend the disk on bytes no one reads."""
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "model.safetensors"
+    sizes = {"model.embed_tokens.weight": 100, "a.weight": 10, "a.weight.absmax": 20, "a.weight.native_scales": 30,
+             "b.weight": 40, "b.weight.absmax": 50}  # b: bitsandbytes' layout, its absmax is what it runs with
+    save_file({name: torch.zeros(n, dtype=torch.uint8) for name, n in sizes.items()}, str(path))
+    assert sorted(end - start for _, start, end in readahead.load_order([path])) == sorted(sizes.values())
+    assert sorted(end - start for _, start, end in readahead.load_order([path], stored_quantized=True)) == [10, 30, 40, 50]
+
+
 def test_a_call_spans_what_the_device_reads_of_one_call(tmp_path: Path) -> None:
     """The larger of read_ahead_kb and max_sectors_kb, from the disk's queue (a partition's parent)."""
     data = tmp_path / "model.safetensors"

@@ -31,7 +31,7 @@ import torch
 from dsmoe.errors import CheckpointError
 from dsmoe.checkpoint.config import DeepseekConfig
 from dsmoe.checkpoint.safetensors_header import (
-    DTYPE_BYTES, MAX_HEADER_BYTES, TensorInfo, header_bytes, open_regular, parse_json, read_safetensors_header,
+    DTYPE_BYTES, INDEX_NAME, MAX_HEADER_BYTES, TensorInfo, header_bytes, open_regular, parse_json, read_safetensors_header,
 )
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -41,7 +41,6 @@ Python's mmap module names it from 3.13 on."""
 READ_AHEAD_BYTES = 64 * 2**20
 """How far ``read_ahead`` reads ahead: a few expert matrices, little beside a model."""
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # What dsmoe reads from a checkpoint folder, so all it downloads from a hub repo.

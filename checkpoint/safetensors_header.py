@@ -34,6 +34,8 @@ class TensorInfo:
 
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors format's own cap on a header: a larger one is a corrupted or hostile file."""
+INDEX_NAME = "model.safetensors.index.json"
+"""A sharded checkpoint's map of tensor names to shard files (Hugging Face's name)."""
 
 
 def open_regular(path: Path, what: str) -> BufferedReader:

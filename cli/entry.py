@@ -3,8 +3,10 @@
 Importing torch takes seconds, and on a cold start its libraries and the model compete for the
 disk anyway; the model's reads are queued first so they overlap the imports
 (``checkpoint.readahead``). Only a local folder given with ``-m``/``--model`` to a command that
-loads it whole is read ahead: an offloaded run reads its experts itself, and a float checkpoint
-run with ``--bits`` loads from the quantized cache or converts as it reads.
+loads it whole is read ahead: an offloaded run reads its experts itself. A float checkpoint run
+with ``--bits`` loads its quantized cache entry, which is read ahead in its place when the cache
+holds one for those bits (and no flag picks among several formats); with none, the run converts
+as it reads.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dsmoe.checkpoint.cache_entries import entry_to_read
 from dsmoe.checkpoint.readahead import is_stored_quantized, start_read_ahead
 
 LOADING_COMMANDS = frozenset({"chat", "generate", "bench", "serve", "perplexity", "eval"})
 OFFLOAD_FLAGS = ("--max-ram", "--expert-cache", "--gpu-mem", "--offload")
+FORMAT_FLAGS = ("--quant-type", "--double-quant", "--lm-head", "--quantize-lm-head", "--no-quantize-lm-head",
+                "--no-cache")
+"""Flags that choose which cache entry a ``--bits`` run loads (or none): with one, nothing is read ahead."""
 
 
 def model_to_read_ahead(args: list[str]) -> Path | None:
@@ -32,8 +38,11 @@ def model_to_read_ahead(args: list[str]) -> Path | None:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return None
-    if _value(words, "--bits") in ("4", "8") and not is_stored_quantized(folder):
-        return None
+    bits = _value(words, "--bits")
+    if bits in ("4", "8") and not is_stored_quantized(folder):
+        if any(a == flag or a.startswith(flag + "=") for a in words for flag in FORMAT_FLAGS):
+            return None
+        return entry_to_read(folder, int(bits))
     return folder
 
 

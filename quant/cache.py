@@ -8,7 +8,7 @@ name, size and mtime, cheap to read, no hash of the contents) and the whole ``Qu
 compute dtype is left out: it does not change a stored byte.
 
 An entry stores its 4-bit weights in dsmoe's kernel layout, each beside its kernel scales
-(``quant.state.NATIVE_SCALES``; ``dsmoe_kernel_layout`` in its config), so that a load maps them
+(``checkpoint.lazy.NATIVE_SCALES``; ``dsmoe_kernel_layout`` in its config), so that a load maps them
 rather than reading and repacking them: the 8-layer 16B geometry's second start went from 8.8-13.4 s
 to 2.9-3.2 s. transformers cannot read such an entry; ``dsmoe quantize`` still writes its layout.
 
@@ -29,24 +29,21 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from dsmoe.checkpoint.cache_entries import (CACHE_FORMAT, MANIFEST, entry_files, cache_root, is_complete,
+                                            source_identity)
 from dsmoe.checkpoint.output_folder import rename_no_replace
-from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint
+from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.errors import DsmoeError
 from dsmoe.native.library import ACT_BLOCK, Q6_BLOCK_BYTES
 from dsmoe.quant.convert import quantize_checkpoint
 from dsmoe.quant.spec import QuantSpec, spec_for
 
-CACHE_FORMAT = 2
-"""Raised when what an entry holds for a given key changes, so old entries are no longer found
-(2: 4-bit weights in the kernels' layout, and the lm_head of 4-bit entries in q6, QuantSpec.lm_head)."""
-MANIFEST = "dsmoe-cache.json"
 SPACE_MARGIN = 512 * 2**20
 """Bytes left free beyond the entry's size: a cache must not be what fills the disk."""
-_IDENTITY_FILES = ("config.json", INDEX_NAME)
 
 Action = Literal["read", "written", "not_written"]
 
@@ -66,26 +63,6 @@ class CacheOutcome:
         return self.action in ("read", "written")
 
 
-def cache_root() -> Path:
-    """Where quantized entries go: ``$DSMOE_CACHE/quantized``, default ``~/.cache/dsmoe/quantized``."""
-    base = os.environ.get("DSMOE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "dsmoe") / "quantized"
-
-
-def source_identity(folder: Path) -> dict[str, Any]:
-    """What names a source's contents cheaply: a hub snapshot's repo and commit, else the resolved
-    folder and each weight file's name, size and mtime."""
-    resolved = folder.resolve()
-    parts = resolved.parts
-    if "snapshots" in parts:
-        at = len(parts) - 1 - parts[::-1].index("snapshots")
-        if at >= 1 and parts[at - 1].startswith("models--") and at + 1 < len(parts):
-            return {"hub": parts[at - 1], "commit": parts[at + 1], "subfolder": "/".join(parts[at + 2:])}
-    files = sorted(p for p in resolved.iterdir() if p.suffix == ".safetensors" or p.name in _IDENTITY_FILES)
-    stats = [(p.name, p.stat()) for p in files]
-    return {"path": str(resolved), "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
-
-
 def entry_path(folder: Path, spec: QuantSpec, root: Path | None = None) -> Path:
     """The entry for ``folder`` quantized as ``spec``: ``<source name>-<format>-<key>``."""
     material = {"format": CACHE_FORMAT, "source": source_identity(folder), "spec": dataclasses.asdict(spec)}
@@ -93,20 +70,6 @@ def entry_path(folder: Path, spec: QuantSpec, root: Path | None = None) -> Path:
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", folder.resolve().name)[:60]
     head = ("-lmhead6" if spec.lm_head == "q6" else "-lmhead8") if spec.quantize_lm_head else ""
     return (root or cache_root()) / f"{readable}-{spec.name}-b{spec.blocksize}{head}-{key}"
-
-
-def _files(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-
-
-def is_complete(entry: Path) -> bool:
-    """Whether ``entry`` holds exactly the files, of the sizes, its manifest lists."""
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
-        return (isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT
-                and manifest.get("files") == _files(entry) and bool(manifest["files"]))
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def discard(entry: Path) -> None:
@@ -175,7 +138,7 @@ def write_entry(checkpoint: Checkpoint, spec: QuantSpec, entry: Path, replaced: 
         shutil.rmtree(staging, ignore_errors=True)
         quantize_checkpoint(checkpoint.path, staging, spec, compute_dtype=torch.bfloat16, kernel_layout=True)
         manifest = {"format": CACHE_FORMAT, "source": source_identity(checkpoint.path),
-                    "spec": dataclasses.asdict(spec), "files": _files(staging)}
+                    "spec": dataclasses.asdict(spec), "files": entry_files(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         rename_no_replace(staging, entry)
     except FileExistsError:  # another process finished first: its entry stands

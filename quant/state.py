@@ -129,7 +129,7 @@ def state_from_tensors(parts: dict[str, torch.Tensor]) -> FourBitState:
 
 _JSON_KEYS = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"}
 _TENSOR_KEYS = {"absmax", "quant_map", "nested_absmax", "nested_quant_map"}
-"""bitsandbytes' tensors; ``NATIVE_SCALES`` is dsmoe's and not part of the state."""
+"""bitsandbytes' tensors; ``checkpoint.lazy.NATIVE_SCALES`` is dsmoe's and not part of the state."""
 _JSON_ORDER = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
 
 

@@ -42,6 +42,27 @@ def test_which_command_lines_read_ahead(tmp_path: Path) -> None:
     assert model_to_read_ahead(["generate", "hi", "-m", str(stored), "--bits=4"]) == stored
 
 
+def test_a_bits_run_of_a_float_checkpoint_reads_ahead_the_cache_entry_it_will_load(tiny_copy: Path) -> None:
+    import dsmoe
+
+    m = str(tiny_copy)
+    run = ["generate", "hi", "-m", m, "--bits", "4"]
+    assert model_to_read_ahead(run) is None  # no entry yet: the run converts as it reads
+    model, _ = dsmoe.load(tiny_copy, bits=4)
+    assert model.quant_cache is not None and model.quant_cache.action == "written"
+    assert model_to_read_ahead(run) == model.quant_cache.path
+    assert model_to_read_ahead(["chat", f"--model={m}", "--bits=4"]) == model.quant_cache.path
+    assert model_to_read_ahead(["generate", "hi", "-m", m, "--bits", "8"]) is None  # no 8-bit entry
+    assert model_to_read_ahead(run + ["--quant-type", "fp4"]) is None  # another entry, or none
+    assert model_to_read_ahead(run + ["--no-cache"]) is None
+    (tiny_copy / "config.json").touch()  # the source changed: its old entry is not what a run loads
+    assert model_to_read_ahead(run) is None
+    model, _ = dsmoe.load(tiny_copy, bits=4)
+    second, _ = dsmoe.load(tiny_copy, bits=4, lm_head="int8")
+    assert second.quant_cache is not None and second.quant_cache.path != model.quant_cache.path
+    assert model_to_read_ahead(run) is None  # two 4-bit entries: which one depends on flags
+
+
 def test_the_read_ahead_module_and_the_entry_do_not_import_torch() -> None:
     code = "import sys, dsmoe.cli.entry; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

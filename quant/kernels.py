@@ -198,8 +198,8 @@ def int8_dynamic_mm(x: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor
 
 
 def native_4bit_available() -> bool:
-    """Whether the native 4-bit kernels run here: they need AVX512-VNNI, which every CPU with
-    bitsandbytes' CPU layout (AVX512-BF16) has."""
+    """Whether the native 4-bit kernels run here: they need AVX512-VNNI or AVX2 (every CPU with
+    bitsandbytes' CPU layout, AVX512-BF16, has both)."""
     lib = native_library()
     return lib is not None and bool(lib.dsmoe_native_4bit())
 

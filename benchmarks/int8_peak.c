@@ -71,56 +71,38 @@ __attribute__((noinline, target("avx512f,avx512vnni"))) static double dpbusd_loo
     return t1 - t0;
 }
 
-/* The same for AVX2's pair: ACCS chains of vpmaddubsw, vpmaddwd by ones, vpaddd. Each chain's
- * operands are rewritten by an empty asm after every four, so no two products are the same
- * expression for the compiler to merge. */
+/* The same for AVX2's pair: ACCS chains of vpmaddubsw, vpmaddwd by ones, vpaddd (STEP MADD), or
+ * the AVX2 kernels' whole step (SIGNED_MADD): vpsignb(w, x) first, then vpmaddubsw(|x|, that) and
+ * the rest. Each chain's operands are rewritten by an empty asm after every four, so no two
+ * products are the same expression for the compiler to merge. */
 #define MADD(r, x) r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_maddubs_epi16(x, b), ones))
-__attribute__((noinline, target("avx2"))) static double maddubs_loop(int64_t iters, int32_t *sink) {
-    __m256i r0 = _mm256_set1_epi32(0), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0, r8 = r0,
-            r9 = r0, r10 = r0, r11 = r0;
-    __m256i a0 = _mm256_set1_epi8(1), a1 = _mm256_set1_epi8(2), a2 = _mm256_set1_epi8(3), a3 = _mm256_set1_epi8(4);
-    const __m256i b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
-    const double t0 = now();
-    for (int64_t it = 0; it < iters; it++) {
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
-        MADD(r0, a0), MADD(r1, a1), MADD(r2, a2), MADD(r3, a3);
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
-        MADD(r4, a0), MADD(r5, a1), MADD(r6, a2), MADD(r7, a3);
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
-        MADD(r8, a0), MADD(r9, a1), MADD(r10, a2), MADD(r11, a3);
-    }
-    const double t1 = now();
-    __m256i total = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(r0, r1), _mm256_add_epi32(r2, r3)),
-                                     _mm256_add_epi32(_mm256_add_epi32(r4, r5), _mm256_add_epi32(r6, r7)));
-    total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(r8, r9), _mm256_add_epi32(r10, r11)));
-    *sink = _mm256_extract_epi32(total, 0);
-    return t1 - t0;
-}
-
-/* The AVX2 kernels' whole step: vpsignb(w, x), then vpmaddubsw(|x|, that) and the rest as above. */
 #define SIGNED_MADD(r, x) \
     r = _mm256_add_epi32(r, _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_sign_epi8(b, x)), ones))
-__attribute__((noinline, target("avx2"))) static double signed_maddubs_loop(int64_t iters, int32_t *sink) {
-    __m256i r0 = _mm256_set1_epi32(0), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0, r8 = r0,
-            r9 = r0, r10 = r0, r11 = r0;
-    __m256i a0 = _mm256_set1_epi8(1), a1 = _mm256_set1_epi8(2), a2 = _mm256_set1_epi8(3), a3 = _mm256_set1_epi8(4);
-    const __m256i b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
-    const double t0 = now();
-    for (int64_t it = 0; it < iters; it++) {
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
-        SIGNED_MADD(r0, a0), SIGNED_MADD(r1, a1), SIGNED_MADD(r2, a2), SIGNED_MADD(r3, a3);
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
-        SIGNED_MADD(r4, a0), SIGNED_MADD(r5, a1), SIGNED_MADD(r6, a2), SIGNED_MADD(r7, a3);
-        __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));
-        SIGNED_MADD(r8, a0), SIGNED_MADD(r9, a1), SIGNED_MADD(r10, a2), SIGNED_MADD(r11, a3);
+#define DEFINE_AVX2_LOOP(NAME, STEP)                                                                              \
+    __attribute__((noinline, target("avx2"))) static double NAME(int64_t iters, int32_t *sink) {                  \
+        __m256i r0 = _mm256_set1_epi32(0), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0, r8 = r0, \
+                r9 = r0, r10 = r0, r11 = r0;                                                                       \
+        __m256i a0 = _mm256_set1_epi8(1), a1 = _mm256_set1_epi8(2), a2 = _mm256_set1_epi8(3),                      \
+                a3 = _mm256_set1_epi8(4);                                                                          \
+        const __m256i b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);                                       \
+        const double t0 = now();                                                                                   \
+        for (int64_t it = 0; it < iters; it++) {                                                                   \
+            __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));                                         \
+            STEP(r0, a0), STEP(r1, a1), STEP(r2, a2), STEP(r3, a3);                                                \
+            __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));                                         \
+            STEP(r4, a0), STEP(r5, a1), STEP(r6, a2), STEP(r7, a3);                                                \
+            __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));                                         \
+            STEP(r8, a0), STEP(r9, a1), STEP(r10, a2), STEP(r11, a3);                                              \
+        }                                                                                                          \
+        const double t1 = now();                                                                                   \
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(r0, r1), _mm256_add_epi32(r2, r3)),     \
+                                         _mm256_add_epi32(_mm256_add_epi32(r4, r5), _mm256_add_epi32(r6, r7)));    \
+        total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(r8, r9), _mm256_add_epi32(r10, r11)));   \
+        *sink = _mm256_extract_epi32(total, 0);                                                                    \
+        return t1 - t0;                                                                                            \
     }
-    const double t1 = now();
-    __m256i total = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(r0, r1), _mm256_add_epi32(r2, r3)),
-                                     _mm256_add_epi32(_mm256_add_epi32(r4, r5), _mm256_add_epi32(r6, r7)));
-    total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(r8, r9), _mm256_add_epi32(r10, r11)));
-    *sink = _mm256_extract_epi32(total, 0);
-    return t1 - t0;
-}
+DEFINE_AVX2_LOOP(maddubs_loop, MADD)
+DEFINE_AVX2_LOOP(signed_maddubs_loop, SIGNED_MADD)
 
 /* The loop this CPU's kernels run, and the multiply-adds one of its ACCS steps does. */
 static double int8_loop(int vnni, int64_t iters, int32_t *sink) {

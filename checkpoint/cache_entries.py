@@ -44,14 +44,26 @@ def entry_files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
-def is_complete(entry: Path) -> bool:
-    """Whether ``entry`` holds exactly the files, of the sizes, its manifest lists."""
+def _manifest(entry: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
-        return (isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT
-                and manifest.get("files") == entry_files(entry) and bool(manifest["files"]))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _lists_its_files(entry: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        return manifest.get("format") == CACHE_FORMAT and bool(manifest.get("files")) and \
+            manifest["files"] == entry_files(entry)
+    except OSError:
         return False
+
+
+def is_complete(entry: Path) -> bool:
+    """Whether ``entry`` holds exactly the files, of the sizes, its manifest lists."""
+    manifest = _manifest(entry)
+    return manifest is not None and _lists_its_files(entry, manifest)
 
 
 def entry_to_read(folder: Path, bits: int, root: Path | None = None) -> Path | None:
@@ -66,12 +78,8 @@ def entry_to_read(folder: Path, bits: int, root: Path | None = None) -> Path | N
         return None
     found = []
     for entry in candidates:
-        try:
-            manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if (isinstance(manifest, dict) and manifest.get("source") == source
-                and isinstance(manifest.get("spec"), dict) and manifest["spec"].get("bits") == bits
-                and is_complete(entry)):
+        manifest = _manifest(entry)
+        if (manifest is not None and manifest.get("source") == source and isinstance(manifest.get("spec"), dict)
+                and manifest["spec"].get("bits") == bits and _lists_its_files(entry, manifest)):
             found.append(entry)
     return found[0] if len(found) == 1 else None

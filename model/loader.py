@@ -153,7 +153,6 @@ def _load_params(model: DeepseekForCausalLM, checkpoint: Checkpoint, params: lis
             progress(done, len(params))
 
 
-
 class _WithoutRandomInit(TorchFunctionMode):
     """Skips the modules' random initialisation while the skeleton is built: every weight is read
     from the checkpoint next. Even on the meta device the first random init costs 2-3 s of lazy

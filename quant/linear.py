@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.checkpoint.lazy import NATIVE_SCALES
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.native.library import (ACT_BLOCK, BF16_K_STEP, DTYPE_BF16, DTYPE_F16, DTYPE_F32, MAX_QUANT_BLOCK, MLP_POINTERS,
                                   Q6_BLOCK_BYTES, check_status, native_library)
 from dsmoe.quant import kernels
 from dsmoe.quant.q6 import Q6_STEPS, dequantize_q6, q6_native_mm, quantize_q6, quantize_q6_native
 from dsmoe.quant.spec import FOUR_BIT_TYPES, QuantSpec, spec_for
-from dsmoe.checkpoint.lazy import NATIVE_SCALES
 from dsmoe.quant.state import (FourBitState, NestedState, codebook, is_standard_codebook,
                                state_from_tensors)
 
@@ -354,9 +354,8 @@ class Bf16Linear(nn.Linear):
     of exact products, bf16 out, as ``F.linear`` up to the sums' order). PyTorch's CPU bf16 matmul
     ran at ~5 GMAC/s a thread for every shape on an AVX2 machine: 4-6x this kernel's time at 64
     rows, 1.3-2.9x at one (docs/PERFORMANCE.md, "bf16 matmul: dsmoe's kernel instead of
-    PyTorch's"). Inputs the
-    kernel does not take (another dtype or device, autograd on the input or the weight, no rows) go
-    to ``F.linear``.
+    PyTorch's"). Inputs the kernel does not take (another dtype or device, autograd on the input or
+    the weight, no rows) go to ``F.linear``.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:

@@ -9,7 +9,6 @@ and ``as_dict(packed=True)``); tests/test_quant_state.py holds them to bitsandby
 from __future__ import annotations
 
 import functools
-
 import json
 from dataclasses import dataclass
 from typing import Any

@@ -76,8 +76,12 @@ def test_an_entry_holds_4bit_weights_in_the_kernels_layout_and_a_load_maps_them(
     populated: dict[str, bool] = {}
     original_get, original_map = Checkpoint.get, Checkpoint.map
     monkeypatch.setattr(Checkpoint, "get", lambda self, n: read.append(n) or original_get(self, n))
-    monkeypatch.setattr(Checkpoint, "map", lambda self, n, populate=True: populated.setdefault(n, populate) is None
-                        or original_map(self, n, populate))
+
+    def recording_map(self: Checkpoint, n: str, populate: bool = True) -> torch.Tensor:
+        populated.setdefault(n, populate)
+        return original_map(self, n, populate)
+
+    monkeypatch.setattr(Checkpoint, "map", recording_map)
     mapped, _ = dsmoe.load(tiny_path, bits=4)
     native = [n for n in stored.tensor_names() if n.endswith(f".weight.{NATIVE_SCALES}")]
     mapped_names = {n[: -len(NATIVE_SCALES) - 1] for n in native} | set(native)

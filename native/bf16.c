@@ -47,6 +47,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void block_bf16
     for (int64_t t = 0; t < k; t += K_STEP) {
 #pragma GCC unroll 3
         for (int c = 0; c < cols; c++) {
+            if (rows == 1) prefetch_ahead(w + (j0 + c) * k + t); /* many rows: slower by 6% */
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (j0 + c) * k + t));
             const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));

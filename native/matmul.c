@@ -380,6 +380,7 @@ __attribute__((target("avx2,fma"))) static void tile_4bit_avx2(const uint8_t *ti
         /* s[0]: rows 0-7, s[1]: 8-15, s[2]: 16-23, s[3]: 24-31 */
         __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int j = 0; j < QBLOCK / 2; j += 2) {
+            prefetch_ahead(p + j * TILE_ROWS);
             int32_t four;
             memcpy(&four, xb + 2 * j, sizeof four);
             const __m256i xv = _mm256_set1_epi32(four), xabs = _mm256_abs_epi8(xv);

@@ -100,6 +100,7 @@ __attribute__((target(TARGET_AVX2))) static void rows_avx2(int64_t n0, int64_t n
                 const int8_t *x = a->q + at * QBLOCK;
                 const int32_t *off = offsets + at * LANES;
                 __m256i u0, u1;
+                if (i == 0) prefetch_ahead(row + b * BLOCK_BYTES); /* later rows find it in L1 */
                 codes_avx2(row + b * BLOCK_BYTES, &u0, &u1);
                 const __m256i d0 = DOT_AVX2(_mm256_loadu_si256((const __m256i *)off), u0,
                                             _mm256_loadu_si256((const __m256i *)x));

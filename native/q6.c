@@ -71,6 +71,7 @@ __attribute__((target(TARGET_VNNI))) static void rows_vnni(int64_t n0, int64_t n
             __m512 acc = _mm512_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
                 const int64_t at = i * blocks + b;
+                if (i == 0) prefetch_ahead(row + b * BLOCK_BYTES); /* as rows_avx2 */
                 const __m512i x = _mm512_loadu_si512(a->q + at * QBLOCK);
                 const __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(offsets + at * LANES),
                                                       codes_vnni(row + b * BLOCK_BYTES), x);

@@ -83,6 +83,24 @@ def test_int8_kernel_computes_the_rounded_product(lib, isa: int, shape: tuple[in
         lib.dsmoe_native_use_isa(-1)
 
 
+def test_outputs_halfway_between_two_bf16_round_to_even(lib) -> None:
+    """Outputs 257, 259, ..., 351 are exact in fp32 and halfway between two bf16 (8 significant
+    bits): they round to the even neighbour, as PyTorch rounds them, in the kernels' vector
+    conversion and its scalar tail (37 outputs: 4 vectors of 8 and 5 left)."""
+    outputs = 48
+    x = torch.zeros(2, 64)
+    x[:, 0], x[:, 1] = 127, 1  # absmax 127: the int8 activations are x itself, with scale 1
+    weight = torch.zeros(outputs, 64, dtype=torch.int8)
+    weight[:, 0] = 2
+    weight[:, 1] = 3 + 2 * torch.arange(outputs)  # 2 * 127 + 3 + 2n = 257 + 2n
+    for count in (outputs, 37):
+        for rows in (1, 2):
+            got = kernels.int8_native_mm(x[:rows].bfloat16(), weight[:count], torch.ones(count))
+            exact = (257 + 2 * torch.arange(count)).float().expand(rows, count)
+            assert torch.equal(got, exact.bfloat16())
+            assert not torch.equal(got, (exact + 0.5).bfloat16())  # rounding half up would give these
+
+
 def test_both_instruction_sets_give_the_same_numbers(lib) -> None:
     if lib.dsmoe_native_use_isa(ISA_VNNI) != ISA_VNNI:
         pytest.skip("this CPU has no AVX512-VNNI")

@@ -9,6 +9,7 @@ whose routed experts live in an expert store (``dsmoe.offload``) is made in ``lo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from dsmoe.demo import DEMO_MODEL_PATH
 from dsmoe.errors import CheckpointError, EvalError, UsageError
+from dsmoe.checkpoint.memory import keep_freed_memory_for_reuse
 from dsmoe.checkpoint.reader import Checkpoint, open_checkpoint
 from dsmoe.model.deepseek import DeepseekForCausalLM
 from dsmoe.model.loader import LoadProgress, load_model, parse_dtype
@@ -233,10 +235,23 @@ def load(
                 cache = CacheOutcome(cache.path, "not_written", f"the cached copy was unreadable ({exc}); removed")
             else:
                 model.quant_cache = cache
-                return model, tokenizer
+                return _ready_to_run(model), tokenizer
     model, tokenizer = _load(checkpoint, options, progress, resources, tokenizer_from=source.path)
     model.quant_cache = cache
-    return model, tokenizer
+    return _ready_to_run(model), tokenizer
+
+
+def _ready_to_run(model: DeepseekForCausalLM) -> DeepseekForCausalLM:
+    """The process turns from loading a model to running it, where two of its defaults cost time
+    (docs/PERFORMANCE.md, the 8-layer 16B geometry): Python's collector scanned the ~220k objects
+    the imports and the load leave behind in the first pass's full collection, ~100 ms of a
+    prefill, and would in every later one; ``gc.freeze`` takes them out of all scans (a load and
+    its model leave ~20 objects in reference cycles, which then stay). And glibc handed each pass's
+    freed activations back to the system, so every pass faulted fresh pages in
+    (``keep_freed_memory_for_reuse``)."""
+    gc.freeze()
+    keep_freed_memory_for_reuse()
+    return model
 
 
 def _fits(checkpoint: Checkpoint, options: LoadOptions, resources: Resources | None) -> bool:

@@ -94,6 +94,7 @@ __attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int
         sum[b] = _mm_cvtsi128_si32(t);
     }
 }
+
 /* 8 fp32 values rounded to bf16 as f32_to_bf16 rounds them (to nearest even; a NaN stays a quiet
  * NaN), each left in the high half of its lane: as fp32, the bf16 values themselves. */
 __attribute__((target("avx2,fma"))) static inline __m256i bf16_high8(__m256 f) {

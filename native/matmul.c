@@ -114,22 +114,22 @@ __attribute__((target("avx2,fma"))) static inline void store8_bf16(__m256i high,
 }
 
 __attribute__((target("avx2,fma"))) void floats_to_bf16(const float *src, int64_t n, uint16_t *dst) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) store8_bf16(bf16_high8(_mm256_loadu_ps(src + j)), dst + j);
-    for (; j < n; j++) dst[j] = f32_to_bf16(src[j]);
+    const int64_t whole = n - n % 8;
+    for (int64_t j = 0; j < whole; j += 8) store8_bf16(bf16_high8(_mm256_loadu_ps(src + j)), dst + j);
+    for (int64_t j = whole; j < n; j++) dst[j] = f32_to_bf16(src[j]);
 }
 
 /* dst[j] += bf16(y[j]) * mix for j < n with PyTorch's bf16 roundings of out.index_add_(bf16(y) *
  * mix): the product rounded, then the sum. */
 __attribute__((target("avx2,fma"))) static void add_mixed_bf16(const float *y, int64_t n, float mix, uint16_t *dst) {
     const __m256 w = _mm256_set1_ps(mix);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
+    const int64_t whole = n - n % 8;
+    for (int64_t j = 0; j < whole; j += 8) {
         const __m256 yb = _mm256_castsi256_ps(bf16_high8(_mm256_loadu_ps(y + j)));
         const __m256 product = _mm256_castsi256_ps(bf16_high8(_mm256_mul_ps(yb, w)));
         store8_bf16(bf16_high8(_mm256_add_ps(load8_bf16(dst + j), product)), dst + j);
     }
-    for (; j < n; j++) {
+    for (int64_t j = whole; j < n; j++) {
         const float product = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(y[j])) * mix));
         dst[j] = f32_to_bf16(bf16_to_f32(dst[j]) + product);
     }

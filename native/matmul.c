@@ -320,6 +320,7 @@ __attribute__((target(TARGET_4BIT), always_inline)) static inline void group_4bi
         for (int r = 0; r < rows; r++) s_lo[r] = s_hi[r] = _mm512_setzero_si512();
 #pragma GCC unroll 16
         for (int j = 0; j < QBLOCK / 2; j += 2) {
+            if (i0 == 0) prefetch_ahead(p + j * TILE_ROWS); /* the first group reads the tile from memory */
             const __m512i v = _mm512_loadu_si512(p + j * TILE_ROWS);
             const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
             const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));

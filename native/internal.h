@@ -73,9 +73,10 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
  * kernel gained 3-9% from it and the VNNI one-row 4-bit one nothing (0.95-1.01x at 0.5-32 KB), so
  * only the former has it; the VNNI 4-bit rows kernel's first group of rows, which reads each tile
  * from memory in a short prefill, made 64-token prefills 1.11-1.16x faster with it (2-8 KB ahead;
- * every group prefetching, 1.06x). The int8 rows kernels stream at the memory's speed without it. A prefetch never faults, so reading past the end of a
- * weight is harmless; the address is formed as an integer, outside any object. always_inline: gcc
- * drops a call to it that it does not inline (it sees no effect), which bf16.c's did. */
+ * every group prefetching, 1.06x). The int8 rows kernels stream at the memory's speed without it.
+ * A prefetch never faults, so reading past the end of a weight is harmless; the address is formed
+ * as an integer, outside any object. always_inline: gcc drops a call to it that it does not inline
+ * (it sees no effect), which bf16.c's did. */
 #define PREFETCH_AHEAD 8192
 __attribute__((always_inline)) static inline void prefetch_ahead(const void *p) {
     _mm_prefetch((const char *)((uintptr_t)p + PREFETCH_AHEAD), _MM_HINT_T0);

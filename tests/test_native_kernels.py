@@ -86,7 +86,7 @@ def test_int8_kernel_computes_the_rounded_product(lib, isa: int, shape: tuple[in
 def test_outputs_halfway_between_two_bf16_round_to_even(lib) -> None:
     """Outputs 257, 259, ..., 351 are exact in fp32 and halfway between two bf16 (8 significant
     bits): they round to the even neighbour, as PyTorch rounds them, in the kernels' vector
-    conversion and its scalar tail (37 outputs: 4 vectors of 8 and 5 left)."""
+    conversion and its scalar tail (37 outputs: the int8 kernel stores runs of 16, 16 and 5)."""
     outputs = 48
     x = torch.zeros(2, 64)
     x[:, 0], x[:, 1] = 127, 1  # absmax 127: the int8 activations are x itself, with scale 1

@@ -3,7 +3,6 @@ benchmarks/bench_load_memory.py: a bound on RSS here sat inside the allocator's 
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import time
@@ -138,7 +137,7 @@ def test_a_loaded_model_runs_on_reused_memory_and_an_untouched_collector() -> No
     result = subprocess.run([sys.executable, "-c", _RUN_AFTER_LOAD], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     faults_before, faults_after, frozen_before, frozen_after = map(int, result.stdout.split())
-    pages = 4 * 24 * MIB // resource.getpagesize()
-    assert faults_before > pages // 2
-    assert faults_after < pages // 20
+    # Relative bounds: with transparent huge pages always on, one fault maps 2 MB, not 4 KB.
+    assert faults_before >= 40  # 96 MB came back fresh (24k faults of 4 KB pages here)
+    assert faults_after * 10 < faults_before
     assert frozen_before == 0 and frozen_after > 10_000

@@ -23,16 +23,17 @@ from collections.abc import Callable
 
 import torch
 
-from dsmoe.native.library import native_library
+from dsmoe.native.library import ACT_BLOCK, Q6_BLOCK_BYTES, native_library
 from dsmoe.perf.runner import measure_bandwidth
 from dsmoe.quant.kernels import bf16_native_mm, native_4bit_available, native_codebook
 from dsmoe.quant.linear import NativeWeights, SwiGLUKernel, accumulate_experts
+from dsmoe.quant.spec import QuantSpec
 from dsmoe.quant.q6 import q6_native_mm
 
 EXPERT = (1408, 2048)  # the 16B model's routed expert: gate and up [inter, hidden], down [hidden, inter]
 TOP_K = 6  # routed experts a token runs, in one native call
 LM_HEAD = (102400, 2048)
-BLOCKSIZE = 64
+BLOCKSIZE = QuantSpec(bits=4).blocksize  # the 4-bit default's absmax block
 
 
 @dataclasses.dataclass
@@ -87,8 +88,9 @@ def _formats(pool_bytes: int, generator: torch.Generator) -> dict[str, Format]:
             codebook.address, codebook.unit, BLOCKSIZE, pool_bytes, generator)
     vocab, hidden = LM_HEAD
     x = torch.randn(1, hidden, generator=generator).bfloat16()
-    q6_bytes = vocab * hidden * 3 // 4 + vocab * hidden // 64 * 2
-    q6 = [(uint8(vocab * hidden * 3 // 4), scales(vocab * hidden // 64, torch.float16).view(vocab, -1))
+    blocks = vocab * hidden // ACT_BLOCK  # one fp16 step per block of Q6_BLOCK_BYTES codes
+    q6_bytes = blocks * (Q6_BLOCK_BYTES + 2)
+    q6 = [(uint8(blocks * Q6_BLOCK_BYTES), scales(blocks, torch.float16).view(vocab, -1))
           for _ in range(max(1, pool_bytes // q6_bytes))]
     formats["q6 lm_head"] = Format(q6_bytes, [lambda w=w, s=s: q6_native_mm(lib, x, w, s) for w, s in q6])
     bf16 = (torch.randn(LM_HEAD, generator=generator) * 0.02).bfloat16()

@@ -586,11 +586,11 @@ int shape_ok(const wformat *f, int64_t n, int64_t k) {
     return dsmoe_native_4bit() && n % TILE_ROWS == 0 && f->blocksize % QBLOCK == 0;
 }
 
-/* This thread's share [*begin, *end) of `groups` runs of equal tasks (run g: tasks[g] tasks of cost
- * cost[g] each, in order), split into contiguous runs of about equal total cost. Call it inside a
- * parallel region. */
-static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *cost, int64_t *begin, int64_t *end) {
-    const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
+/* Thread id's share [*begin, *end) of a team of `team`, of `groups` runs of equal tasks (run g:
+ * tasks[g] tasks of cost cost[g] each, in order), split into contiguous runs of about equal total
+ * cost; returns the share's cost. */
+static int64_t split_costed(int64_t groups, const int64_t *tasks, const int64_t *cost, int64_t id, int64_t team,
+                            int64_t *begin, int64_t *end) {
     int64_t total = 0;
     for (int64_t g = 0; g < groups; g++) total += tasks[g] * cost[g];
     int64_t bounds[2];
@@ -607,6 +607,50 @@ static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *co
         bounds[side] = at;
     }
     *begin = bounds[0], *end = bounds[1];
+    int64_t mine = 0, first = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t lo = *begin > first ? *begin : first, hi = *end < first + tasks[g] ? *end : first + tasks[g];
+        if (hi > lo) mine += (hi - lo) * cost[g];
+        first += tasks[g];
+    }
+    return mine;
+}
+
+/* This thread's share of the team's (split_costed): call it inside a parallel region. */
+static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *cost, int64_t *begin, int64_t *end) {
+    split_costed(groups, tasks, cost, omp_get_thread_num(), omp_get_num_threads(), begin, end);
+}
+
+/* Whether the team can run the MLPs whole, each thread its own contiguous run of them ([*begin,
+ * *end) for this one), with every thread's share of their weights within 1/16 of an even split. */
+static int whole_mlps(int64_t count, const int64_t *inter, int64_t *begin, int64_t *end) {
+    const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
+    int64_t ones[DSMOE_MAX_MLPS], total = 0, largest = 0;
+    for (int64_t e = 0; e < count; e++) ones[e] = 1, total += inter[e];
+    for (int64_t t = 0; t < team; t++) {
+        int64_t b, e;
+        const int64_t mine = split_costed(count, ones, inter, t, team, &b, &e);
+        largest = mine > largest ? mine : largest;
+        if (t == id) *begin = b, *end = e;
+    }
+    return 16 * largest * team <= 17 * total;
+}
+
+/* silu(gate) * up of one MLP (g: its gate sums, then its up sums, fp32), rounded to int8 into
+ * ha at column `at`, the down projection's input. */
+static void gated_input(float *g, int64_t inter, const qacts *ha, int64_t at) {
+    const float *u = g + inter;
+    for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    quantize_row(g, inter, ha->q + at, ha->scale + at / QBLOCK, ha->sum + at / QBLOCK);
+}
+
+/* Output rows n0..n1 of one MLP's down projection (w: its DSMOE_MLP_POINTERS pointers), from its
+ * input in ha at column `at`: fp32 into yf, bf16 into dst. */
+static void down_rows(const wformat *f, const void *const *w, int64_t hidden, int64_t inter, const qacts *ha,
+                      int64_t at, int64_t n0, int64_t n1, float *yf, uint16_t *dst) {
+    const qacts h = {ha->q + at, ha->scale + at / QBLOCK, ha->sum + at / QBLOCK};
+    matrix_rows(f, w[4], w[5], hidden, inter, n0, n1, &h, yf);
+    floats_to_bf16(yf + n0, n1 - n0, dst + n0);
 }
 
 /* count SwiGLU MLPs on one bf16 token x: y_e = down_e(silu(gate_e(x)) * up_e(x)), MLP e inter[e]
@@ -617,7 +661,11 @@ static void costed_share(int64_t groups, const int64_t *tasks, const int64_t *co
  * thread team for all of it: the gate and up rows of every MLP are one task list split into
  * contiguous runs, so each thread streams whole matrices (reading that way measured ~31 GB/s
  * against ~27 GB/s with each matrix split across the threads), then the same for the down rows,
- * split by their width so the threads read alike. silu(g) * u stays fp32 until it is rounded to
+ * split by their width so the threads read alike. Where whole MLPs split the weights evenly among
+ * the threads (whole_mlps: a decode step's 6 routed experts and the shared one, twice as wide, 4
+ * and 4 on 2 threads), each thread runs its MLPs start to end instead, with no barrier between
+ * gate/up, silu and down at which the memory would idle: decode 1.04x paired (dsmoe bench, 6
+ * rounds, docs/PERFORMANCE.md), the same bits. silu(g) * u stays fp32 until it is rounded to
  * int8 for down. Returns 0, -1 for shapes the kernels cannot take, -2 when out of memory. */
 int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const int64_t *inter, const uint16_t *x,
                  const void *const *weights, int64_t mixed, const float *mix, uint16_t *out, uint16_t *y) {
@@ -644,30 +692,37 @@ int swiglu_batch(const wformat *f, int64_t count, int64_t hidden, const int64_t 
     quantize_bf16_rows(x, 1, hidden, &xa, tmp);
 #pragma omp parallel
     {
+        int64_t own_begin, own_end;
+        if (whole_mlps(count, inter, &own_begin, &own_end)) {
+            /* Each thread runs its MLPs start to end, with no barrier between their layers. */
+            for (int64_t e = own_begin; e < own_end; e++) {
+                for (int64_t which = 0; which < 2; which++) {
+                    const void *const *w = weights + DSMOE_MLP_POINTERS * e + 2 * which;
+                    matrix_rows(f, w[0], w[1], inter[e], hidden, 0, inter[e], &xa, gu + 2 * at[e] + which * inter[e]);
+                }
+                gated_input(gu + 2 * at[e], inter[e], &ha, at[e]);
+                down_rows(f, weights + DSMOE_MLP_POINTERS * e, hidden, inter[e], &ha, at[e], 0, hidden,
+                          yf + e * hidden, e < mixed ? ys + e * hidden : y + (e - mixed) * hidden);
+            }
+        } else {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
-            int64_t e = 0;
-            while (t >= first_up[e + 1]) e++;
-            const int64_t local = t - first_up[e], which = local / up_tasks[e], n0 = (local % up_tasks[e]) * step;
-            const void *const *w = weights + DSMOE_MLP_POINTERS * e + 2 * which;
-            matrix_rows(f, w[0], w[1], inter[e], hidden, n0, n0 + step < inter[e] ? n0 + step : inter[e], &xa,
-                        gu + 2 * at[e] + which * inter[e]);
-        }
+            for (int64_t t = 0; t < tasks; t++) {
+                int64_t e = 0;
+                while (t >= first_up[e + 1]) e++;
+                const int64_t local = t - first_up[e], which = local / up_tasks[e], n0 = (local % up_tasks[e]) * step;
+                const void *const *w = weights + DSMOE_MLP_POINTERS * e + 2 * which;
+                matrix_rows(f, w[0], w[1], inter[e], hidden, n0, n0 + step < inter[e] ? n0 + step : inter[e], &xa,
+                            gu + 2 * at[e] + which * inter[e]);
+            }
 #pragma omp for schedule(static)
-        for (int64_t e = 0; e < count; e++) {
-            float *g = gu + 2 * at[e];
-            const float *u = g + inter[e];
-            for (int64_t j = 0; j < inter[e]; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-            quantize_row(g, inter[e], ha.q + at[e], ha.scale + at[e] / QBLOCK, ha.sum + at[e] / QBLOCK);
-        }
-        int64_t begin, end;
-        costed_share(count, down_counts, inter, &begin, &end);
-        for (int64_t t = begin; t < end; t++) {
-            const int64_t e = t / down_tasks, n0 = (t % down_tasks) * step, n1 = n0 + step < hidden ? n0 + step : hidden;
-            const qacts h = {ha.q + at[e], ha.scale + at[e] / QBLOCK, ha.sum + at[e] / QBLOCK};
-            matrix_rows(f, weights[DSMOE_MLP_POINTERS * e + 4], weights[DSMOE_MLP_POINTERS * e + 5], hidden, inter[e], n0, n1, &h, yf + e * hidden);
-            uint16_t *dst = e < mixed ? ys + e * hidden : y + (e - mixed) * hidden;
-            floats_to_bf16(yf + e * hidden + n0, n1 - n0, dst + n0);
+            for (int64_t e = 0; e < count; e++) gated_input(gu + 2 * at[e], inter[e], &ha, at[e]);
+            int64_t begin, end;
+            costed_share(count, down_counts, inter, &begin, &end);
+            for (int64_t t = begin; t < end; t++) {
+                const int64_t e = t / down_tasks, n0 = (t % down_tasks) * step, n1 = n0 + step < hidden ? n0 + step : hidden;
+                down_rows(f, weights + DSMOE_MLP_POINTERS * e, hidden, inter[e], &ha, at[e], n0, n1, yf + e * hidden,
+                          e < mixed ? ys + e * hidden : y + (e - mixed) * hidden);
+            }
         }
 #pragma omp barrier
         if (mixed > 0) {

@@ -1,8 +1,11 @@
-"""Ask the kernel to read a model's files while Python is still importing torch.
+"""Read a model's files into the page cache while Python is still importing torch.
 
 A cold start (nothing in the page cache) spends seconds importing torch, whose own libraries come
-from the disk too, before the loader reads a byte of the model. Advising the kernel to read the
-weight files at start overlaps the two. Only a model that fits well within the memory there is
+from the disk too, before the loader reads a byte of the model. Reading the weight files at start
+overlaps the two. How they are read decides how the cache holds them, and so whether the
+loader's mapping can map them in huge pages (``checkpoint.huge_pages``): faulted in through a
+mapping advised ``MADV_HUGEPAGE``, they come in 2 MB folios; ``POSIX_FADV_WILLNEED``, used where
+huge pages are not offered, reads them into small ones. Only a model that fits well within the memory there is
 gets this: a larger one is offloaded and reads what it needs itself, and reading it whole would
 only push its own pages out. This module imports nothing heavy (no torch) so that the console
 script can call it first.
@@ -11,12 +14,14 @@ script can call it first.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import threading
 from pathlib import Path
 
 from dsmoe.checkpoint.free_memory import available_memory
+from dsmoe.checkpoint.huge_pages import MADV_DONTNEED, MADV_POPULATE_READ, address_of, advise, huge_page_bytes
 from dsmoe.checkpoint.lazy import mapped_lazily
 from dsmoe.checkpoint.safetensors_header import TensorInfo, read_safetensors_header
 from dsmoe.errors import CheckpointError
@@ -57,7 +62,7 @@ def start_read_ahead(folder: Path) -> threading.Thread | None:
     available, _ = available_memory()
     if not files or total > READ_AHEAD_SHARE * available:
         return None
-    thread = threading.Thread(target=advise_will_need, args=(files, is_stored_quantized(folder)),
+    thread = threading.Thread(target=read_into_cache, args=(files, is_stored_quantized(folder)),
                               name="dsmoe-read-ahead", daemon=True)
     thread.start()
     return thread
@@ -105,9 +110,59 @@ def _natural(name: str) -> list[str | int]:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
+def read_into_cache(files: list[Path], stored_quantized: bool = False) -> None:
+    """Each file's tensors into the page cache, in the loader's order (``huge_page_runs``): where
+    huge pages are offered, faulted in through a mapping of the file advised ``MADV_HUGEPAGE``
+    (``MADV_POPULATE_READ``) and unmapped again (``MADV_DONTNEED``), so this process holds none of
+    them; else advised ``POSIX_FADV_WILLNEED``. The ext4 shards of an 8-layer 4-bit model, 3 GB,
+    were then mapped in 2 MB pages all but 1%, after ``WILLNEED`` not at all (0 of 1 GB), in the
+    same 1.7 s."""
+    page = huge_page_bytes()
+    if page is None:
+        advise_will_need(files, stored_quantized)
+        return
+    maps: dict[Path, mmap.mmap] = {}
+    try:
+        for path, start, end in huge_page_runs(load_order(files, stored_quantized), page):
+            mapping = maps.get(path)
+            if mapping is None:
+                try:
+                    with open(path, "rb") as handle:
+                        mapping = maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError):
+                    continue  # the loader reports a missing or unreadable file; an empty one has nothing to read
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            end = min(end, len(mapping))
+            if advise(address_of(mapping) + start, end - start, MADV_POPULATE_READ):
+                advise(address_of(mapping) + start, end - start, MADV_DONTNEED)
+            else:  # a kernel before 5.14
+                mapping.madvise(mmap.MADV_WILLNEED, start, end - start)
+    finally:
+        for mapping in maps.values():
+            mapping.close()
+
+
+def huge_page_runs(ranges: list[tuple[Path, int, int]], page: int) -> list[tuple[Path, int, int]]:
+    """The huge pages of a file that ``ranges`` (in order) touch, each once, in runs of adjacent
+    pages: the fewer calls the better, since each return waits for the GIL that the main thread
+    holds while it imports torch (an 8-layer model's 5,626 tensors make 406 runs)."""
+    runs: list[tuple[Path, int, int]] = []
+    seen: set[tuple[Path, int]] = set()
+    for path, start, end in ranges:
+        for first in range(start // page * page, end, page):
+            if (path, first) in seen:
+                continue
+            seen.add((path, first))
+            if runs and runs[-1][0] == path and runs[-1][2] == first:
+                runs[-1] = (path, runs[-1][1], first + page)
+            else:
+                runs.append((path, first, first + page))
+    return runs
+
+
 def advise_will_need(files: list[Path], stored_quantized: bool = False) -> None:
     """``POSIX_FADV_WILLNEED`` over each tensor in the loader's order (``load_order``): the kernel
-    queues the reads and returns."""
+    queues the reads and returns (``read_into_cache`` where huge pages are not offered)."""
     handles: dict[Path, int] = {}
     spans: dict[Path, int] = {}
     try:

@@ -58,6 +58,11 @@ def header_bytes(path: Path) -> tuple[bytes, int]:
     """A safetensors file's JSON header and the file's size, with the header's length checked first."""
     with open_regular(path, "shard file") as handle:
         size = os.fstat(handle.fileno()).st_size
+        if hasattr(os, "posix_fadvise"):
+            # Only the header's pages: the kernel's read-ahead would put the data after it in the
+            # page cache in small folios, and keep doing so ahead of a mapping's faults, where
+            # those faults would have read 2 MB folios (checkpoint.huge_pages).
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file (no header)")

@@ -18,6 +18,7 @@ from dsmoe.quant.linear import (
     quantize_linear,
     quantize_model,
     quantized_tensors,
+    streamed_tensors,
 )
 from dsmoe.quant.spec import QuantSpec, quantization_config, should_quantize, spec_for, spec_from_config
 
@@ -38,4 +39,5 @@ __all__ = [
     "should_quantize",
     "spec_for",
     "spec_from_config",
+    "streamed_tensors",
 ]

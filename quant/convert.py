@@ -8,7 +8,6 @@ with its shard. The folder appears only when complete: it is built beside DST an
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -19,13 +18,12 @@ from typing import Callable
 
 import psutil
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from dsmoe.errors import CheckpointError, ConfigError, UsageError
 from dsmoe.checkpoint.reader import INDEX_NAME, Checkpoint, one_thread_for_the_reader, open_checkpoint, read_ahead
 from dsmoe.checkpoint.memory import ReleaseEvery
 from dsmoe.checkpoint.output_folder import check_destination, clear_stale_partials, move_into_place
+from dsmoe.checkpoint.writer import write_safetensors
 from dsmoe.quant.linear import native_tensors, quantize_linear, quantized_tensors
 from dsmoe.quant.spec import KERNEL_LAYOUT_KEY, QuantSpec, quantization_config, spec_for
 
@@ -123,10 +121,7 @@ class _ShardWriter:
             return
         self.sample_rss()
         path = self.folder / f"shard-{len(self.files):05d}.tmp"
-        try:
-            save_file(self.pending, str(path), metadata={"format": "pt"})
-        except SafetensorError as exc:  # what safetensors raises for a full disk or a write error
-            raise OSError(errno.EIO, str(exc), str(path)) from None
+        write_safetensors(path, self.pending, {"format": "pt"})  # a full disk raises OSError
         for name in self.pending:
             self.weight_map[name] = len(self.files)
         self.files.append(path)

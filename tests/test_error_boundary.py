@@ -115,7 +115,7 @@ def test_quantize_on_a_full_disk_leaves_nothing(capsys, monkeypatch, tiny_path, 
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(convert, "save_file", full)
+    monkeypatch.setattr(convert, "write_safetensors", full)
     result = run_cli(capsys, "quantize", str(tiny_path), str(tmp_path / "q"), "--shard-size", "0.0001")
     assert result.code == 1 and "No space left on device" in result.err and "Traceback" not in result.err
     assert list(tmp_path.iterdir()) == []

@@ -75,7 +75,7 @@ def test_an_entry_holds_4bit_weights_in_the_kernels_layout_and_a_load_maps_them(
     read: list[str] = []
     populated: dict[str, bool] = {}
     original_get, original_map = Checkpoint.get, Checkpoint.map
-    monkeypatch.setattr(Checkpoint, "get", lambda self, n: read.append(n) or original_get(self, n))
+    monkeypatch.setattr(Checkpoint, "get", lambda self, n, *into: read.append(n) or original_get(self, n, *into))
 
     def recording_map(self: Checkpoint, n: str, populate: bool = True) -> torch.Tensor:
         populated.setdefault(n, populate)
@@ -210,7 +210,7 @@ def test_low_disk_space_refuses_to_write(tiny_path: Path, monkeypatch: pytest.Mo
 def test_a_write_failure_midway_leaves_nothing(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("dsmoe.quant.convert.save_file", full)
+    monkeypatch.setattr("dsmoe.quant.convert.write_safetensors", full)
     model, _ = dsmoe.load(tiny_path, bits=4)
     assert model.quant_cache.action == "not_written" and "No space left" in model.quant_cache.reason
     assert list(quant_cache.cache_root().iterdir()) == []

@@ -82,12 +82,13 @@ def test_each_file_is_advised_front_to_back_and_a_model_too_large_is_not(
         (Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length, advice)))
     monkeypatch.setattr(readahead, "available_memory", lambda: (10 * readahead.ADVICE_BYTES, "MemAvailable"))
     monkeypatch.setattr(readahead, "advice_span", lambda path: readahead.ADVICE_BYTES)
+    monkeypatch.setattr(readahead, "huge_page_bytes", lambda: None)  # the advice, not a mapping
     thread = readahead.start_read_ahead(folder)
     assert thread is not None
     thread.join(10)
     will = os.POSIX_FADV_WILLNEED
     first, second = sizes
-    assert calls == [(first, 0, readahead.ADVICE_BYTES, will),
+    assert [call for call in calls if call[3] == will] == [(first, 0, readahead.ADVICE_BYTES, will),
                      (first, readahead.ADVICE_BYTES, readahead.ADVICE_BYTES // 2, will), (second, 0, 10, will)]
     calls.clear()
     # 1.5 spans + 10 bytes is more than half of 3 spans: not read ahead.
@@ -168,18 +169,66 @@ def _resident_pages(path: Path) -> tuple[int, int]:
     return sum(v & 1 for v in vec), pages
 
 
-def test_a_file_dropped_from_the_page_cache_is_back_in_it_after_the_advice(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
+def _dropped_file(path: Path, nbytes: int) -> None:
     with open(path, "wb") as f:
-        f.write(os.urandom(32 * 2**20))  # more than one call of the kernel's read-ahead clamp (8 MiB here)
+        f.write(os.urandom(nbytes))
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     cached, pages = _resident_pages(path)
     if cached > pages // 2:
         pytest.skip("this filesystem keeps a file's pages when told to drop them (tmpfs)")
+
+
+@pytest.mark.parametrize("read", [readahead.advise_will_need, readahead.read_into_cache])
+def test_a_file_dropped_from_the_page_cache_is_back_in_it_after_the_read_ahead(tmp_path: Path, read) -> None:
+    path = tmp_path / "model.safetensors"
+    _dropped_file(path, 32 * 2**20)  # more than one call of the kernel's read-ahead clamp (8 MiB here)
+    read([path])
+    deadline = time.monotonic() + 10
+    while _resident_pages(path)[0] < _resident_pages(path)[1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cached, pages = _resident_pages(path)
+    assert cached == pages
+
+
+def _huge_mapped_bytes(path: Path) -> int:
+    """How much of a fresh mapping of ``path``, all of it faulted in, Linux maps in huge pages."""
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+        bytes(mapping[::mmap.PAGESIZE])  # one byte a page: every page faulted in
+        smaps = Path("/proc/self/smaps").read_text().split("\n")
+        start = next(i for i, line in enumerate(smaps) if line.endswith(str(path)))
+        field = next(line for line in smaps[start + 1:] if line.startswith("FilePmdMapped:"))
+        return int(field.split()[1]) * 1024
+    finally:
+        mapping.close()
+
+
+def test_the_read_ahead_leaves_a_file_in_pages_a_mapping_takes_in_huge_pages(tmp_path: Path) -> None:
+    """Read ahead through a mapping advised MADV_HUGEPAGE, a file's pages land in 2 MB folios; by
+    POSIX_FADV_WILLNEED, in small ones, which a mapping can take only in 4 KB pages."""
+    page = readahead.huge_page_bytes()
+    if page is None:
+        pytest.skip("no transparent huge pages for memory that asks for them here")
+    path = tmp_path / "model.safetensors"
+    size = 16 * page
+    _dropped_file(path, size)
     readahead.advise_will_need([path])
     deadline = time.monotonic() + 10
-    while _resident_pages(path)[0] < pages and time.monotonic() < deadline:
+    while _resident_pages(path)[0] < size // mmap.PAGESIZE and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _resident_pages(path) == (pages, pages)
+    assert _huge_mapped_bytes(path) <= size // 4
+    os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    readahead.read_into_cache([path])
+    assert _huge_mapped_bytes(path) >= size * 3 // 4  # all of it but for pages the kernel found no room for
+
+
+def test_huge_page_runs_take_each_page_once_and_join_neighbours() -> None:
+    a, b = Path("a"), Path("b")
+    ranges = [(a, 10, 20), (a, 150, 250), (a, 5, 99), (b, 0, 1), (a, 300, 301), (a, 400, 401)]
+    # pages of 100 bytes: a's 0, then 1 and 2 (joined to it), 0 again (taken), b's 0, a's 3 (a run
+    # of its own after b's), 4 (joined to it)
+    assert readahead.huge_page_runs(ranges, 100) == [(a, 0, 300), (b, 0, 100), (a, 300, 500)]

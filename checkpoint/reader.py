@@ -15,8 +15,6 @@ and its pages are the page cache's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import mmap
@@ -24,16 +22,15 @@ import os
 import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 from io import FileIO
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from dsmoe.errors import CheckpointError
 from dsmoe.checkpoint.config import DeepseekConfig
-from dsmoe.checkpoint.huge_pages import HugePageArena, address_of, huge_page_bytes
+from dsmoe.checkpoint.huge_pages import huge_page_bytes
 from dsmoe.checkpoint.safetensors_header import (
     DTYPE_BYTES, INDEX_NAME, MAX_HEADER_BYTES, TensorInfo, header_bytes, open_regular, parse_json, read_safetensors_header,
 )
@@ -92,7 +89,6 @@ class Checkpoint:
         self._tensors = self._index()
         self._handles: dict[Path, FileIO] = {}
         self._maps: dict[Path, mmap.mmap] = {}
-        self._mapped_spans: list[tuple[int, int]] = []  # every mapping's [start, end) addresses, kept after close
 
     def _index(self) -> dict[str, TensorInfo]:
         index_path = self.path / INDEX_NAME
@@ -149,8 +145,8 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint") from None
 
-    def get(self, name: str, into: HugePageArena | None = None) -> torch.Tensor:
-        """One tensor as stored, read into memory of its own, in ``into`` if given."""
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as stored, read into memory of its own."""
         info = self._info(name)
         handle = self._handles.get(info.shard)
         if handle is None:
@@ -159,21 +155,10 @@ class Checkpoint:
             except OSError as exc:
                 raise CheckpointError(f"{info.shard}: cannot be read ({exc.strerror})") from None
             self._handles[info.shard] = handle
-        raw = arena_bytes(into, info.nbytes) if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
-        pread = _pread_holding_the_gil() if into is not None else None
-        if pread is not None:
-            done = 0
-            while done < info.nbytes:
-                got = pread(handle.fileno(), raw.data_ptr() + done, info.nbytes - done, info.offset + done)
-                if got < 0:
-                    raise CheckpointError(f"{info.shard}: cannot be read ({os.strerror(ctypes.get_errno())})")
-                if got == 0:
-                    raise CheckpointError(f"{info.shard}: truncated while reading tensor {name!r}")
-                done += got
-        else:
-            handle.seek(info.offset)
-            if handle.readinto(raw.numpy().data) != info.nbytes:
-                raise CheckpointError(f"{info.shard}: truncated while reading tensor {name!r}")
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        handle.seek(info.offset)
+        if handle.readinto(raw.numpy().data) != info.nbytes:
+            raise CheckpointError(f"{info.shard}: truncated while reading tensor {name!r}")
         return raw.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def map(self, name: str, populate: bool = True) -> torch.Tensor:
@@ -184,10 +169,11 @@ class Checkpoint:
         s at that size. ``populate`` False leaves them to fault in, for a tensor of which a run
         reads little or nothing (an embedding table's rows, bitsandbytes' absmax beside the kernel
         scales): those bytes are then never read from disk at all. ``read_ahead`` calls this on its
-        reader thread, beside the load's compute. The mapping is advised ``MADV_HUGEPAGE``, so the
-        page cache's 2 MB folios of the file are mapped as huge pages (``checkpoint.huge_pages``).
-        The mapping lives as long as a tensor of it: the file must not be truncated meanwhile (a
-        cache entry or a downloaded snapshot never is)."""
+        reader thread, beside the load's compute. The mapping is advised ``MADV_HUGEPAGE``: pages
+        the load faults in from disk come into the cache in 2 MB folios, mapped as huge pages, as
+        are those already cached so (``checkpoint.huge_pages``). The mapping lives as long as a
+        tensor of it: the file must not be truncated meanwhile (a cache entry or a downloaded
+        snapshot never is)."""
         info = self._info(name)
         mapping = self._maps.get(info.shard)
         if mapping is None:
@@ -199,8 +185,6 @@ class Checkpoint:
             if huge_page_bytes() is not None:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
             self._maps[info.shard] = mapping
-            if len(mapping):
-                self._mapped_spans.append((address_of(mapping), address_of(mapping) + len(mapping)))
         if info.nbytes == 0 or info.offset % DTYPE_BYTES[info.dtype]:
             return self.get(name)  # nothing to map, or a writer that did not align it: a view cannot
         start = info.offset - info.offset % mmap.PAGESIZE
@@ -211,10 +195,6 @@ class Checkpoint:
                 mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         return flat.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
-
-    def maps(self, address: int) -> bool:
-        """Whether ``address`` lies in a mapping ``map`` made (also after ``close``)."""
-        return any(start <= address < end for start, end in self._mapped_spans)
 
     def rows(self, name: str) -> "TensorRows":
         """Rows of a 2-D tensor read on demand (an embedding table a token needs one row of)."""
@@ -234,46 +214,15 @@ class Checkpoint:
         self._maps.clear()
 
 
-def arena_bytes(arena: HugePageArena, nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` in ``arena`` (it keeps its chunk alive)."""
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    chunk, offset = arena.allocate(nbytes)
-    return torch.frombuffer(chunk, dtype=torch.uint8, count=nbytes, offset=offset)
-
-
-@lru_cache(maxsize=1)
-def _pread_holding_the_gil() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``pread`` called with the GIL held (a ``PyDLL`` function), or None without one.
-
-    ``read_ahead`` reads on a thread beside a loop that builds modules in Python. A read that lets go
-    of the GIL (``readinto``) must then wait for it back, up to the 5 ms switch interval, after
-    every tensor: the 2,800 weights of an 8-layer 4-bit model, 2.4 GB, read on a thread beside a
-    busy Python loop took 67 s that way and 7.1 s holding the GIL (0.6-1.0 s with the loop idle).
-    Held, the read runs at once and the loop waits instead, as it does while a mapping's pages are
-    populated (``mmap.madvise`` holds the GIL too)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    pread = getattr(ctypes.PyDLL(name, use_errno=True), "pread", None)
-    if pread is None:
-        return None
-    pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
-    pread.restype = ctypes.c_ssize_t
-    return pread
-
-
 def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]], window: int = READ_AHEAD_BYTES,
-               mapped: frozenset[str] = frozenset(), lazy: frozenset[str] = frozenset(),
-               placed: frozenset[str] = frozenset(), arena: HugePageArena | None = None
+               mapped: frozenset[str] = frozenset(), lazy: frozenset[str] = frozenset()
                ) -> Iterator[dict[str, torch.Tensor]]:
     """Each group's tensors, in order, read on a thread of their own up to ``window`` bytes ahead of
     the caller, so the reads overlap what the caller does with them: a stored 4-bit load spent half
     its time in reads that waited for the repack before them. Names in ``mapped`` are mapped
     (``Checkpoint.map``) rather than read, those in ``lazy`` mapped with their pages left to fault
-    in, those in ``placed`` read into ``arena``. The caller must not read from ``checkpoint``
-    itself while it iterates; the window bounds the memory read ahead (a lazy tensor counts
-    nothing against it)."""
+    in. The caller must not read from ``checkpoint`` itself while it iterates; the window bounds
+    the memory read ahead (a lazy tensor counts nothing against it)."""
     pending: deque[tuple[int, Future[dict[str, torch.Tensor]]]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsmoe-read") as reader:
         queued, ahead = 0, 0
@@ -282,7 +231,7 @@ def read_ahead(checkpoint: Checkpoint, groups: Sequence[Sequence[str]], window: 
                 while queued < len(groups) and (not pending or ahead < window):
                     names = groups[queued]
                     nbytes = sum(checkpoint.nbytes(name) for name in names if name not in lazy)
-                    pending.append((nbytes, reader.submit(_read_group, checkpoint, names, mapped, lazy, placed, arena)))
+                    pending.append((nbytes, reader.submit(_read_group, checkpoint, names, mapped, lazy)))
                     queued, ahead = queued + 1, ahead + nbytes
                 nbytes, future = pending.popleft()
                 ahead -= nbytes
@@ -306,10 +255,10 @@ def one_thread_for_the_reader() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _read_group(checkpoint: Checkpoint, names: Sequence[str], mapped: frozenset[str], lazy: frozenset[str],
-                placed: frozenset[str], arena: HugePageArena | None) -> dict[str, torch.Tensor]:
+def _read_group(checkpoint: Checkpoint, names: Sequence[str], mapped: frozenset[str],
+                lazy: frozenset[str]) -> dict[str, torch.Tensor]:
     return {name: checkpoint.map(name) if name in mapped else checkpoint.map(name, populate=False) if name in lazy
-            else checkpoint.get(name, arena) if name in placed else checkpoint.get(name) for name in names}
+            else checkpoint.get(name) for name in names}
 
 
 class TensorRows:

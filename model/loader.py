@@ -15,13 +15,12 @@ from torch.overrides import TorchFunctionMode
 
 from dsmoe.errors import CheckpointError, UsageError
 from dsmoe.checkpoint.lazy import EMBEDDING, NATIVE_SCALES, mapped_lazily
-from dsmoe.checkpoint.reader import Checkpoint, arena_bytes, one_thread_for_the_reader, read_ahead
-from dsmoe.model.deepseek import DeepseekForCausalLM, MoEGate
-from dsmoe.model.layer_plan import building_detached, weights_changed
-from dsmoe.checkpoint.huge_pages import HugePageArena, new_arena
+from dsmoe.checkpoint.reader import Checkpoint, one_thread_for_the_reader, read_ahead
+from dsmoe.model.deepseek import DeepseekForCausalLM
+from dsmoe.model.layer_plan import building_detached
 from dsmoe.checkpoint.memory import ReleaseEvery, release_freed_memory
 from dsmoe.quant import (Linear6bit, QuantSpec, linear_from_tensors, native_bf16_linears, quantize_linear, spec_for,
-                         spec_from_config, streamed_tensors)
+                         spec_from_config)
 from dsmoe.quant.spec import LM_HEAD, LM_HEAD_SPECS, lm_head_format
 from dsmoe.quant.q6 import Q6_STEPS
 
@@ -92,47 +91,18 @@ def load_model(
                for name, quantized in zip(params, stored)]
     mapped = frozenset(n for group, quantized in zip(sources, stored) if map_weights
                        for n in _kept_as_stored(group, quantized, device))
-    # A stored quantized weight that is read rather than mapped is kept as read (an int8 weight) or
-    # repacked in place: read into huge pages, it needs no copy there after the load.
-    arena = new_arena() if device.type == "cpu" else None
-    placed = frozenset(n for group, quantized in zip(sources, stored) if quantized and arena is not None
-                       for n in group if n.endswith(".weight") and n not in mapped)
     # A user's own float checkpoint is read, never mapped: a file rewritten under a mapping takes the
     # process down (a cache entry or a `dsmoe quantize` output is written once).
     lazy = frozenset(mapped_lazily(checkpoint.tensor_names())
                      if map_weights and stored_spec is not None and device.type == "cpu" else ())
     with one_thread_for_the_reader(), building_detached():
-        tensors = read_ahead(checkpoint, sources, mapped=mapped, lazy=lazy, placed=placed, arena=arena)
+        tensors = read_ahead(checkpoint, sources, mapped=mapped, lazy=lazy)
         _load_params(model, checkpoint, params, stored, tensors, linear_names, stored_spec,
                      spec, head_format, lm_head, compute_dtype, device, progress)
         native_bf16_linears(model)
     checkpoint.close()
-    if arena is not None:
-        _place_streamed(model, arena, checkpoint)
     release_freed_memory()
     return model
-
-
-def _place_streamed(model: DeepseekForCausalLM, arena: HugePageArena, checkpoint: Checkpoint) -> None:
-    """Every tensor a token reads whole (the linears' ``streamed_tensors`` and the routers'
-    weights) copied into ``arena`` unless it is there already or mapped from ``checkpoint`` (a
-    mapping advised ``MADV_HUGEPAGE``, in huge pages where the page cache holds the file so):
-    weights quantized while loading, scales computed from stored ones, float weights. Each copied
-    tensor keeps its identity (``set_``), so whatever holds it sees the new storage, and its old
-    memory is freed, and given back as it goes, so the copies add at most ``ReleaseEvery``'s
-    bytes to the load's peak."""
-    release = ReleaseEvery()
-    with torch.no_grad():
-        for module in model.modules():
-            tensors = [module.weight] if isinstance(module, MoEGate) else streamed_tensors(module)
-            for tensor in tensors:
-                address = tensor.data_ptr()
-                if tensor.device.type == "cpu" and not arena.holds(address) and not checkpoint.maps(address):
-                    placed = arena_bytes(arena, tensor.numel() * tensor.element_size())
-                    copy = placed.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-                    tensor.set_(copy.untyped_storage(), copy.storage_offset(), copy.shape, copy.stride())
-                    release.processed(placed.numel())
-    weights_changed()
 
 
 def _kept_as_stored(group: list[str], quantized: bool, device: torch.device) -> set[str]:

@@ -113,10 +113,6 @@ class SyntheticCheckpoint:
         """As ``get``: made tensors have no file to map."""
         return self.get(name)
 
-    def maps(self, address: int) -> bool:
-        """Never: nothing is mapped."""
-        return False
-
     def shard_of(self, name: str) -> Path:
         return self.path
 

@@ -18,7 +18,6 @@ from dsmoe.quant.linear import (
     quantize_linear,
     quantize_model,
     quantized_tensors,
-    streamed_tensors,
 )
 from dsmoe.quant.spec import QuantSpec, quantization_config, should_quantize, spec_for, spec_from_config
 
@@ -39,5 +38,4 @@ __all__ = [
     "should_quantize",
     "spec_for",
     "spec_from_config",
-    "streamed_tensors",
 ]

@@ -400,21 +400,6 @@ def native_bf16_linears(model: nn.Module) -> int:
     return replaced
 
 
-def streamed_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The tensors of ``module``'s own that its matmul reads whole for every token: a quantized
-    linear's codes and the scales its kernels take, a float linear's weight; none for any other
-    module. These are what a load places in huge pages (``checkpoint.huge_pages``)."""
-    if isinstance(module, Linear4bit):
-        return [module.weight, module.runtime_absmax]
-    if isinstance(module, Linear8bit):
-        return [module.weight, module.scale]
-    if isinstance(module, Linear6bit):
-        return [module.weight, module.steps]
-    if isinstance(module, nn.Linear):
-        return [module.weight]
-    return []
-
-
 @dataclasses.dataclass(frozen=True)
 class NativeWeights:
     """Layers of one format as the native decode kernels take them.

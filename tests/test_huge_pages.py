@@ -1,5 +1,5 @@
-"""The weights a token streams live in huge pages: stored files written so the page cache can map
-them so, and weights made by the process placed in an arena of them."""
+"""A stored checkpoint's weights are mapped in huge pages: dsmoe writes its files so that the page
+cache holds them in 2 MB folios, the same bytes the safetensors library writes."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import dsmoe
-from dsmoe.checkpoint.huge_pages import HugePageArena, huge_page_bytes
-from dsmoe.checkpoint.reader import Checkpoint, arena_bytes
+from dsmoe.checkpoint.huge_pages import huge_page_bytes
+from dsmoe.checkpoint.reader import Checkpoint
 from dsmoe.checkpoint.writer import WRITE_BYTES, write_safetensors
-from dsmoe.model.deepseek import MoEGate
-from dsmoe.quant import streamed_tensors
 
 
 def _mapping_of(address: int) -> dict[str, str]:
@@ -66,57 +63,3 @@ def test_a_written_checkpoint_is_mapped_in_huge_pages(tmp_path: Path, tiny_path:
     assert "hg" in entry["VmFlags"].split()
     huge = int(entry["FilePmdMapped"].split()[0]) * 1024
     assert huge >= nbytes * 3 // 4, f"{huge} of {nbytes} bytes in huge pages"
-
-
-def test_arena_blocks_are_aligned_and_in_huge_page_memory() -> None:
-    page = huge_page_bytes()
-    if page is None:
-        pytest.skip("no transparent huge pages for memory that asks for them here")
-    arena = HugePageArena(page, chunk_bytes=4 * page)
-    blocks = [arena_bytes(arena, n) for n in (100, 3 * page, 2 * page, 5 * page)]
-    for block, n in zip(blocks, (100, 3 * page, 2 * page, 5 * page)):
-        assert block.numel() == n and block.data_ptr() % 64 == 0
-        block.fill_(7)
-    assert blocks[1].data_ptr() == blocks[0].data_ptr() + 128  # one after the other in a chunk
-    assert blocks[2].data_ptr() % page == 0  # did not fit: the next chunk, from its first huge page
-    entry = _mapping_of(blocks[3].data_ptr())  # larger than a chunk: one of its own
-    assert "hg" in entry["VmFlags"].split() and int(entry["AnonHugePages"].split()[0]) * 1024 >= 4 * page
-    assert all(int(b.sum()) == 7 * b.numel() for b in blocks)
-
-
-def _streamed(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [t for m in model.modules() for t in ([m.weight] if isinstance(m, MoEGate) else streamed_tensors(m))]
-
-
-@pytest.mark.parametrize("source", ["bf16, quantized while loading", "stored 4-bit", "stored 8-bit"])
-def test_a_load_puts_every_streamed_weight_in_huge_page_memory(tiny_copy: Path, tmp_path: Path, source: str,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Quantized while loading (placed in the arena after), stored 4-bit (mapped, the mapping
-    advised so) or stored 8-bit (read into the arena), every tensor a token reads whole lies in
-    memory advised MADV_HUGEPAGE, and the numbers are a load's without huge pages."""
-    if huge_page_bytes() is None:
-        pytest.skip("no transparent huge pages for memory that asks for them here")
-    path, bits = tiny_copy, 4
-    if source.startswith("stored"):
-        from dsmoe.loading import LoadOptions
-        from dsmoe.quant.convert import quantize_checkpoint
-
-        path, bits = tmp_path / "stored", int(source.split()[1][0])
-        spec = LoadOptions(bits=bits, quantize_lm_head=True).quant_spec()
-        assert spec is not None
-        quantize_checkpoint(tiny_copy, path, spec, kernel_layout=True)  # what `dsmoe quantize` writes
-    settings = {"bits": bits, "no_cache": True} if path == tiny_copy else {}
-    model, _ = dsmoe.load(path, **settings)
-    streamed = _streamed(model)
-    assert len(streamed) > 10
-    for tensor in streamed:
-        assert not tensor.untyped_storage().resizable()  # not PyTorch's allocator's
-        assert "hg" in _mapping_of(tensor.data_ptr())["VmFlags"].split()
-    for module in ("huge_pages", "reader"):
-        monkeypatch.setattr(f"dsmoe.checkpoint.{module}.huge_page_bytes", lambda: None)
-    plain, _ = dsmoe.load(path, **settings)
-    assert all(t.untyped_storage().resizable() or "hg" not in _mapping_of(t.data_ptr())["VmFlags"].split()
-               for t in _streamed(plain))
-    prompt = torch.tensor([[1, 5, 9, 2]])
-    with torch.inference_mode():
-        assert torch.equal(model(prompt), plain(prompt))

@@ -75,7 +75,7 @@ def test_an_entry_holds_4bit_weights_in_the_kernels_layout_and_a_load_maps_them(
     read: list[str] = []
     populated: dict[str, bool] = {}
     original_get, original_map = Checkpoint.get, Checkpoint.map
-    monkeypatch.setattr(Checkpoint, "get", lambda self, n, *into: read.append(n) or original_get(self, n, *into))
+    monkeypatch.setattr(Checkpoint, "get", lambda self, n: read.append(n) or original_get(self, n))
 
     def recording_map(self: Checkpoint, n: str, populate: bool = True) -> torch.Tensor:
         populated.setdefault(n, populate)

@@ -5,9 +5,9 @@ from the disk too, before the loader reads a byte of the model. Reading the weig
 overlaps the two. How they are read decides how the cache holds them, and so whether the
 loader's mapping can map them in huge pages (``checkpoint.huge_pages``): faulted in through a
 mapping advised ``MADV_HUGEPAGE``, they come in 2 MB folios; ``POSIX_FADV_WILLNEED``, used where
-huge pages are not offered, reads them into small ones. Only a model that fits well within the memory there is
-gets this: a larger one is offloaded and reads what it needs itself, and reading it whole would
-only push its own pages out. This module imports nothing heavy (no torch) so that the console
+huge pages are not offered, reads them into small ones. Only a model that fits well within the
+memory there is gets this: a larger one is offloaded and reads what it needs itself, and reading
+it whole would only push its own pages out. This module imports nothing heavy (no torch) so that the console
 script can call it first.
 """
 

@@ -20,7 +20,6 @@ import ctypes.util
 import mmap
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 THP_SETTINGS = Path("/sys/kernel/mm/transparent_hugepage")
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
@@ -44,20 +43,35 @@ def huge_page_bytes() -> int | None:
 
 
 @lru_cache(maxsize=1)
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
+def _libc() -> ctypes.CDLL | None:
+    """libc's madvise and mincore through ctypes, which lets go of the GIL while they run."""
     name = ctypes.util.find_library("c")
-    advise = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None) if name is not None else None
-    if advise is not None:
-        advise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        advise.restype = ctypes.c_int
-    return advise
+    libc = ctypes.CDLL(name, use_errno=True) if name is not None else None
+    if libc is None or not hasattr(libc, "madvise") or not hasattr(libc, "mincore"):
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    libc.mincore.restype = ctypes.c_int
+    return libc
 
 
 def advise(address: int, nbytes: int, advice: int) -> bool:
     """madvise(2) on a page-aligned range, the GIL let go while it runs (``mmap.madvise`` holds it,
     and populating a range from disk can take seconds); False where it failed or libc has none."""
-    call = _libc_madvise()
-    return call is not None and call(address, nbytes, advice) == 0
+    libc = _libc()
+    return libc is not None and libc.madvise(address, nbytes, advice) == 0
+
+
+def cached(address: int, nbytes: int) -> bool:
+    """Whether every page of a mapped, page-aligned range is in the page cache (mincore(2));
+    False where that cannot be told."""
+    libc = _libc()
+    if libc is None:
+        return False
+    pages = -(-nbytes // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    return libc.mincore(address, nbytes, vector) == 0 and all(v & 1 for v in vector)
 
 
 def address_of(buffer: mmap.mmap) -> int:

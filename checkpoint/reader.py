@@ -193,6 +193,9 @@ class Checkpoint:
                 mapping.madvise(MADV_POPULATE_READ, start, info.offset + info.nbytes - start)
             except OSError:  # a kernel before 5.14: read ahead, and let the pages fault in at first use
                 mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+        elif (page := huge_page_bytes()) is not None and info.nbytes >= 2 * page:
+            # Read a row at a time (the embedding's), each fault of a huge-page mapping would read 2 MB.
+            mapping.madvise(mmap.MADV_NOHUGEPAGE, start, info.offset + info.nbytes - start)
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         return flat.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 

@@ -636,11 +636,15 @@ static int whole_mlps(int64_t count, const int64_t *inter, int64_t *begin, int64
     return 16 * largest * team <= 17 * total;
 }
 
+/* g[j] = silu(g[j]) * u[j] in fp32: the one-token MLP's step between gate/up and down. */
+static void silu_times(float *g, const float *u, int64_t n) {
+    for (int64_t j = 0; j < n; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
 /* silu(gate) * up of one MLP (g: its gate sums, then its up sums, fp32), rounded to int8 into
  * ha at column `at`, the down projection's input. */
 static void gated_input(float *g, int64_t inter, const qacts *ha, int64_t at) {
-    const float *u = g + inter;
-    for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    silu_times(g, g + inter, inter);
     quantize_row(g, inter, ha->q + at, ha->scale + at / QBLOCK, ha->sum + at / QBLOCK);
 }
 
@@ -894,10 +898,7 @@ int dsmoe_moe_up(const uint8_t *lut, float unit, int64_t blocksize, int64_t hidd
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t e = 0; e < count; e++) {
-                if (starts[e + 1] - starts[e] != 1) continue;
-                float *g = single + starts[e] * inter;
-                const float *u = lone_up + e * inter;
-                for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+                if (starts[e + 1] - starts[e] == 1) silu_times(single + starts[e] * inter, lone_up + e * inter, inter);
             }
         }
         free(tmp), free(acc);

@@ -4,6 +4,7 @@ cache holds them in 2 MB folios, the same bytes the safetensors library writes."
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 from pathlib import Path
 
@@ -49,17 +50,43 @@ def test_the_writer_writes_what_safetensors_writes(tmp_path: Path) -> None:
         assert filecmp.cmp(tmp_path / "theirs.safetensors", tmp_path / "ours.safetensors", shallow=False)
 
 
-def test_a_written_checkpoint_is_mapped_in_huge_pages(tmp_path: Path, tiny_path: Path) -> None:
-    """Written in large aligned pieces, a file stays in the page cache in 2 MB folios, which the
-    reader's mapping (advised MADV_HUGEPAGE) maps whole."""
+@pytest.mark.parametrize("how", ["written by dsmoe", "not cached, faulted in by the load"])
+def test_a_stored_checkpoint_is_mapped_in_huge_pages(tmp_path: Path, tiny_path: Path, how: str) -> None:
+    """Written in large aligned pieces, a file stays in the page cache in 2 MB folios; one that is
+    not cached (here written by save_file, in small folios, then dropped) is read in 2 MB folios by
+    the faults of the reader's mapping, advised MADV_HUGEPAGE. Either way the mapping maps it
+    whole in huge pages."""
     page = huge_page_bytes()
     if page is None:
         pytest.skip("no transparent huge pages for memory that asks for them here")
     nbytes = 16 * page
     shutil.copy(tiny_path / "config.json", tmp_path / "config.json")
-    write_safetensors(tmp_path / "model.safetensors", {"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8)})
+    tensors = {"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8)}
+    path = tmp_path / "model.safetensors"
+    if how == "written by dsmoe":
+        write_safetensors(path, tensors)
+    else:
+        save_file(tensors, str(path))
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     weight = Checkpoint(tmp_path).map("w")
     entry = _mapping_of(weight.data_ptr())
     assert "hg" in entry["VmFlags"].split()
     huge = int(entry["FilePmdMapped"].split()[0]) * 1024
     assert huge >= nbytes * 3 // 4, f"{huge} of {nbytes} bytes in huge pages"
+
+
+def test_a_tensor_mapped_lazily_is_not_in_huge_pages(tmp_path: Path, tiny_path: Path) -> None:
+    """A lazily mapped table is read a row at a time (the embedding's): in a mapping advised
+    MADV_HUGEPAGE, each row's fault would read 2 MB from the disk; a weight beside it stays advised."""
+    page = huge_page_bytes()
+    if page is None:
+        pytest.skip("no transparent huge pages for memory that asks for them here")
+    shutil.copy(tiny_path / "config.json", tmp_path / "config.json")
+    write_safetensors(tmp_path / "model.safetensors", {"table": torch.zeros(4 * page, dtype=torch.uint8),
+                                                      "weight": torch.zeros(4 * page, dtype=torch.int8)})
+    checkpoint = Checkpoint(tmp_path)
+    table, weight = checkpoint.map("table", populate=False), checkpoint.map("weight")
+    assert "nh" in _mapping_of(table.data_ptr() + page)["VmFlags"].split()
+    assert "hg" in _mapping_of(weight.data_ptr() + page)["VmFlags"].split()

@@ -82,7 +82,6 @@ def test_each_file_is_advised_front_to_back_and_a_model_too_large_is_not(
         (Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length, advice)))
     monkeypatch.setattr(readahead, "available_memory", lambda: (10 * readahead.ADVICE_BYTES, "MemAvailable"))
     monkeypatch.setattr(readahead, "advice_span", lambda path: readahead.ADVICE_BYTES)
-    monkeypatch.setattr(readahead, "huge_page_bytes", lambda: None)  # the advice, not a mapping
     thread = readahead.start_read_ahead(folder)
     assert thread is not None
     thread.join(10)
@@ -180,11 +179,12 @@ def _dropped_file(path: Path, nbytes: int) -> None:
         pytest.skip("this filesystem keeps a file's pages when told to drop them (tmpfs)")
 
 
-@pytest.mark.parametrize("read", [readahead.advise_will_need, readahead.read_into_cache])
-def test_a_file_dropped_from_the_page_cache_is_back_in_it_after_the_read_ahead(tmp_path: Path, read) -> None:
+@pytest.mark.parametrize("stored_quantized", [False, True])  # advised, or faulted in through a mapping
+def test_a_file_dropped_from_the_page_cache_is_back_in_it_after_the_read_ahead(tmp_path: Path,
+                                                                             stored_quantized: bool) -> None:
     path = tmp_path / "model.safetensors"
     _dropped_file(path, 32 * 2**20)  # more than one call of the kernel's read-ahead clamp (8 MiB here)
-    read([path])
+    readahead.read_into_cache([path], stored_quantized)
     deadline = time.monotonic() + 10
     while _resident_pages(path)[0] < _resident_pages(path)[1] and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -221,9 +221,26 @@ def test_the_read_ahead_leaves_a_file_in_pages_a_mapping_takes_in_huge_pages(tmp
     while _resident_pages(path)[0] < size // mmap.PAGESIZE and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _huge_mapped_bytes(path) <= size // 4
-    os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
-    readahead.read_into_cache([path])
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    readahead.read_into_cache([path], stored_quantized=True)
     assert _huge_mapped_bytes(path) >= size * 3 // 4  # all of it but for pages the kernel found no room for
+
+
+def test_the_read_ahead_leaves_cached_pages_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm start maps nothing: the pages are in the cache already, in whatever folios."""
+    if readahead.huge_page_bytes() is None:
+        pytest.skip("no transparent huge pages for memory that asks for them here")
+    path = tmp_path / "model.safetensors"
+    _dropped_file(path, 8 * 2**20)
+    calls: list[int] = []
+    monkeypatch.setattr(readahead, "advise", lambda address, nbytes, advice: calls.append(advice) or True)
+    readahead.read_into_cache([path], stored_quantized=True)
+    assert calls == [readahead.MADV_POPULATE_READ, readahead.MADV_DONTNEED]  # cold: its 4 huge pages, one run
+    path.read_bytes()  # now all cached
+    calls.clear()
+    readahead.read_into_cache([path], stored_quantized=True)
+    assert calls == []
 
 
 def test_huge_page_runs_take_each_page_once_and_join_neighbours() -> None:
